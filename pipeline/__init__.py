@@ -1,0 +1,1 @@
+"""Stage graph, runner, typed config, artifact store, CLI, public API and HTTP service."""

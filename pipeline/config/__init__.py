@@ -1,0 +1,168 @@
+"""Typed run config: one TOML file, one section per stage, unknown keys rejected.
+
+``load_config(path, overrides)`` reads the TOML, applies ``--set section.key=value``
+overrides (values parsed as TOML literals), checks every key against the schema with a
+"did you mean", and returns a frozen :class:`Config`. Relative paths in the file are
+resolved against the config file's folder (:meth:`Config.resolve`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+from pydantic import BaseModel, PrivateAttr, ValidationError
+
+from ..errors import ConfigError
+from .base import Section
+from .encode import EncodeConfig
+from .index import IndexConfig
+from .ingest import IngestConfig
+from .project import ProjectConfig
+from .train import TrainConfig
+
+DEFAULT_CONFIG_NAME = "clearrec.toml"
+
+__all__ = [
+    "Config",
+    "EncodeConfig",
+    "IndexConfig",
+    "IngestConfig",
+    "ProjectConfig",
+    "Section",
+    "TrainConfig",
+    "load_config",
+    "DEFAULT_CONFIG_NAME",
+]
+
+
+class Config(Section):
+    workdir: str = "work"  # work directory (relative to the current directory) unless --workdir is given
+    ingest: IngestConfig = IngestConfig()
+    encode: EncodeConfig = EncodeConfig()
+    project: ProjectConfig = ProjectConfig()
+    train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the config are resolved against."""
+        return self._base_dir
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path from the config against the config file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p).resolve()
+
+    def get(self, dotted: str) -> Any:
+        """Value of a dotted key (``"ingest"`` gives the whole section as a dict)."""
+        node: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node = node[part]
+        return node
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A new config with dotted keys replaced (validated like the file)."""
+        data = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return _build(data, self._base_dir, self._source)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load ``path`` (default ``./clearrec.toml``), apply ``key=value`` overrides, validate."""
+    if path is None:
+        path = Path.cwd() / DEFAULT_CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(
+                f"no {DEFAULT_CONFIG_NAME} in {Path.cwd()}; pass --config PATH "
+                "(the sample run is sample_data/clearrec.toml)"
+            )
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config with an existing TOML file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return _build(data, path.parent, path)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.01"`` -> ``("train.lr", 0.01)``; the value is a TOML literal or a bare string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.01)")
+    key, raw = (s.strip() for s in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _build(data: dict[str, Any], base_dir: Path, source: Path | None) -> Config:
+    where = str(source) if source else "config"
+    _check_keys(data, Config, "", where)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            lines.append(f"  {loc or '(top level)'}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid config in {where}:\n" + "\n".join(lines)) from None
+    cfg._base_dir = base_dir
+    cfg._source = source
+    return cfg
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> None:
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{k}" for k in fields]
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {dotted!r} in {where}{hint}")
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted!r} in {where} must be a table ([{dotted}]), got {value!r}")
+            _check_keys(value, sub, f"{dotted}.", where)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj

@@ -1,0 +1,75 @@
+"""What a stage is: a plain function plus declared inputs, outputs and config keys."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from .config import Config
+from .store import ArtifactStore
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` gets: the store, the whole config, and a console."""
+
+    store: ArtifactStore
+    config: Config
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    def log(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+    def progress(self, total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
+        """A progress bar on stderr (rate shown in ``unit``/s)."""
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: the artifacts it wrote and counts for the manifest."""
+
+    outputs: list[str]
+    counts: dict[str, Any] = field(default_factory=dict)
+    summary: str | None = None  # one line printed after the stage
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A pipeline stage.
+
+    - ``inputs``: work-directory artifacts it reads (absent optional ones are fingerprinted as absent);
+    - ``outputs``: artifacts it may write (what it actually wrote is in its :class:`StageResult`);
+    - ``config_keys``: dotted config keys (or whole sections) it reads: they enter its fingerprint;
+    - ``external_inputs``: files outside the work directory it reads (raw catalog files);
+    - ``code``: modules besides the stage's own whose source enters its code version.
+    """
+
+    name: str
+    run: Callable[[StageContext], StageResult]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    external_inputs: Callable[[Config], Iterable[Path]] | None = None
+    code: tuple[str, ...] = ()
+    description: str = ""
+
+    def code_version(self) -> str:
+        """Package version + hash of the stage module's and its declared modules' source."""
+        from .. import __version__
+
+        h = hashlib.sha256(__version__.encode())
+        modules = [sys.modules[self.run.__module__]]
+        for name in self.code:
+            __import__(name)
+            modules.append(sys.modules[name])
+        for mod in modules:
+            h.update(inspect.getsource(mod).encode())
+        return f"{__version__}+{h.hexdigest()[:16]}"
