@@ -1,0 +1,249 @@
+"""Validating, filtering and splitting raw items / interactions for the ingest stage.
+
+Every row removed here becomes a rejects row whose reason starts with a code:
+``empty-id``, ``duplicate-item``, ``image-path``, ``bad-timestamp``, ``bad-rating``,
+``bad-split``, ``unknown-item``, ``rejected-item``, ``below-min-rating``, ``no-timestamp``,
+``duplicate-interaction``, ``kcore-user``, ``kcore-item``, ``no-train``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._ingest_readers import Rejects
+
+SPLITS = ("train", "valid", "test")
+SPLIT_ALIASES = {"train": 0, "training": 0, "0": 0, "valid": 1, "val": 1, "validation": 1, "dev": 1, "1": 1,
+                 "test": 2, "testing": 2, "2": 2}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+ITEMS, INTER = "items", "interactions"
+
+
+def _q(values: pd.Series) -> pd.Series:
+    """Values quoted for a reason text: 'x'."""
+    return "'" + values.astype(str) + "'"
+
+
+def _where(src: pd.Series, row: pd.Series) -> pd.Series:
+    """ "file.csv row N" per row."""
+    return src.map({s: Path(s).name for s in src.unique()}) + " row " + row.astype(str)
+
+
+# ---- items --------------------------------------------------------------------------------
+def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.DataFrame, pd.Series]:
+    """Drop items without an id, repeated ids and images outside ``root``; add ``text``.
+
+    Returns the kept items and, for rejected items that had an id, a Series id -> "file row N".
+    """
+    items = rejects.add_rows(ITEMS, items, items["item_id"] == "", "empty-id: the item_id is empty")
+    first = items.groupby("item_id", sort=False)["_row"].transform("first")
+    items = rejects.add_rows(ITEMS, items.assign(_first=first), items["item_id"].duplicated(keep="first"),
+                             lambda bad: "duplicate-item: item_id " + _q(bad["item_id"]) + " already at row "
+                             + bad["_first"].astype(str) + " (the first row is kept)")
+    refs = pd.Series([_image_ref(v, root) for v in items["image"].tolist()], index=items.index, dtype=object)
+    bad = refs.map(lambda r: isinstance(r, ValueError)).to_numpy(dtype=bool)
+    gone = items[bad]
+    items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
+                             lambda rows: "image-path: " + rows["_ref"].astype(str))
+    items = items.assign(image=items["_ref"]).drop(columns=["_ref", "_first"])
+    items["text"] = [_join_text(t, d) for t, d in zip(items["title"].tolist(), items["description"].tolist())]
+    rejected = pd.Series(_where(gone["_src"], gone["_row"]).to_numpy(), index=gone["item_id"].to_numpy())
+    return items, rejected
+
+
+def _image_ref(value: str, root: Path) -> str | None | ValueError:
+    """A POSIX path relative to ``root``, an http(s) URL, None (no image), or the error to reject with."""
+    if not value:
+        return None
+    if _URL.match(value):
+        if value.lower().startswith(("http://", "https://")):
+            return value
+        return ValueError(f"image {value!r} uses an unsupported URL scheme; use http(s) or a path under catalog_root")
+    path = os.path.normpath(value)
+    if os.path.isabs(path):
+        path = os.path.relpath(path, root)
+    if path in (".", "..") or path.startswith(".." + os.sep):
+        return ValueError(f"image {value!r} is outside catalog_root {str(root)!r}; move the image under it "
+                          "or set ingest.catalog_root")
+    return path.replace(os.sep, "/")
+
+
+def _join_text(title: str, description: str) -> str:
+    """``title. description`` (no doubled full stop), stripped."""
+    title, description = title.strip(), description.strip()
+    if not title or not description:
+        return title or description
+    return f"{title}{' ' if title[-1] in '.!?:;' else '. '}{description}"
+
+
+# ---- interactions -------------------------------------------------------------------------
+def parse_timestamps(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (float64 unix seconds with NaN for empty, bool mask of unparseable values)."""
+    empty = (values == "").to_numpy()
+    num = np.array(pd.to_numeric(values.where(~empty), errors="coerce"), dtype=np.float64)  # a writable copy
+    todo = np.isnan(num) & ~empty
+    if todo.any():
+        dates = pd.to_datetime(values[todo], errors="coerce", utc=True, format="ISO8601")
+        secs = (dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        num[todo] = secs.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(num) & ~empty
+    return np.floor(num), bad
+
+
+def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items: pd.Series, rejects: Rejects,
+                       *, split_policy: str, min_rating: float | None) -> pd.DataFrame:
+    """Parse timestamp / rating / split and drop rows that cannot be used.
+
+    Returns user_id, item_id, ts (float64 seconds, NaN = none), rating (float64, NaN = none),
+    split (0/1/2 with ``split_policy == "given"``, else -1), _src, _row.
+    """
+    for col in ("user_id", "item_id"):
+        inter = rejects.add_rows(INTER, inter, inter[col] == "", f"empty-id: the {col} is empty")
+    ts, bad = parse_timestamps(inter["timestamp"])
+    inter = rejects.add_rows(INTER, inter.assign(ts=ts), bad, lambda rows: "bad-timestamp: "
+                             + _q(rows["timestamp"]) + " is neither unix seconds nor an ISO-8601 date")
+    rating = pd.to_numeric(inter["rating"].where(inter["rating"] != ""), errors="coerce").to_numpy(np.float64)
+    bad = (inter["rating"] != "").to_numpy() & ~np.isfinite(rating)
+    inter = rejects.add_rows(INTER, inter.assign(rating_f=rating), bad,
+                             lambda rows: "bad-rating: " + _q(rows["rating"]) + " is not a number")
+    if split_policy == "given":
+        code = inter["split"].str.lower().map(SPLIT_ALIASES)
+        inter = rejects.add_rows(INTER, inter.assign(split_code=code), code.isna(), lambda rows: "bad-split: "
+                                 + _q(rows["split"]) + " is not train / valid / test (or val, 0 / 1 / 2)")
+    else:
+        inter = inter.assign(split_code=-1)
+    known = inter["item_id"].isin(items["item_id"]).to_numpy()
+    was = inter["item_id"].map(rejected_items)
+    inter = rejects.add_rows(INTER, inter.assign(_was=was), ~known & was.notna().to_numpy(), lambda rows:
+                             "rejected-item: item_id " + _q(rows["item_id"]) + " was rejected (items "
+                             + rows["_was"].astype(str) + ")")
+    known = inter["item_id"].isin(items["item_id"])
+    inter = rejects.add_rows(INTER, inter, ~known, lambda rows: "unknown-item: item_id " + _q(rows["item_id"])
+                             + " is not among the items read; add it to the items file (or fix its rejected "
+                             "row there) or remove this row")
+    if min_rating is not None:
+        inter = rejects.add_rows(INTER, inter, inter["rating_f"] < min_rating, lambda rows: "below-min-rating: "
+                                 + "rating " + rows["rating_f"].astype(str) + f" < ingest.min_rating = {min_rating}")
+    if split_policy == "temporal":
+        inter = rejects.add_rows(INTER, inter, inter["ts"].isna(),
+                                 "no-timestamp: split = 'temporal' needs a timestamp on every interaction")
+    dup = inter.duplicated(["user_id", "item_id"], keep="first")
+    if dup.any():
+        grouped = inter.groupby(["user_id", "item_id"], sort=False)
+        first = inter.assign(_first_src=grouped["_src"].transform("first"),
+                             _first_row=grouped["_row"].transform("first"))
+        inter = rejects.add_rows(INTER, first, dup, lambda rows: "duplicate-interaction: user " + _q(rows["user_id"])
+                                 + " and item " + _q(rows["item_id"]) + " already at "
+                                 + _where(rows["_first_src"], rows["_first_row"]) + " (the first is kept)")
+    return pd.DataFrame({"user_id": inter["user_id"], "item_id": inter["item_id"], "ts": inter["ts"],
+                         "rating": inter["rating_f"], "split": inter["split_code"].astype(np.int8),
+                         "_src": inter["_src"], "_row": inter["_row"]})
+
+
+# ---- k-core and the train rule ------------------------------------------------------------
+def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k: int,
+                need_train: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Iterated k-core on users and items (until no count changes); with ``need_train`` also drop the
+    valid/test rows of users left without a train row. Returns (interactions, items) kept."""
+    u, _ = pd.factorize(inter["user_id"])
+    i = pd.Index(items["item_id"]).get_indexer(inter["item_id"])
+    n_u, n_i = int(u.max()) + 1 if len(u) else 0, len(items)
+    train = (inter["split"] == 0).to_numpy()
+    alive = np.ones(len(inter), dtype=bool)
+    code = np.zeros(len(inter), dtype=np.int8)  # 1 kcore-user, 2 kcore-item, 3 no-train
+    left = np.zeros(len(inter), dtype=np.int64)  # the count that fell short
+    rnd = np.zeros(len(inter), dtype=np.int64)  # the round that removed the row
+    item_left = np.zeros(n_i, dtype=np.int64)  # per item: its count when it fell below k
+    item_round = np.zeros(n_i, dtype=np.int64)  # per item: that round (0 = kept)
+    r = 0
+    while True:
+        r += 1
+        drop = np.zeros(len(inter), dtype=bool)
+        if k > 0:
+            per_item = np.bincount(i[alive], minlength=n_i)
+            newly = (per_item < k) & (item_round == 0)
+            item_left[newly], item_round[newly] = per_item[newly], r
+            cu = np.bincount(u[alive], minlength=n_u)[u]
+            ci = per_item[i]
+            by_user = alive & (cu < k)
+            by_item = alive & ~by_user & (ci < k)
+            code[by_user], left[by_user] = 1, cu[by_user]
+            code[by_item], left[by_item] = 2, ci[by_item]
+            drop |= by_user | by_item
+        if need_train:
+            keep = alive & ~drop
+            no_train = keep & (np.bincount(u[keep & train], minlength=n_u)[u] == 0)
+            code[no_train] = 3
+            drop |= no_train
+        if not drop.any():
+            break
+        rnd[drop] = r
+        alive &= ~drop
+    inter = rejects.add_rows(INTER, inter.assign(_code=code, _left=left, _round=rnd), ~alive, _core_reasons(k))
+    inter = inter.drop(columns=["_code", "_left", "_round"])
+    if k > 0:
+        items = rejects.add_rows(ITEMS, items.assign(_left=item_left, _round=item_round), item_round > 0,
+                                 lambda rows: "kcore-item: item " + _q(rows["item_id"]) + " had "
+                                 + rows["_left"].astype(str) + " interaction(s) left in round "
+                                 + rows["_round"].astype(str) + f", fewer than kcore = {k}")
+        items = items.drop(columns=["_left", "_round"])
+    return inter, items
+
+
+def _core_reasons(k: int):
+    def reasons(rows: pd.DataFrame) -> pd.Series:
+        who = rows["_code"].map({1: "user", 2: "item", 3: "user"})
+        ids = _q(rows["user_id"].where(who == "user", rows["item_id"]))
+        kcore = ("kcore-" + who + ": " + who + " " + ids + " had " + rows["_left"].astype(str)
+                 + " interaction(s) left in round " + rows["_round"].astype(str) + f", fewer than kcore = {k}")
+        no_train = "no-train: user " + ids + " has no train interaction left; a user in valid / test needs one"
+        return no_train.where(rows["_code"] == 3, kcore)
+
+    return reasons
+
+
+# ---- splits ---------------------------------------------------------------------------------
+def split_sizes(n: np.ndarray, ratios: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user (n_valid, n_test): rounded shares, at least one each where the share is > 0, and at
+    least one train row; with 2 rows the second goes to test, with 1 row it stays in train."""
+    n = np.asarray(n, dtype=np.int64)
+    n_valid = np.floor(n * ratios[1] + 0.5).astype(np.int64)
+    n_test = np.floor(n * ratios[2] + 0.5).astype(np.int64)
+    if ratios[1] > 0:
+        n_valid = np.maximum(n_valid, 1)
+    if ratios[2] > 0:
+        n_test = np.maximum(n_test, 1)
+    over = np.maximum(n_valid + n_test - (n - 1), 0)  # rows to give back to train
+    cut = np.minimum(over, n_valid)
+    n_valid -= cut
+    n_test -= np.minimum(over - cut, n_test)
+    return n_valid, n_test
+
+
+def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[float, float, float],
+                 seed: int) -> np.ndarray:
+    """Split code per row (0 train, 1 valid, 2 test) for ``policy`` "random" or "temporal".
+
+    random: each user's rows in a seeded random order; temporal: newest first (ties: later row
+    newer). The first n_test of that order go to test, the next n_valid to valid.
+    """
+    n = len(user)
+    if policy == "random":
+        key = np.random.default_rng(seed).random(n)
+        order = np.lexsort((key, user))
+    else:
+        order = np.lexsort((-np.arange(n), -ts, user))
+    sorted_user = user[order]
+    counts = np.bincount(user)
+    start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(n) - start[sorted_user]  # position within the user's ordering
+    n_valid, n_test = split_sizes(counts, ratios)
+    code = np.zeros(n, dtype=np.int8)
+    code[order[rank < n_test[sorted_user]]] = 2
+    code[order[(rank >= n_test[sorted_user]) & (rank < (n_test + n_valid)[sorted_user])]] = 1
+    return code

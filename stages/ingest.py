@@ -1,0 +1,182 @@
+"""The ingest stage: raw catalog files -> items / users / interactions / rejects (Parquet).
+
+Reads one of three layouts (``[ingest] format``: table, mmrec, split-json; see
+``_ingest_formats``), validates every row (``_ingest_clean``), applies the iterated k-core
+filter, splits each user's interactions into train / valid / test, and writes
+
+- ``items.parquet``: item_idx (dense), item_id, title, description, text, image, extra raw columns;
+- ``users.parquet``: user_idx (dense), user_id;
+- ``interactions.parquet``: user_idx, item_idx, timestamp, rating, split;
+- ``rejects.parquet``: source, row, reason for every row not used;
+- ``imported/{image,text}.parquet``: MMRec feature files, in the encode stage's schema.
+
+Counts are conserved per file: records read = accepted + rejected (in the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..pipeline.config import IngestConfig
+from ..pipeline.errors import InputDataError
+from ..pipeline.stage import StageContext, StageResult, StageSpec
+from ..pipeline.store import vectors_to_arrow
+from ._ingest_clean import SPLITS, assign_split, clean_interactions, clean_items, filter_core
+from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
+from ._ingest_readers import Rejects
+
+OUTPUTS = ("items.parquet", "users.parquet", "interactions.parquet", "rejects.parquet")
+IMPORTED = {m: f"imported/{m}.parquet" for m in FEATURE_FILES}
+
+
+def run(ctx: StageContext) -> StageResult:
+    config = ctx.config
+    cfg = config.ingest
+    rejects = Rejects()
+    catalog = load_catalog(config, rejects, ctx.log)
+    _check_policy(cfg, catalog)
+    root = config.resolve(cfg.catalog_root)
+    items, rejected_items = clean_items(catalog.items, rejects, root)
+    inter = clean_interactions(catalog.interactions, items, rejected_items, rejects,
+                               split_policy=cfg.split, min_rating=cfg.min_rating)
+    inter, items = filter_core(inter, items, rejects, k=cfg.kcore, need_train=cfg.split == "given")
+    items = items.reset_index(drop=True)
+    ctx.store.write_parquet("rejects.parquet", rejects.to_arrow())
+    by_code = rejects.by_code()
+    if inter.empty or items.empty:
+        raise InputDataError(
+            f"no {'interactions' if inter.empty else 'items'} left from {catalog.source}: "
+            f"{len(rejects)} rows rejected ({_reasons(by_code)}); see {ctx.store.path('rejects.parquet')} for "
+            "each row and its reason, fix the input or the [ingest] settings, then run again"
+        )
+
+    users = pd.Index(pd.unique(inter["user_id"]))  # order of first appearance
+    if catalog.user_order is not None:
+        given = pd.Index(catalog.user_order)
+        users = given[given.isin(users)]
+    user_idx = users.get_indexer(inter["user_id"]).astype(np.int64)
+    item_idx = pd.Index(items["item_id"]).get_indexer(inter["item_id"]).astype(np.int64)
+    ts = inter["ts"].to_numpy()
+    split = inter["split"].to_numpy() if cfg.split == "given" else assign_split(
+        user_idx, ts, cfg.split, cfg.split_ratios, cfg.seed)
+    order = np.argsort(user_idx, kind="stable")
+
+    counts = _counts(catalog, items, inter, rejects, n_users=len(users), split=split)
+    counts["reject_reasons"] = by_code
+    _write_items(ctx, items, root, catalog)
+    ctx.store.write_parquet("users.parquet", pa.table({
+        "user_idx": pa.array(np.arange(len(users)), pa.int64()),
+        "user_id": pa.array(users.astype(str).tolist(), pa.string())}))
+    rating = inter["rating"].to_numpy()
+    ctx.store.write_parquet("interactions.parquet", pa.table({
+        "user_idx": pa.array(user_idx[order], pa.int64()),
+        "item_idx": pa.array(item_idx[order], pa.int64()),
+        "timestamp": pa.array(np.nan_to_num(ts[order]).astype(np.int64), pa.int64(), mask=np.isnan(ts[order])),
+        "rating": pa.array(rating[order], pa.float64(), mask=np.isnan(rating[order])),
+        "split": pa.array(np.asarray(SPLITS, dtype=object)[split[order]], pa.string())}))
+    outputs = list(OUTPUTS)
+    for modality, name in IMPORTED.items():
+        if modality in catalog.features:
+            _write_imported(ctx, name, modality, catalog.features[modality], items)
+            outputs.append(name)
+        else:
+            ctx.store.path(name).unlink(missing_ok=True)  # a stale import must not stand in for encode
+
+    ctx.log(f"items: {counts['items_read']:,} read = {counts['items_accepted']:,} accepted "
+            f"+ {counts['items_rejected']:,} rejected")
+    ctx.log(f"interactions: {counts['interactions_read']:,} read = {counts['interactions_accepted']:,} accepted "
+            f"+ {counts['interactions_rejected']:,} rejected")
+    if len(rejects):
+        ctx.log(f"rejected rows by reason: {_reasons(by_code)} (see rejects.parquet)")
+    summary = (f"{len(items):,} items, {len(users):,} users, {len(inter):,} interactions "
+               f"(train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,}), "
+               f"{len(rejects):,} rows rejected")
+    return StageResult(outputs=outputs, counts=counts, summary=summary)
+
+
+def _check_policy(cfg: IngestConfig, catalog: Catalog) -> None:
+    """split = "given" needs a split column, "temporal" a timestamp column."""
+    need = {"given": "split", "temporal": "timestamp"}.get(cfg.split)
+    if need is None or need in catalog.present:
+        return
+    files = ", ".join(k.split(": ", 1)[1] for k in catalog.read if k.startswith("interactions: "))
+    if cfg.format == "table":
+        fix = (f"looked for {getattr(cfg.columns, need)!r}, set by ingest.columns.{need}; add the column, map it, "
+               "or use split = 'random'")
+    elif cfg.format == "mmrec":
+        fix = f"the MMRec column is {MMREC_COLUMNS[need]!r}; add it or use split = 'random'"
+    else:
+        fix = "split-json files carry no timestamps; use split = 'given' or 'random'"
+    raise InputDataError(f"split = {cfg.split!r} needs a {need} column, and {files} has none ({fix})")
+
+
+def _reasons(by_code: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n:,}" for code, n in by_code.items())
+
+
+def _counts(catalog: Catalog, items: pd.DataFrame, inter: pd.DataFrame, rejects: Rejects, *, n_users: int,
+            split: np.ndarray) -> dict:
+    """Records read / accepted / rejected per file and in total; raises if any file's counts do not add up."""
+    accepted = {"items": items["_src"].value_counts().to_dict(), "interactions": inter["_src"].value_counts().to_dict()}
+    sources, totals = {}, {}
+    for key, n_read in catalog.read.items():
+        kind, source = key.split(": ", 1)
+        acc, rej = int(accepted[kind].get(source, 0)), rejects.count(kind, source)
+        if acc + rej != n_read:
+            raise RuntimeError(f"ingest lost rows of {source}: read {n_read}, accepted {acc}, rejected {rej}")
+        sources[key] = {"read": n_read, "accepted": acc, "rejected": rej}
+        for part, n in (("read", n_read), ("accepted", acc), ("rejected", rej)):
+            totals[f"{kind}_{part}"] = totals.get(f"{kind}_{part}", 0) + n
+    per_split = np.bincount(split, minlength=3)
+    return {**totals, "users": n_users, **{s: int(per_split[j]) for j, s in enumerate(SPLITS)}, "sources": sources}
+
+
+def _write_items(ctx: StageContext, items: pd.DataFrame, root: Path, catalog: Catalog) -> None:
+    columns = {"item_idx": pa.array(np.arange(len(items)), pa.int64())}
+    for col in items.columns:
+        if not col.startswith("_"):
+            columns[col] = pa.array(items[col].tolist(), pa.string())
+    order = ["item_idx", "item_id", "title", "description", "text", "image"]
+    table = pa.table({c: columns[c] for c in order + [c for c in columns if c not in order]})
+    ctx.store.write_parquet("items.parquet", table, metadata={
+        "catalog_root": str(root), "source": catalog.source, "format": ctx.config.ingest.format})
+
+
+def _write_imported(ctx: StageContext, name: str, modality: str, path: Path, items: pd.DataFrame) -> None:
+    """MMRec ``<modality>_feat.npy`` rows (by itemID) -> the encode stage's feature-file schema."""
+    feats = np.load(path, mmap_mode="r", allow_pickle=False)
+    rows = items["_feature_row"].to_numpy(np.int64)
+    vectors = np.asarray(feats[rows], dtype=np.float32)  # (N, d)
+    ok = np.isfinite(vectors).all(axis=1)
+    vectors[~ok] = 0.0
+    norms = np.linalg.norm(vectors[ok], axis=1)
+    table = pa.table({
+        "item_idx": pa.array(np.arange(len(items)), pa.int64()),
+        "item_id": pa.array(items["item_id"].tolist(), pa.string()),
+        "vector": vectors_to_arrow(vectors, ok),
+        "status": pa.array(np.where(ok, "ok", "invalid").tolist(), pa.string()),
+        "error": pa.array([None if good else f"non-finite values in {path.name} row {r}"
+                           for good, r in zip(ok, rows)], pa.string()),
+        "content_sha256": pa.array([hashlib.sha256(v.tobytes()).hexdigest() for v in vectors], pa.string()),
+    })
+    ctx.store.write_parquet(name, table, metadata={
+        "modality": modality, "encoder": "imported", "dim": int(vectors.shape[1]),
+        "normalized": bool(len(norms) and np.allclose(norms, 1.0, atol=1e-3)),
+        "preprocess": f"MMRec {path.name}", "untrained": False, "source": str(path)})
+    ctx.log(f"imported {modality} features: {int(ok.sum()):,} of {len(items):,} items from {path}")
+
+
+SPEC = StageSpec(
+    name="ingest",
+    run=run,
+    outputs=OUTPUTS + tuple(IMPORTED.values()),
+    config_keys=("ingest",),
+    external_inputs=external_inputs,
+    code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean"),
+    description="raw items + interactions -> items / users / interactions (split) / rejects",
+)
