@@ -1,0 +1,35 @@
+"""``[index]``: the FAISS indexes built for serving, and ``[index.serve]``: how they are served."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import Section
+
+
+class ServeConfig(Section):
+    """Query-time settings (``clearrec query`` / ``clearrec serve``); they never trigger a rebuild."""
+
+    host: str = "127.0.0.1"  # address `clearrec serve` binds to
+    port: int = Field(8000, ge=1, le=65535)  # TCP port of `clearrec serve`
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)  # request bodies above this size (bytes) get 413
+    omp_threads: int = Field(1, ge=0)  # FAISS OpenMP threads at query time; 1 suits single queries; 0 = leave as is
+
+
+class IndexConfig(Section):
+    factory: str = "auto"  # "auto" or a FAISS index_factory string (e.g. "HNSW32", "IVF1024,PQ16"), inner product
+    memory_budget_mb: int = Field(2048, ge=1)  # MiB; the auto choice keeps each index under this size
+    exact_max_items: int = Field(50_000, ge=0)  # auto: catalogs up to this many items get exact search (Flat)
+    hnsw_m: int = Field(32, ge=4)  # auto: graph degree M of HNSW indexes
+    ef_construction: int = Field(80, ge=8)  # HNSW build-time candidate list size
+    recall_target: float = Field(0.95, gt=0, le=1)  # efSearch / nprobe tuned to reach this recall@K vs exact
+    recall_k: int = Field(20, ge=1)  # K of the recall measured at build time
+    tune_queries: int = Field(500, ge=2)  # held-out queries: half tune the knob, half measure the recall
+    content: bool = True  # also build the content index over the CLEAR-projected features
+    seed: int = 0  # seed of the query sample and of IVF / PQ training
+    serve: ServeConfig = ServeConfig()
+
+    @classmethod
+    def build_keys(cls) -> tuple[str, ...]:
+        """Dotted keys that shape the built indexes (the ``serve`` table does not)."""
+        return tuple(f"index.{name}" for name in cls.model_fields if name != "serve")
