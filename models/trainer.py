@@ -1,0 +1,154 @@
+"""The training loop: BPR with uniform negative sampling, Adam, full-ranking early stopping.
+
+Model-agnostic: it only calls :meth:`Recommender.pre_epoch`, :meth:`Recommender.loss` and
+:meth:`Recommender.vectors`. Pure computation on tensors (no files, no config objects).
+One epoch = every training pair once, in a fresh random order, each with one negative drawn
+uniformly from the items its user has not interacted with in train; every batch is one Adam
+step. After each epoch the model is ranked against all items on ``valid`` (training items
+masked); training stops after ``patience`` epochs without a better ``stop_metric``, the best
+epoch's weights are restored and ``test`` is evaluated with them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..pipeline.errors import TrainingError
+from .base import Recommender
+from .metrics import ItemSets, ranking_metrics
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    lr: float = 1e-3  # Adam learning rate
+    batch_size: int = 2048  # (user, pos, neg) triples per Adam step
+    epochs: int = 1000  # upper bound on epochs
+    patience: int = 20  # epochs without a better stop_metric before stopping
+    ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs of the ranking metrics
+    stop_metric: str = "recall@20"  # valid metric that selects the best epoch
+    seed: int = 999  # seeds sampling and shuffling
+    max_block: int = 1 << 22  # most scores held at once during evaluation (16 MiB of float32)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    loss: float  # mean training loss over the epoch's batches
+    valid: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    valid: dict[str, float]  # at the best epoch
+    test: dict[str, float]  # at the best epoch (empty without a test set)
+    history: list[EpochRecord] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class NegativeSampler:
+    """Uniform negatives: items the user has not interacted with in train (rejection sampling)."""
+
+    def __init__(self, train: ItemSets, num_items: int):
+        full = torch.nonzero(train.counts() >= num_items).squeeze(1)
+        if full.numel():
+            raise TrainingError(
+                f"{full.numel()} user(s) (e.g. user_idx {int(full[0])}) interacted with every item in train, so no "
+                "negative item exists for them; drop such users at ingest or add items"
+            )
+        rows, items = train.pairs(torch.arange(train.num_users))
+        self.keys = rows * num_items + items  # (E,) sorted: user-major, items sorted
+        self.num_items = num_items
+
+    def _is_positive(self, users: Tensor, items: Tensor) -> Tensor:
+        q = users * self.num_items + items
+        pos = torch.searchsorted(self.keys, q).clamp_(max=self.keys.numel() - 1)
+        return self.keys[pos] == q
+
+    def sample(self, users: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One negative item per entry of (B,) users -> (B,)."""
+        neg = torch.randint(0, self.num_items, users.shape, generator=generator)
+        todo = torch.nonzero(self._is_positive(users, neg)).squeeze(1)
+        while todo.numel():
+            neg[todo] = torch.randint(0, self.num_items, todo.shape, generator=generator)
+            todo = todo[self._is_positive(users[todo], neg[todo])]
+        return neg
+
+
+def _adam(model: Recommender, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
+        return torch.optim.Adam(params, lr=lr)
+
+
+def fit(
+    model: Recommender,
+    train: ItemSets,
+    valid: ItemSets,
+    test: ItemSets | None,
+    options: TrainOptions = TrainOptions(),
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train`` (CPU ItemSets), early-stopping on ``valid``; see module doc."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(options.seed)
+    sampler = NegativeSampler(train, model.num_items)
+    users, pos = train.pairs(torch.arange(train.num_users))  # (E,), (E,)
+    if users.numel() == 0:
+        raise TrainingError("no training interactions; check that interactions.parquet has split == 'train' rows")
+    train_d, valid_d = train.to(device), valid.to(device)
+    optimizer = _adam(model, options.lr)
+    history: list[EpochRecord] = []
+    best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
+    stopped_early = False
+    for epoch in range(1, options.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        model.pre_epoch(generator)
+        neg = sampler.sample(users, generator)
+        order = torch.randperm(users.numel(), generator=generator)
+        total = 0.0
+        for start in range(0, order.numel(), options.batch_size):
+            idx = order[start : start + options.batch_size]
+            loss = model.loss(users[idx].to(device), pos[idx].to(device), neg[idx].to(device))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"the training loss became {value} at epoch {epoch}, batch {start // options.batch_size + 1}; "
+                    "lower train.lr, or check the features for NaN/inf values and their scale"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value * idx.numel()
+        t1 = time.perf_counter()
+        user_vecs, item_vecs = model.vectors()
+        valid_metrics = ranking_metrics(user_vecs, item_vecs, valid_d, train_d, options.ks, options.max_block)
+        record = EpochRecord(epoch, total / users.numel(), valid_metrics, t1 - t0, time.perf_counter() - t1)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        value = valid_metrics[options.stop_metric]
+        if value > best_value:
+            best_epoch, best_value, best_valid = epoch, value, valid_metrics
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= options.patience:
+            stopped_early = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test_metrics: dict[str, float] = {}
+    if test is not None:
+        user_vecs, item_vecs = model.vectors()
+        test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block)
+    return TrainResult(best_epoch, best_valid, test_metrics, history, stopped_early)

@@ -1,0 +1,232 @@
+"""The train stage on work directories written here per the artifact contract."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from rich.console import Console
+
+from clearrec.models.freedom import FREEDOM
+from clearrec.pipeline.config import Config
+from clearrec.pipeline.errors import ArtifactError, ConfigError
+from clearrec.pipeline.runner import Runner
+from clearrec.pipeline.stage import StageContext
+from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
+from clearrec.stages import train
+
+NU, NI = 80, 50
+
+
+def write_workdir(root, seed: int = 0, image_dim: int | None = 24, text_dim: int | None = 12,
+                  clear_enabled: bool = True, projector: str | None = "f" * 64) -> ArtifactStore:
+    """users / items / interactions (8 per user: 6 train, 1 valid, 1 test) and *_clear features."""
+    rng = np.random.default_rng(seed)
+    store = ArtifactStore(root)
+    store.write_parquet("users.parquet", pa.table({"user_idx": pa.array(np.arange(NU), pa.int64()),
+                                                   "user_id": [f"user{u}" for u in range(NU)]}))
+    store.write_parquet("items.parquet", pa.table({"item_idx": pa.array(np.arange(NI), pa.int64()),
+                                                   "item_id": [f"item{i}" for i in range(NI)]}))
+    users, items, split = [], [], []
+    for u in range(NU):
+        cluster = np.arange(u % 5, NI, 5)
+        for j, i in enumerate(rng.choice(cluster, 8, replace=False)):
+            users.append(u)
+            items.append(int(i))
+            split.append("train" if j < 6 else ("valid" if j == 6 else "test"))
+    store.write_parquet("interactions.parquet", pa.table({
+        "user_idx": pa.array(users, pa.int64()), "item_idx": pa.array(items, pa.int64()),
+        "timestamp": pa.array([None] * len(users), pa.int64()), "rating": pa.array([None] * len(users), pa.float64()),
+        "split": pa.array(split)}))
+    centers = rng.normal(size=(5, 64))
+    for modality, dim in (("image", image_dim), ("text", text_dim)):
+        if dim is None:
+            continue
+        x = (centers[np.arange(NI) % 5, :dim] + 0.5 * rng.normal(size=(NI, dim))).astype(np.float32)
+        store.write_parquet(f"features/{modality}_clear.parquet", pa.table({
+            "item_idx": pa.array(np.arange(NI), pa.int64()), "item_id": [f"item{i}" for i in range(NI)],
+            "vector": vectors_to_arrow(x), "status": ["ok"] * NI, "error": pa.array([None] * NI, pa.string()),
+            "content_sha256": [f"{i:064x}" for i in range(NI)]}),
+            metadata={"modality": modality, "encoder": "test", "dim": dim, "normalized": False, "preprocess": "none",
+                      "untrained": True, "projector": projector if clear_enabled else None,
+                      "clear_enabled": clear_enabled})
+    return store
+
+
+def config(**overrides) -> Config:
+    base = {"train.epochs": 4, "train.batch_size": 128, "train.lr": 0.01, "train.embedding_size": 16,
+            "train.threads": 1}
+    base.update(overrides)
+    return Config().with_overrides(base)
+
+
+def run(store: ArtifactStore, cfg: Config):
+    buf = io.StringIO()
+    result = train.run(StageContext(store, cfg, Console(file=buf, width=120)))
+    return result, buf.getvalue()
+
+
+@pytest.mark.parametrize("backbone", ["lightgcn", "vbpr", "freedom"])
+def test_stage_writes_the_contract_outputs(tmp_path, backbone):
+    store = write_workdir(tmp_path)
+    result, out = run(store, config(**{"train.backbone": backbone}))
+    assert sorted(result.outputs) == sorted(train.OUTPUTS)
+    for name in train.OUTPUTS:
+        assert store.exists(name), name
+    metrics = store.read_json("model/metrics.json")
+    assert 1 <= metrics["best_epoch"] <= 4
+    assert set(metrics["valid"]) == set(metrics["test"]) == {
+        f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50)}
+    assert len(metrics["history"]) == 4
+    info = store.read_json("model/model.json")
+    assert info["backbone"] == backbone and info["best_epoch"] == metrics["best_epoch"]
+    assert info["features"]["image"]["sha256"] == store.checksum("features/image_clear.parquet")
+    assert info["projector"] == "f" * 64
+    assert "recall@20" in out and "best epoch" in out  # the metrics table
+    assert store.path("model/training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    users = store.read_parquet("model/user_vectors.parquet")
+    items = store.read_parquet("model/item_vectors.parquet")
+    assert users["user_id"].to_pylist() == [f"user{u}" for u in range(NU)]
+    assert items["item_idx"].to_pylist() == list(range(NI))
+
+
+@pytest.mark.parametrize("backbone", ["lightgcn", "vbpr", "freedom"])
+def test_saved_vectors_and_reloaded_model_give_the_model_scores(tmp_path, backbone):
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": backbone})
+    run(store, cfg)
+    u_vecs, _ = arrow_to_vectors(store.read_parquet("model/user_vectors.parquet")["vector"])
+    i_vecs, _ = arrow_to_vectors(store.read_parquet("model/item_vectors.parquet")["vector"])
+    model = train.load_model(store, cfg)
+    users = torch.arange(NU)
+    own = model.full_scores(users)
+    torch.testing.assert_close(torch.from_numpy(u_vecs @ i_vecs.T), own, rtol=1e-5, atol=1e-5)
+    again = train.load_model(store, cfg).full_scores(users)
+    assert torch.equal(own, again)
+
+
+def test_clear_on_and_off_both_run_and_never_share_a_graph(tmp_path):
+    on = write_workdir(tmp_path / "on", seed=0, clear_enabled=True)
+    off = write_workdir(tmp_path / "off", seed=1, clear_enabled=False)  # other (unprojected) vectors
+    graphs = []
+    for store, enabled in ((on, True), (off, False)):
+        run(store, config(**{"train.backbone": "freedom", "project.enabled": enabled}))
+        info = store.read_json("model/model.json")
+        assert info["features"]["text"]["clear_enabled"] is enabled
+        graphs.append(info["item_graph_cache"])
+        assert store.exists(info["item_graph_cache"])
+    assert graphs[0] != graphs[1]
+
+
+def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
+    store = write_workdir(tmp_path, seed=0)
+    cfg = config(**{"train.backbone": "freedom"})
+    run(store, cfg)
+    first = store.read_json("model/model.json")["item_graph_cache"]
+    write_workdir(tmp_path / "other", seed=3)  # same items, other text vectors
+    store.write_bytes("features/text_clear.parquet", (tmp_path / "other" / "features" / "text_clear.parquet").read_bytes())
+    run(store, cfg)
+    second = store.read_json("model/model.json")["item_graph_cache"]
+    assert first != second and store.exists(first) and store.exists(second)
+    image, text = (torch.from_numpy(arrow_to_vectors(store.read_parquet(f"features/{m}_clear.parquet")["vector"])[0])
+                   for m in ("image", "text"))
+    rows, cols, values = FREEDOM.build_item_graph(image, text, 10, 0.1)
+    cached, _ = store.read_tensors(second)
+    assert np.array_equal(cached["rows"], rows.numpy()) and np.array_equal(cached["cols"], cols.numpy())
+    stale, _ = store.read_tensors(first)
+    assert not (stale["cols"].shape == cached["cols"].shape and np.array_equal(stale["cols"], cached["cols"]))
+
+
+def test_freedom_without_features_names_the_config_keys(tmp_path):
+    store = write_workdir(tmp_path, image_dim=None, text_dim=None)
+    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom'.*encode.image_encoder"):
+        run(store, config(**{"train.backbone": "freedom"}))
+
+
+def test_text_only_features_train_and_say_so(tmp_path):
+    store = write_workdir(tmp_path, image_dim=None)
+    result, out = run(store, config(**{"train.backbone": "freedom"}))
+    assert "no image features" in out
+    assert store.read_json("model/model.json")["hyperparameters"]["modalities"] == ["text"]
+
+
+def test_lightgcn_needs_no_features(tmp_path):
+    store = write_workdir(tmp_path, image_dim=None, text_dim=None)
+    result, _ = run(store, config(**{"train.backbone": "lightgcn"}))
+    assert store.read_json("model/model.json")["features"] == {}
+
+
+def test_dynamic_clear_mode_calls_the_hook(tmp_path, monkeypatch):
+    from clearrec.models import clear
+
+    calls = []
+    real = clear.clear_dynamic_step
+
+    def spy(ev, et, **kw):
+        calls.append(kw)
+        return real(ev, et, **kw)
+
+    monkeypatch.setattr(clear, "clear_dynamic_step", spy)
+    for backbone in ("freedom", "vbpr"):
+        calls.clear()
+        store = write_workdir(tmp_path / backbone)
+        run(store, config(**{"train.backbone": backbone, "project.mode": "dynamic", "project.k": 2,
+                             "train.epochs": 2}))
+        assert calls and calls[0]["k"] == 2 and calls[0]["strength"] == 1.0
+        assert store.read_json("model/model.json")["clear_dynamic"]["k"] == 2
+    calls.clear()
+    run(write_workdir(tmp_path / "static"), config(**{"train.backbone": "freedom", "train.epochs": 1}))
+    assert not calls
+
+
+def test_dynamic_clear_changes_training(tmp_path):
+    losses = []
+    for mode in ("static", "dynamic"):
+        store = write_workdir(tmp_path / mode)
+        run(store, config(**{"train.backbone": "vbpr", "project.mode": mode, "project.k": 4, "train.epochs": 2}))
+        losses.append([h["loss"] for h in store.read_json("model/metrics.json")["history"]])
+    assert losses[0] != losses[1]
+
+
+def test_nan_features_are_refused(tmp_path):
+    store = write_workdir(tmp_path)
+    t = store.read_parquet("features/text_clear.parquet")
+    x, _ = arrow_to_vectors(t["vector"])
+    x[3, 2] = np.nan
+    store.write_parquet("features/text_clear.parquet", t.set_column(t.schema.get_field_index("vector"), "vector",
+                                                                     vectors_to_arrow(x)))
+    with pytest.raises(ArtifactError, match="NaN"):
+        run(store, config(**{"train.backbone": "freedom"}))
+
+
+def test_stage_is_deterministic_for_a_seed(tmp_path):
+    vecs = []
+    for sub in ("a", "b"):
+        store = write_workdir(tmp_path / sub)
+        run(store, config(**{"train.backbone": "freedom", "train.epochs": 2}))
+        vecs.append(store.read_parquet("model/item_vectors.parquet")["vector"])
+    assert vecs[0].equals(vecs[1])
+
+
+def test_unknown_backbone_and_bad_stop_metric_are_config_errors():
+    with pytest.raises(ConfigError, match="backbone"):
+        config(**{"train.backbone": "lightgnc"})
+    with pytest.raises(ConfigError, match="stop_metric"):
+        config(**{"train.stop_metric": "recall@15"})
+
+
+def test_runner_skips_train_when_up_to_date(tmp_path):
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": "lightgcn", "train.epochs": 2})
+    buf = io.StringIO()
+    runner = Runner([train.SPEC], cfg, tmp_path, console=Console(file=buf, width=120))
+    runner.run([train.SPEC])
+    assert runner.status()["train"].state == "up-to-date"
+    first = store.checksum("model/model.safetensors")
+    runner.run([train.SPEC])
+    assert store.checksum("model/model.safetensors") == first
+    changed = Runner([train.SPEC], cfg.with_overrides({"train.lr": 0.02}), tmp_path, console=Console(file=buf))
+    assert changed.status()["train"].state == "stale"
