@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from ..models.clear import ClearProjector
 from ..models.diagnostics import Moments
-from ..pipeline.errors import ArtifactError, InputDataError
+from ..pipeline.errors import InputDataError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
 from . import _project_plots as plots
@@ -66,8 +66,12 @@ def run(ctx: StageContext) -> StageResult:
     cfg, missing, store = ctx.config.project, ctx.config.encode.missing, ctx.store
     present = [m for m in MODALITIES if store.exists(FEATURES[m])]
     if not present:
-        raise ArtifactError(f"neither {FEATURES['image']} nor {FEATURES['text']} exists in {store.root}; "
-                            "run 'clearrec run --only encode' first")
+        reason = "no feature files (both encoders are 'none'): nothing to project"
+        ctx.log(f"CLEAR not applied: {reason}")
+        store.write_json(PROJECTOR_JSON, {"enabled": cfg.enabled, "applied": False, "reason": reason,
+                                          "mode": cfg.mode, "k": 0, "strength": 0.0})
+        _remove_stale(store, [PROJECTOR_JSON])
+        return StageResult(outputs=[PROJECTOR_JSON], counts={"items": 0}, summary=f"CLEAR not applied ({reason})")
     sources = [open_features(store, FEATURES[m], m) for m in present]
     reason = None
     if not cfg.enabled:

@@ -234,6 +234,16 @@ def test_one_modality_passes_through_and_says_why(tmp_path):
     assert "only text" in result.summary
 
 
+def test_no_features_at_all_is_an_id_only_pass_through(tmp_path):
+    store, cfg = run_stage(tmp_path)
+    store.write_json("clear/diagnostics.json", {"stale": True})
+    result = go(store, cfg)
+    info = store.read_json("clear/projector.json")
+    assert info["applied"] is False and "no feature files" in info["reason"]
+    assert result.outputs == ["clear/projector.json"]
+    assert not store.exists("clear/diagnostics.json")
+
+
 def test_dynamic_mode_passes_through(planted_store):
     store, cfg, xv, xt = planted_store
     go(store, cfg.with_overrides({"project.mode": "dynamic"}))
