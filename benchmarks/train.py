@@ -16,18 +16,20 @@ and its peak RSS (VmHWM). FREEDOM gets seeded random features of the benchmark's
   item table in every batch, the propagation recomputed for every 4096-user evaluation batch,
   and hit lists / metrics built in Python per user. Same maths, same protocol.
 
-``--full`` instead trains LightGCN (3 layers, reg 1e-4, seed 999, lr 1e-3, batch 2048, d 64,
-patience 20, up to 1000 epochs) through the real ingest + train stages in a temporary work
-directory and prints the test metrics at the best-valid epoch, the epochs and the time.
+``--full`` instead trains LightGCN (3 layers, reg 1e-4, lr 1e-3, batch 2048, d 64, patience
+20, up to 1000 epochs; ``--seeds``, default 999) through the real ingest + train stages in a
+temporary work directory and prints the test metrics at the best-valid epoch, the epochs
+and the time (and mean +- std over several seeds).
 
     .venv/bin/python benchmarks/train.py                 # speed + memory, ours and reference
     .venv/bin/python benchmarks/train.py --impls ours    # ours only
-    .venv/bin/python benchmarks/train.py --full          # full LightGCN run (RESULTS.md)
+    .venv/bin/python benchmarks/train.py --full --seeds 999,1,2   # full LightGCN runs (RESULTS.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -87,7 +89,7 @@ def run_ours(model_name: str, epochs: int) -> dict:
                  on_epoch=lambda r: cpu.append(time.process_time()))
     timed = result.history[1:]
     return {"train_s": [r.train_seconds for r in timed], "eval_s": [r.eval_seconds for r in timed],
-            "cpu_s": [b - a for a, b in zip(cpu[1:], cpu[2:])], "valid_recall@20": timed[-1].valid["recall@20"]}
+            "cpu_s": [b - a for a, b in itertools.pairwise(cpu[1:])], "valid_recall@20": timed[-1].valid["recall@20"]}
 
 
 # ---- reference-style ---------------------------------------------------------------------------
@@ -291,36 +293,42 @@ def worker(model_name: str, impl: str, epochs: int, threads: int) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def full_run(threads: int) -> None:
-    from rich.console import Console
-
+def full_run(threads: int, seeds: list[int]) -> None:
     from clearrec.pipeline.config import Config
     from clearrec.pipeline.stage import StageContext
     from clearrec.pipeline.store import ArtifactStore
     from clearrec.stages import ingest, train
+    from rich.console import Console
 
     console = Console()
-    overrides = {"ingest.format": "split-json", "ingest.interactions": str(DATA), "ingest.split": "given",
-                 "train.backbone": "lightgcn", "train.lightgcn.layers": 3, "train.lightgcn.reg": 1e-4,
-                 "train.seed": 999, "train.lr": 1e-3, "train.batch_size": 2048, "train.embedding_size": 64,
-                 "train.epochs": 1000, "train.patience": 20, "train.threads": threads}
-    cfg = Config().with_overrides(overrides)
+    base = {"ingest.format": "split-json", "ingest.interactions": str(DATA), "ingest.split": "given",
+            "train.backbone": "lightgcn", "train.lightgcn.layers": 3, "train.lightgcn.reg": 1e-4,
+            "train.lr": 1e-3, "train.batch_size": 2048, "train.embedding_size": 64,
+            "train.epochs": 1000, "train.patience": 20, "train.threads": threads}
     console.print(f"load average at start {os.getloadavg()}; torch threads {threads or torch.get_num_threads()}")
+    tests = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = ArtifactStore(tmp)
-        ingest.run(StageContext(store, cfg, console))
-        t0 = time.perf_counter()
-        result = train.run(StageContext(store, cfg, console))
-        seconds = time.perf_counter() - t0
-        metrics = store.read_json("model/metrics.json")
-    hist = metrics["history"]
-    console.print(result.summary)
-    console.print(f"epochs run {metrics['epochs_run']}, best epoch {metrics['best_epoch']}, train stage {seconds:.0f} s "
-                  f"(mean {statistics.mean(h['train_seconds'] for h in hist):.2f} s training + "
-                  f"{statistics.mean(h['eval_seconds'] for h in hist):.2f} s validation per epoch); "
-                  f"load average at end {os.getloadavg()}")
-    console.print("test @best: " + ", ".join(f"{k} {metrics['test'][k]:.4f}" for k in
-                                              ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))
+        for seed in seeds:
+            cfg = Config().with_overrides({**base, "train.seed": seed})
+            store = ArtifactStore(Path(tmp) / f"seed{seed}")
+            ingest.run(StageContext(store, cfg, console))
+            t0 = time.perf_counter()
+            result = train.run(StageContext(store, cfg, console))
+            seconds = time.perf_counter() - t0
+            metrics = store.read_json("model/metrics.json")
+            hist = metrics["history"]
+            console.print(result.summary)
+            console.print(f"seed {seed}: epochs run {metrics['epochs_run']}, best epoch {metrics['best_epoch']}, "
+                          f"train stage {seconds:.0f} s (mean {statistics.mean(h['train_seconds'] for h in hist):.2f} s "
+                          f"training + {statistics.mean(h['eval_seconds'] for h in hist):.2f} s validation per epoch); "
+                          f"load average now {os.getloadavg()}")
+            console.print(f"seed {seed} test @best: " + ", ".join(
+                f"{k} {metrics['test'][k]:.4f}" for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))
+            tests.append(metrics["test"])
+    if len(tests) > 1:
+        console.print("mean +- sample std over seeds " + ", ".join(map(str, seeds)) + ": " + ", ".join(
+            f"{k} {statistics.mean(t[k] for t in tests):.4f} +- {statistics.stdev(t[k] for t in tests):.4f}"
+            for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))
 
 
 def main() -> None:
@@ -330,6 +338,7 @@ def main() -> None:
     ap.add_argument("--impls", default="ours,reference")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = all cores)")
     ap.add_argument("--full", action="store_true", help="full LightGCN run through the stages instead")
+    ap.add_argument("--seeds", default="999", help="--full: comma-separated train.seed values")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not (DATA / "train.json").is_file():
@@ -337,14 +346,14 @@ def main() -> None:
     if args.worker:
         return worker(args.worker[0], args.worker[1], args.epochs, args.threads)
     if args.full:
-        return full_run(args.threads)
+        return full_run(args.threads, [int(x) for x in args.seeds.split(",")])
     print(f"Amazon Baby: {NUM_USERS} users, {NUM_ITEMS} items; {os.cpu_count()} CPUs; "
           f"load average at start {os.getloadavg()}", flush=True)
     rows = {}
     for model_name in args.models.split(","):
         for impl in args.impls.split(","):
             proc = subprocess.run([sys.executable, __file__, "--worker", model_name, impl, "--epochs", str(args.epochs),
-                                   "--threads", str(args.threads)], capture_output=True, text=True)
+                                   "--threads", str(args.threads)], capture_output=True, text=True, check=False)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(f"{model_name}/{impl} failed:\n{proc.stderr[-3000:]}")
@@ -359,7 +368,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         if (model_name, "ours") in rows and (model_name, "reference") in rows:
             o, f = rows[model_name, "ours"], rows[model_name, "reference"]
-            tot = lambda r: statistics.median(r["train_s"]) + statistics.median(r["eval_s"])  # noqa: E731
+            tot = lambda r: statistics.median(r["train_s"]) + statistics.median(r["eval_s"])
             print(f"{model_name}: ours / reference time per epoch (train + validation) = {tot(o) / tot(f):.3f}; "
                   f"train {statistics.median(o['train_s']) / statistics.median(f['train_s']):.3f}, "
                   f"validation {statistics.median(o['eval_s']) / statistics.median(f['eval_s']):.3f}; "

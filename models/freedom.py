@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .base import ModalityHook, Recommender
 from .graph import (
     bpr_loss,
+    csr_mm,
     edge_norm,
     item_item_graph,
     layer_mean,
@@ -19,6 +20,36 @@ from .graph import (
     transpose_csr,
     user_item_graph,
 )
+
+
+class _RowScores(torch.autograd.Function):
+    """``s[b, k] = X[items[b, k]] . z[b]`` for (B, K) item indices, X (I, D) and z (B, D) -> (B, K).
+
+    The same values and gradients as ``(X[items] * z[:, None]).sum(-1)`` under autograd, with
+    less memory traffic for a wide trainable X (4096-d image features): no (B, K, D) product
+    is materialised, and ``dL/dX`` is written once by a sparse (I x B) @ z (B, D) product
+    instead of zero-filling an (I, D) tensor and scattering (B, K, D) rows into it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, items: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
+        rows = x[items.reshape(-1)].view(*items.shape, x.shape[1])  # (B, K, D)
+        ctx.save_for_backward(rows, items, z)
+        ctx.num_rows = x.shape[0]
+        return torch.bmm(rows, z.unsqueeze(2)).squeeze(2)  # (B, K)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+        rows, items, z = ctx.saved_tensors
+        grad_x = grad_z = None
+        if ctx.needs_input_grad[2]:
+            grad_z = torch.bmm(grad.unsqueeze(1), rows).squeeze(1)  # (B, D)
+        if ctx.needs_input_grad[0]:
+            b, k = items.shape
+            cols = torch.arange(b, device=items.device).repeat_interleave(k)
+            scatter = sparse_csr(items.reshape(-1), cols, grad.reshape(-1).contiguous(), (ctx.num_rows, b))  # (I, B)
+            grad_x = csr_mm(scatter, z)  # (I, D), every row written once
+        return grad_x, None, grad_z
 
 
 class FREEDOM(Recommender):
@@ -186,16 +217,15 @@ class FREEDOM(Recommender):
             for e in (ev, et):
                 loss = loss + self.reg_weight * bpr_loss((u * e[pos_items]).sum(1), (u * e[neg_items]).sum(1))
             return loss
-        items = torch.cat([pos_items, neg_items])  # (2B,)
+        items = torch.stack([pos_items, neg_items], dim=1)  # (B, 2)
         for proj, feats in ((self.image_proj, "image_features"), (self.text_proj, "text_features")):
             if proj is None:
                 continue
-            # u . (W x_p + b) - u . (W x_n + b) = (u W) . x_p - (u W) . x_n: no (I, d) projection,
-            # and one gather of the batch's feature rows (one gradient scatter)
-            x = getattr(self, feats)[items].view(2, -1, proj.in_features)  # (2, B, d_m)
+            # u . (W x_p + b) - u . (W x_n + b) = (u W) . x_p - (u W) . x_n: only the batch's
+            # feature rows are touched, never the (I, d) projection of the whole table
             z = u @ proj.weight  # (B, d_m)
-            s = (x * z).sum(-1)  # (2, B): positive, negative
-            loss = loss + self.reg_weight * bpr_loss(s[0], s[1])
+            s = _RowScores.apply(getattr(self, feats), items, z)  # (B, 2): positive, negative
+            loss = loss + self.reg_weight * bpr_loss(s[:, 0], s[:, 1])
         return loss
 
     def hparams(self) -> dict[str, Any]:

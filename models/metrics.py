@@ -17,8 +17,8 @@ RecBole evaluators).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class ItemSets:
     items: Tensor  # (nnz,) int64
 
     @classmethod
-    def from_pairs(cls, users: Tensor, items: Tensor, num_users: int, num_items: int) -> "ItemSets":
+    def from_pairs(cls, users: Tensor, items: Tensor, num_users: int, num_items: int) -> ItemSets:
         """From (E,) user and item indices; duplicates are dropped."""
         key = torch.unique(users.long() * num_items + items.long())  # sorted by user, then item
         counts = torch.bincount(key // num_items, minlength=num_users)
@@ -62,7 +62,7 @@ class ItemSets:
         offsets = torch.arange(rows.numel(), device=users.device) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
         return rows, self.items[torch.repeat_interleave(start, lens) + offsets]
 
-    def to(self, device: torch.device | str) -> "ItemSets":
+    def to(self, device: torch.device | str) -> ItemSets:
         return ItemSets(self.indptr.to(device), self.items.to(device))
 
 
@@ -76,7 +76,7 @@ def topk_items(
     users: Tensor,
     k: int,
     exclude: ItemSets | None = None,
-    max_block: int = 1 << 22,
+    max_block: int = 1 << 23,
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` items by dot product for (B,) users -> (scores (B, k), items (B, k)).
 
@@ -111,14 +111,14 @@ def ranking_metrics(
     truth: ItemSets,
     exclude: ItemSets | None = None,
     ks: Sequence[int] = (5, 10, 20, 50),
-    max_block: int = 1 << 22,
+    max_block: int = 1 << 23,
 ) -> dict[str, float]:
     """Mean ``recall|ndcg|precision|map@K`` over users with relevant items in ``truth``.
 
     ``user_vectors`` (U, d), ``item_vectors`` (I, d); ``exclude`` (same users) is masked from the
     ranking. Returns e.g. ``{"recall@20": 0.07, ...}``; empty ``truth`` gives zeros.
     """
-    ks = sorted(set(int(k) for k in ks))
+    ks = sorted({int(k) for k in ks})
     num_items = item_vectors.shape[0]
     k_max = min(ks[-1], num_items)
     device = item_vectors.device

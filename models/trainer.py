@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ class TrainOptions:
     ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs of the ranking metrics
     stop_metric: str = "recall@20"  # valid metric that selects the best epoch
     seed: int = 999  # seeds sampling and shuffling
-    max_block: int = 1 << 22  # most scores held at once during evaluation (16 MiB of float32)
+    max_block: int = 1 << 23  # most scores held at once during evaluation (32 MiB of float32)
 
 
 @dataclass

@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 
 import pytest
-from rich.console import Console
-
 from clearrec.pipeline.config import Config
 from clearrec.pipeline.stage import StageContext
 from clearrec.pipeline.store import ArtifactStore
 from clearrec.stages import ingest, train
+from rich.console import Console
 
 EPOCHS = 5
 

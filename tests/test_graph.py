@@ -6,9 +6,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from clearrec.models.graph import (
     bpr_loss,
+    csr_mm,
     emb_norm,
     item_item_graph,
     knn_edges,
@@ -116,7 +116,7 @@ def test_knn_rows_without_vector_get_only_a_self_loop():
 
 def test_knn_graph_values_are_reference_normalisation():
     x = torch.randn(25, 5)
-    rows, cols, vals = knn_graph(x, 4)
+    _, _, vals = knn_graph(x, 4)
     torch.testing.assert_close(vals, torch.full_like(vals, 1 / 4), rtol=1e-5, atol=1e-6)  # every row has 4 edges
 
 
@@ -146,3 +146,14 @@ def test_bpr_loss_and_emb_norm():
     assert bpr_loss(torch.tensor([5.0]), torch.tensor([0.0])) < bpr_loss(torch.tensor([0.0]), torch.tensor([5.0]))
     a, b = torch.ones(4, 3), torch.zeros(4, 3)
     assert abs(emb_norm(a, b).item() - math.sqrt(12) / 4) < 1e-6
+
+
+def test_csr_mm_writes_every_row_including_empty_ones():
+    rows, cols = torch.tensor([0, 0, 5]), torch.tensor([1, 2, 0])
+    a = sparse_csr(rows, cols, torch.tensor([1.0, 2.0, 3.0]), (300, 4))  # rows 1-4 and 6-299 are empty
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        junk = torch.full((300, 64), float("nan"))  # freed memory that the next allocation may reuse
+        del junk
+        out = csr_mm(a, x, alpha=0.5)
+        torch.testing.assert_close(out, 0.5 * (a.to_dense() @ x))

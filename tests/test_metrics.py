@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from clearrec.models.metrics import ItemSets, ranking_metrics, topk_items
 
 
@@ -85,7 +84,7 @@ def test_excluded_items_are_never_ranked():
     truth = _to_item_sets({0: {5}}, 1, 6)
     exclude = _to_item_sets({0: {5}}, 1, 6)
     assert ranking_metrics(user_vecs, item_vecs, truth, exclude, (1,))["recall@1"] == 0.0
-    scores, items = topk_items(user_vecs, item_vecs, torch.tensor([0]), 3, exclude)
+    _, items = topk_items(user_vecs, item_vecs, torch.tensor([0]), 3, exclude)
     assert items.tolist() == [[4, 3, 2]]
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from clearrec.models.base import Recommender
 from clearrec.models.freedom import FREEDOM
 from clearrec.models.lightgcn import LightGCN
@@ -257,7 +256,7 @@ def test_modality_hook_is_applied_in_loss():
 
 
 def test_vbpr_content_vectors_for_new_items():
-    (train, valid, test), edges = _splits()
+    (train, valid, test), _ = _splits()
     xv, xt = _features(1, 20), _features(2, 12)
     m = VBPR(NU, NI, image_features=xv, text_features=xt, embedding_dim=16)
     fit(m, train, valid, test, TrainOptions(lr=0.01, batch_size=64, epochs=2))
@@ -281,3 +280,43 @@ def test_lightgcn_reference_loss():
     bpr = -torch.log(torch.sigmoid((u[users] * i[pos]).sum(1) - (u[users] * i[neg]).sum(1))).mean()
     reg = (ego_u[users].norm() + ego_i[pos].norm() + ego_i[neg].norm()) / 2
     assert math.isclose(m.loss(users, pos, neg).item(), (bpr + 1e-2 * reg).item(), rel_tol=1e-5)
+
+
+def test_freedom_forward_matches_dense_formula():
+    (_, _, _), edges = _splits()
+    m = _make("freedom", edges, mm_layers=2)
+    m.eval()
+    u, i = m.forward()
+    adj = m.adj.to_dense()
+    s = m.mm_adj.to_dense()
+    ego = torch.cat([m.user_embedding, m.item_embedding]).detach()
+    out = (ego + adj @ ego + adj @ adj @ ego) / 3  # layers = 2
+    torch.testing.assert_close(u, out[:NU])
+    torch.testing.assert_close(i, out[NU:] + s @ s @ m.item_embedding.detach())
+
+
+def test_lightgcn_forward_matches_dense_formula():
+    (_, _, _), edges = _splits()
+    m = _make("lightgcn", edges, layers=2)
+    u, i = m.forward()
+    adj, x = m.adj.to_dense(), m.embedding.detach()
+    out = (x + adj @ x + adj @ adj @ x) / 3
+    torch.testing.assert_close(torch.cat([u, i]), out)
+
+
+def test_freedom_row_scores_match_autograd_including_repeated_items():
+    from clearrec.models.freedom import _RowScores
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 9, generator=g, requires_grad=True)
+    z = torch.randn(8, 9, generator=g, requires_grad=True)
+    items = torch.randint(0, 30, (8, 2), generator=g)
+    items[1, 1] = items[1, 0]  # the same item as positive and negative
+    items[2, 0] = items[5, 1]  # the same item in two rows
+    w = torch.randn(8, 2, generator=g)
+    (_RowScores.apply(x, items, z) * w).sum().backward()
+    x_ref, z_ref = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    ((x_ref[items] * z_ref[:, None]).sum(-1) * w).sum().backward()
+    torch.testing.assert_close(_RowScores.apply(x, items, z), (x_ref[items] * z_ref[:, None]).sum(-1))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(z.grad, z_ref.grad)

@@ -8,8 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from rich.console import Console
-
 from clearrec.models.freedom import FREEDOM
 from clearrec.pipeline.config import Config
 from clearrec.pipeline.errors import ArtifactError, ConfigError
@@ -17,6 +15,7 @@ from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.stage import StageContext
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
 from clearrec.stages import train
+from rich.console import Console
 
 NU, NI = 80, 50
 
@@ -133,7 +132,7 @@ def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
     assert first != second and store.exists(first) and store.exists(second)
     image, text = (torch.from_numpy(arrow_to_vectors(store.read_parquet(f"features/{m}_clear.parquet")["vector"])[0])
                    for m in ("image", "text"))
-    rows, cols, values = FREEDOM.build_item_graph(image, text, 10, 0.1)
+    rows, cols, _ = FREEDOM.build_item_graph(image, text, 10, 0.1)
     cached, _ = store.read_tensors(second)
     assert np.array_equal(cached["rows"], rows.numpy()) and np.array_equal(cached["cols"], cols.numpy())
     stale, _ = store.read_tensors(first)
@@ -148,14 +147,14 @@ def test_freedom_without_features_names_the_config_keys(tmp_path):
 
 def test_text_only_features_train_and_say_so(tmp_path):
     store = write_workdir(tmp_path, image_dim=None)
-    result, out = run(store, config(**{"train.backbone": "freedom"}))
+    _, out = run(store, config(**{"train.backbone": "freedom"}))
     assert "no image features" in out
     assert store.read_json("model/model.json")["hyperparameters"]["modalities"] == ["text"]
 
 
 def test_lightgcn_needs_no_features(tmp_path):
     store = write_workdir(tmp_path, image_dim=None, text_dim=None)
-    result, _ = run(store, config(**{"train.backbone": "lightgcn"}))
+    run(store, config(**{"train.backbone": "lightgcn"}))
     assert store.read_json("model/model.json")["features"] == {}
 
 
@@ -230,3 +229,37 @@ def test_runner_skips_train_when_up_to_date(tmp_path):
     assert store.checksum("model/model.safetensors") == first
     changed = Runner([train.SPEC], cfg.with_overrides({"train.lr": 0.02}), tmp_path, console=Console(file=buf))
     assert changed.status()["train"].state == "stale"
+
+
+def test_cached_item_graph_is_reused_for_the_same_features(tmp_path, monkeypatch):
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": "freedom", "train.epochs": 1})
+    run(store, cfg)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the item-item graph was rebuilt although its cache exists")
+
+    monkeypatch.setattr(FREEDOM, "build_item_graph", staticmethod(no_rebuild))
+    run(store, cfg.with_overrides({"train.lr": 0.02}))  # other training settings, same features
+    with pytest.raises(AssertionError, match="rebuilt"):
+        run(store, cfg.with_overrides({"train.freedom.knn_k": 5}))  # another graph: not the cached one
+
+
+def test_load_model_refuses_changed_inputs(tmp_path):
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": "lightgcn", "train.epochs": 1})
+    run(store, cfg)
+    write_workdir(tmp_path / "other", seed=5)
+    store.write_bytes("interactions.parquet", (tmp_path / "other" / "interactions.parquet").read_bytes())
+    with pytest.raises(ArtifactError, match="interactions.parquet changed"):
+        train.load_model(store, cfg)
+
+
+def test_threads_setting_is_restored_and_missing_cuda_is_a_config_error(tmp_path):
+    store = write_workdir(tmp_path)
+    before = torch.get_num_threads()
+    run(store, config(**{"train.backbone": "lightgcn", "train.epochs": 1, "train.threads": 1}))
+    assert torch.get_num_threads() == before
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            run(store, config(**{"train.backbone": "lightgcn", "train.device": "cuda"}))

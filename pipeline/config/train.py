@@ -40,13 +40,13 @@ class TrainConfig(Section):
     seed: int = 999  # seeds initialisation, negative sampling, shuffling and edge pruning
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default (all cores)
-    eval_block: int = Field(1 << 22, ge=1)  # most user-item scores held at once during evaluation (x4 bytes)
+    eval_block: int = Field(1 << 23, ge=1)  # most user-item scores held at once during evaluation (x4 bytes)
     lightgcn: LightGCNParams = LightGCNParams()
     vbpr: VBPRParams = VBPRParams()
     freedom: FreedomParams = FreedomParams()
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         metric, _, k = self.stop_metric.partition("@")
         if metric not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in self.eval_ks:
             raise ValueError(
