@@ -16,6 +16,10 @@ and its peak RSS (VmHWM). FREEDOM gets seeded random features of the benchmark's
   item table in every batch, the propagation recomputed for every 4096-user evaluation batch,
   and hit lists / metrics built in Python per user. Same maths, same protocol.
 
+By default the ``ours`` workers start with ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for PyTorch's CPU
+allocations, which the ``clearrec`` command sets) and the reference workers without it, as the research
+implementation runs; ``--thp on`` / ``--thp off`` gives both the same setting.
+
 ``--full`` instead trains LightGCN (3 layers, reg 1e-4, lr 1e-3, batch 2048, d 64, patience
 20, up to 1000 epochs; ``--seeds``, default 999) through the real ingest + train stages in a
 temporary work directory and prints the test metrics at the best-valid epoch, the epochs
@@ -337,6 +341,9 @@ def main() -> None:
     ap.add_argument("--models", default="lightgcn,freedom")
     ap.add_argument("--impls", default="ours,reference")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = all cores)")
+    ap.add_argument("--thp", choices=("cli", "on", "off"), default="cli",
+                    help="THP_MEM_ALLOC_ENABLE in the workers: 'cli' = on for ours (as the clearrec command sets it) "
+                         "and off for the reference, or 'on' / 'off' for both")
     ap.add_argument("--full", action="store_true", help="full LightGCN run through the stages instead")
     ap.add_argument("--seeds", default="999", help="--full: comma-separated train.seed values")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
@@ -352,15 +359,17 @@ def main() -> None:
     rows = {}
     for model_name in args.models.split(","):
         for impl in args.impls.split(","):
+            thp = args.thp == "on" or (args.thp == "cli" and impl == "ours")
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if thp else "0"}
             proc = subprocess.run([sys.executable, __file__, "--worker", model_name, impl, "--epochs", str(args.epochs),
-                                   "--threads", str(args.threads)], capture_output=True, text=True, check=False)
+                                   "--threads", str(args.threads)], capture_output=True, text=True, check=False, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(f"{model_name}/{impl} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(line[0][7:])
             rows[model_name, impl] = r
             tr, ev = statistics.median(r["train_s"]), statistics.median(r["eval_s"])
-            print(f"{model_name:9s} {impl:9s} train {tr:6.2f} s/epoch  validation {ev:5.2f} s  total {tr + ev:6.2f} s  "
+            print(f"{model_name:9s} {impl:9s} THP {'on ' if thp else 'off'} train {tr:6.2f} s/epoch  validation {ev:5.2f} s  total {tr + ev:6.2f} s  "
                   f"CPU {statistics.median(r['cpu_s']):6.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  threads {r['threads']}  "
                   f"valid recall@20 after {args.epochs + 1} epochs {r['valid_recall@20']:.4f}  "
                   f"(train epochs {[round(x, 2) for x in r['train_s']]}, validation {[round(x, 2) for x in r['eval_s']]})",

@@ -139,6 +139,32 @@ def test_cli_unknown_stage_gets_did_you_mean(tmp_path):
     assert isinstance(result.exception, ConfigError) and "did you mean 'ingest'" in str(result.exception)
 
 
+_THP_PROBE = """
+import os, sys
+seen = {}
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            seen.setdefault("torch", os.environ.get("THP_MEM_ALLOC_ENABLE"))
+sys.meta_path.insert(0, Probe())
+import clearrec.pipeline.cli
+print(seen.get("torch"), os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+@pytest.mark.parametrize(("exported", "expected"), [(None, "1 1"), ("0", "0 0")])
+def test_cli_enables_huge_pages_before_torch_loads_unless_exported(exported, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if exported is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = exported
+    out = subprocess.run([sys.executable, "-c", _THP_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == expected.split()
+
+
 def test_dry_run_runs_nothing(project):
     runner, log = make_runner(project)
     assert runner.run(dry_run=True) == ["alpha", "beta", "gamma"]

@@ -304,19 +304,20 @@ def test_lightgcn_forward_matches_dense_formula():
     torch.testing.assert_close(torch.cat([u, i]), out)
 
 
-def test_freedom_row_scores_match_autograd_including_repeated_items():
-    from clearrec.models.freedom import _RowScores
+def test_freedom_feature_margin_matches_autograd_including_repeated_items():
+    from clearrec.models.freedom import _FeatureMargin
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 9, generator=g, requires_grad=True)
     z = torch.randn(8, 9, generator=g, requires_grad=True)
-    items = torch.randint(0, 30, (8, 2), generator=g)
-    items[1, 1] = items[1, 0]  # the same item as positive and negative
-    items[2, 0] = items[5, 1]  # the same item in two rows
-    w = torch.randn(8, 2, generator=g)
-    (_RowScores.apply(x, items, z) * w).sum().backward()
+    pos, neg = torch.randint(0, 30, (8,), generator=g), torch.randint(0, 30, (8,), generator=g)
+    neg[1] = pos[1]  # the same item as positive and negative
+    pos[2] = neg[5]  # the same item in two rows
+    w = torch.randn(8, generator=g)
+    (_FeatureMargin.apply(x, pos, neg, z) * w).sum().backward()
     x_ref, z_ref = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
-    ((x_ref[items] * z_ref[:, None]).sum(-1) * w).sum().backward()
-    torch.testing.assert_close(_RowScores.apply(x, items, z), (x_ref[items] * z_ref[:, None]).sum(-1))
+    ref = (z_ref * (x_ref[pos] - x_ref[neg])).sum(1)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(_FeatureMargin.apply(x, pos, neg, z), ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(z.grad, z_ref.grad)
