@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .metrics import ItemSets, topk_items
 
-# (Ev (N, d), Et (N, d)) -> (Ev', Et'): a transform of the encoded modality embeddings
-# (CLEAR's dynamic mode); gradients flow through it, not through any SVD inside it.
-ModalityHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+class ModalityHook(Protocol):
+    """A transform of a backbone's encoded modality embeddings (CLEAR's dynamic mode).
+
+    The backbone calls :meth:`refit` with ``(Ev (I, d), Et (I, d))`` of every item once per
+    epoch (in ``pre_epoch``, without gradient) and the hook itself wherever the embeddings are
+    used; gradients flow through the call, not through the refit.
+    """
+
+    def refit(self, ev: Tensor, et: Tensor) -> None: ...
+
+    def __call__(self, ev: Tensor, et: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class Recommender(nn.Module):

@@ -16,7 +16,8 @@ centred projection alike). ``k`` is fixed or the smallest rank whose energy
 
 :class:`CrossCovariance` accumulates ``C`` over row chunks in float64, so a catalog larger
 than memory streams through :meth:`ClearProjector.partial_fit`. :func:`clear_dynamic_step`
-is the per-epoch variant on a backbone's torch embeddings.
+fits and projects a backbone's torch embeddings in one call; ``models/clear_dynamic.py`` holds
+the dynamic mode the backbones use (refit once per epoch, project every step).
 """
 
 from __future__ import annotations
@@ -438,12 +439,16 @@ def clear_dynamic_step(
     if not 0 <= strength <= 1:
         raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
     Uk, Wk, _ = shared_directions(Ev, Et, k, ratio, center, directions, seed)
-    return (_project_torch(Ev, Uk, strength, project_centered) if visual else Ev,
-            _project_torch(Et, Wk, strength, project_centered) if text else Et)
+    mv = Ev.detach().mean(0) if project_centered else None
+    mt = Et.detach().mean(0) if project_centered else None
+    return (_project_torch(Ev, Uk, strength, mv) if visual else Ev,
+            _project_torch(Et, Wk, strength, mt) if text else Et)
 
 
-def _project_torch(E: "torch.Tensor", U: "torch.Tensor", strength: float, centered: bool) -> "torch.Tensor":
+def _project_torch(E: "torch.Tensor", U: "torch.Tensor", strength: float,
+                   mean: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """``E - strength ((E - mean) U) U^T`` (``mean`` None: raw projection) -> (N, d)."""
     coef = E @ U  # (N, k)
-    if centered:
-        coef = coef - E.detach().mean(0) @ U
+    if mean is not None:
+        coef = coef - mean @ U
     return E - strength * coef @ U.T  # (N, d)

@@ -91,7 +91,8 @@ class FREEDOM(Recommender):
         trainable_features: let Adam update the input feature matrices (reference: True).
         item_graph: optional precomputed ``(rows, cols, values)`` of ``S`` (a cache).
         modality_hook: optional transform of the projected features ``(W_v x_v, W_t x_t)``
-            before the alignment terms (CLEAR's dynamic mode); needs both modalities.
+            before the alignment terms (CLEAR's dynamic mode, refit in :meth:`pre_epoch`);
+            needs both modalities.
     """
 
     uses_graph = True
@@ -186,7 +187,10 @@ class FREEDOM(Recommender):
         return coo.indices()[0], coo.indices()[1], coo.values()
 
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
-        """Degree-sensitive pruning of the user-item graph for the coming epoch."""
+        """Degree-sensitive pruning of the user-item graph for the coming epoch (and CLEAR's dynamic refit)."""
+        if self.modality_hook is not None:
+            with torch.no_grad():
+                self.modality_hook.refit(*self.encoded_features())
         if self.dropout <= 0:
             self.train_adj = self.adj
             return

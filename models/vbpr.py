@@ -32,7 +32,8 @@ class VBPR(Recommender):
         embedding_dim: ``d`` (user and item vectors have size ``2d``).
         reg: weight of the batch regulariser.
         modality_hook: optional transform of the per-modality parts ``(W_v x_v, W_t x_t)``
-            before they are summed (CLEAR's dynamic mode); needs both modalities.
+            before they are summed (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs
+            both modalities.
     """
 
     uses_features = True
@@ -73,15 +74,23 @@ class VBPR(Recommender):
         nn.init.xavier_normal_(self.content.weight)
         nn.init.zeros_(self.content.bias)
 
+    def _modality_parts(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, d_t + d_v) features -> ``(W_v x_v, W_t x_t)``, (N, d) each, bias not included."""
+        w = self.content.weight  # (d, d_t + d_v)
+        return features[:, self.text_dim :] @ w[:, self.text_dim :].T, features[:, : self.text_dim] @ w[:, : self.text_dim].T
+
     def _content(self, features: Tensor) -> Tensor:
         """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
         if self.modality_hook is None:
             return self.content(features)
-        w = self.content.weight  # (d, d_t + d_v)
-        et = features[:, : self.text_dim] @ w[:, : self.text_dim].T
-        ev = features[:, self.text_dim :] @ w[:, self.text_dim :].T
-        ev, et = self.modality_hook(ev, et)
+        ev, et = self.modality_hook(*self._modality_parts(features))
         return ev + et + self.content.bias
+
+    @torch.no_grad()
+    def pre_epoch(self, generator: torch.Generator | None = None) -> None:
+        """CLEAR's dynamic mode: refit the hook's directions on the current modality parts."""
+        if self.modality_hook is not None:
+            self.modality_hook.refit(*self._modality_parts(self.features))
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.user_embedding, torch.cat([self.item_embedding, self._content(self.features)], dim=1)
@@ -117,11 +126,7 @@ class VBPR(Recommender):
                 got = None if feats is None else tuple(feats.shape)
                 raise ValueError(f"{name}_features must be (N, {dim}) as in training, got {got}")
             parts.append(feats.to(self.features.device, torch.float32))
-        x = torch.cat(parts, dim=1)  # (N, d_t + d_v)
-        if self.modality_hook is None:
-            content = self._content(x)
-        else:  # the hook's projection is fit on the catalog, so fit it on catalog + new items
-            content = self._content(torch.cat([self.features, x]))[self.num_items :]
+        content = self._content(torch.cat(parts, dim=1))  # the hook projects with its saved directions
         return torch.cat([torch.zeros_like(content), content], dim=1)
 
     def hparams(self) -> dict[str, Any]:

@@ -128,23 +128,20 @@ DYNAMIC_KEYS = ("k", "ratio", "strength", "center", "project_centered", "visual"
 
 
 def _dynamic_hook(config: Config) -> ModalityHook | None:
-    """CLEAR's dynamic mode: project the backbone's encoded modality embeddings at every training step.
+    """CLEAR's dynamic mode: a :class:`DynamicClear` the backbone refits once per epoch.
 
-    ``clear_dynamic_step`` refits the shared directions on the current embeddings (SVD without
-    gradient) and projects them, so the removed subspace follows the embeddings epoch by epoch.
+    The shared directions are recomputed on the backbone's encoded modality embeddings at the
+    start of every epoch (SVD without gradient) and project them in every step of that epoch;
+    they are saved with the model, so serving projects new items with the same directions.
     """
     if not (config.get("project.enabled") and config.get("project.mode") == "dynamic"):
         return None
-    from ..models.clear import clear_dynamic_step
+    from ..models.clear_dynamic import DynamicClear
 
     opts = {key: config.get(f"project.{key}") for key in DYNAMIC_KEYS}
     if opts["ratio"] is not None:
         opts["k"] = None  # the energy ratio chooses k
-
-    def hook(ev: torch.Tensor, et: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return clear_dynamic_step(ev, et, **opts)
-
-    return hook
+    return DynamicClear(**opts)
 
 
 def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, image_weight: float) -> str:
@@ -402,7 +399,7 @@ SPEC = StageSpec(
     inputs=("users.parquet", "items.parquet", "interactions.parquet", *FEATURE_FILES.values()),
     outputs=OUTPUTS,
     config_keys=("train", "project.enabled", "project.mode", *(f"project.{key}" for key in DYNAMIC_KEYS)),
-    code=("clearrec.models.clear", "clearrec.models.base", "clearrec.models.graph", "clearrec.models.metrics", "clearrec.models.trainer",
+    code=("clearrec.models.clear", "clearrec.models.clear_dynamic", "clearrec.models.base", "clearrec.models.graph", "clearrec.models.metrics", "clearrec.models.trainer",
           "clearrec.models.registry", "clearrec.models.lightgcn", "clearrec.models.vbpr", "clearrec.models.freedom"),
     description="train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
 )

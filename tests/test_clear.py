@@ -243,6 +243,31 @@ def test_dynamic_step_matches_projector_and_keeps_gradient():
     assert Qt is Et and Qv.shape == Ev.shape
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_dynamic_clear_module_projects_with_the_last_refit_and_round_trips(centered):
+    from clearrec.models.clear_dynamic import DynamicClear
+
+    xv, xt = data(120, 10, 6, dtype=np.float32)
+    Ev, Et = torch.tensor(xv), torch.tensor(xt)
+    dyn = DynamicClear(k=3, strength=0.5, project_centered=centered)
+    Pv, Pt = dyn(Ev, Et)  # never fit: fits on these first
+    Qv, Qt = clear_dynamic_step(Ev, Et, k=3, strength=0.5, project_centered=centered)
+    torch.testing.assert_close(Pv, Qv)
+    torch.testing.assert_close(Pt, Qt)
+    other_v, other_t = Ev[:40] * 2 + 1, Et[:40] - 1
+    Rv, _ = dyn(other_v, other_t)  # no refit: the directions and mean of the fit above
+    Uk = dyn.visual_dirs
+    mean = Ev.mean(0) if centered else torch.zeros(10)
+    torch.testing.assert_close(Rv, other_v - 0.5 * ((other_v - mean) @ Uk) @ Uk.T)
+    dyn.refit(other_v, other_t)
+    assert not torch.allclose(dyn.visual_dirs, Uk)
+    fresh = DynamicClear(k=3, strength=0.5, project_centered=centered)
+    fresh.load_state_dict(dyn.state_dict())
+    torch.testing.assert_close(fresh(Ev, Et)[0], dyn(Ev, Et)[0])
+    with pytest.raises(ValueError, match="exactly one of k"):
+        DynamicClear()
+
+
 def test_top_neighbours_and_overlap():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8)).astype(np.float32)

@@ -237,22 +237,30 @@ def test_freedom_alignment_loss_equals_reference_form():
     torch.testing.assert_close(m.loss(users, pos, neg), ref)
 
 
-def test_modality_hook_is_applied_in_loss():
-    (_, _, _), edges = _splits()
-    calls = []
+class _ZeroHook:
+    def __init__(self):
+        self.calls, self.refits = [], []
 
-    def hook(ev, et):
-        calls.append((ev.shape, et.shape))
+    def refit(self, ev, et):
+        self.refits.append((ev.shape, et.shape, ev.requires_grad))
+
+    def __call__(self, ev, et):
+        self.calls.append((ev.shape, et.shape))
         return ev * 0, et * 0
 
+
+def test_modality_hook_is_refit_each_epoch_and_applied_in_loss():
+    (_, _, _), edges = _splits()
     for cls_name in ("freedom", "vbpr"):
-        calls.clear()
+        hook = _ZeroHook()
         m = _make(cls_name, edges, modality_hook=hook)
+        m.pre_epoch()
+        assert hook.refits == [((NI, 16), (NI, 16), False)]
         loss = m.loss(torch.arange(4), torch.arange(4), torch.arange(4, 8))
         loss.backward()
-        assert calls and calls[0] == ((NI, 16), (NI, 16))
+        assert hook.calls and hook.calls[0] == ((NI, 16), (NI, 16))
     with pytest.raises(ValueError, match="needs both"):
-        FREEDOM(NU, NI, edges, text_features=_features(2, 12), modality_hook=hook)
+        FREEDOM(NU, NI, edges, text_features=_features(2, 12), modality_hook=_ZeroHook())
 
 
 def test_vbpr_content_vectors_for_new_items():

@@ -92,10 +92,11 @@ def test_stage_writes_the_contract_outputs(tmp_path, backbone):
     assert items["item_idx"].to_pylist() == list(range(NI))
 
 
-@pytest.mark.parametrize("backbone", ["lightgcn", "vbpr", "freedom"])
-def test_saved_vectors_and_reloaded_model_give_the_model_scores(tmp_path, backbone):
+@pytest.mark.parametrize(("backbone", "mode"), [("lightgcn", "static"), ("vbpr", "static"), ("freedom", "static"),
+                                                ("vbpr", "dynamic")])
+def test_saved_vectors_and_reloaded_model_give_the_model_scores(tmp_path, backbone, mode):
     store = write_workdir(tmp_path)
-    cfg = config(**{"train.backbone": backbone})
+    cfg = config(**{"train.backbone": backbone, "project.mode": mode, "project.k": 2})
     run(store, cfg)
     u_vecs, _ = arrow_to_vectors(store.read_parquet("model/user_vectors.parquet")["vector"])
     i_vecs, _ = arrow_to_vectors(store.read_parquet("model/item_vectors.parquet")["vector"])
@@ -158,27 +159,46 @@ def test_lightgcn_needs_no_features(tmp_path):
     assert store.read_json("model/model.json")["features"] == {}
 
 
-def test_dynamic_clear_mode_calls_the_hook(tmp_path, monkeypatch):
-    from clearrec.models import clear
+def test_dynamic_clear_mode_refits_once_per_epoch_and_saves_its_directions(tmp_path, monkeypatch):
+    from clearrec.models.clear_dynamic import DynamicClear
 
-    calls = []
-    real = clear.clear_dynamic_step
+    refits = []
+    real = DynamicClear.refit
 
-    def spy(ev, et, **kw):
-        calls.append(kw)
-        return real(ev, et, **kw)
+    def spy(self, ev, et):
+        refits.append((self.k, self.strength, tuple(ev.shape)))
+        return real(self, ev, et)
 
-    monkeypatch.setattr(clear, "clear_dynamic_step", spy)
+    monkeypatch.setattr(DynamicClear, "refit", spy)
     for backbone in ("freedom", "vbpr"):
-        calls.clear()
+        refits.clear()
         store = write_workdir(tmp_path / backbone)
         run(store, config(**{"train.backbone": backbone, "project.mode": "dynamic", "project.k": 2,
-                             "train.epochs": 2}))
-        assert calls and calls[0]["k"] == 2 and calls[0]["strength"] == 1.0
+                             "train.epochs": 3, "train.patience": 10}))
+        assert len(refits) == 3 and refits[0][:2] == (2, 1.0) and refits[0][2][1] == 16
         assert store.read_json("model/model.json")["clear_dynamic"]["k"] == 2
-    calls.clear()
+        tensors, _ = store.read_tensors("model/model.safetensors")
+        assert tensors["modality_hook.visual_dirs"].shape == (16, 2)
+        assert tensors["modality_hook.text_dirs"].shape == (16, 2)
+    refits.clear()
     run(write_workdir(tmp_path / "static"), config(**{"train.backbone": "freedom", "train.epochs": 1}))
-    assert not calls
+    assert not refits
+
+
+def test_dynamic_vbpr_projects_new_items_with_the_saved_directions(tmp_path):
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": "vbpr", "project.mode": "dynamic", "project.k": 2})
+    run(store, cfg)
+    model = train.load_model(store, cfg)
+    _, items = model.vectors()
+    data = train.load_data(store)
+    # the catalog's own features through the cold-start pathway: the same content half as the
+    # trained item vectors, whatever else is in the batch (no refit on the new rows)
+    new = model.content_item_vectors(data.features["image"][:5], data.features["text"][:5])
+    torch.testing.assert_close(new[:, 16:], items[:5, 16:], rtol=1e-5, atol=1e-5)
+    both = model.content_item_vectors(data.features["image"][:5] * 3, data.features["text"][:5])
+    torch.testing.assert_close(model.content_item_vectors(data.features["image"][:1] * 3, data.features["text"][:1]),
+                               both[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_dynamic_clear_changes_training(tmp_path):
