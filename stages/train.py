@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -157,6 +158,19 @@ def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, im
     return f"cache/item_graph-{digest}.safetensors"
 
 
+GRAPH_CACHE_KEEP = 3  # item-item graphs kept in cache/ (e.g. CLEAR on and off), the most recently used
+
+
+def _prune_graph_cache(store: ArtifactStore, used: str) -> None:
+    """Mark ``used`` as just used and delete all but the ``GRAPH_CACHE_KEEP`` most recently used graphs."""
+    path = store.path(used)
+    os.utime(path)
+    graphs = sorted(path.parent.glob("item_graph-*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in graphs[GRAPH_CACHE_KEEP:]:
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
 def build_model(
     config: Config, data: TrainData, store: ArtifactStore | None = None, log: Callable[[str], None] = print
 ) -> tuple[Recommender, dict[str, Any]]:
@@ -204,6 +218,7 @@ def build_model(
                                          params["knn_k"], params["image_weight"])
                 store.write_tensors(name, dict(zip(("rows", "cols", "values"), g)))
                 kwargs["item_graph"] = g
+            _prune_graph_cache(store, name)
     elif data.features:
         log(f"{cfg.backbone} uses no features; {', '.join(FEATURE_FILES[m] for m in data.features)} ignored")
     if not cls.uses_features and config.get("project.enabled") and config.get("project.mode") == "dynamic":

@@ -121,6 +121,23 @@ def test_clear_on_and_off_both_run_and_never_share_a_graph(tmp_path):
     assert graphs[0] != graphs[1]
 
 
+def test_graph_cache_keeps_only_the_most_recently_used_graphs(tmp_path):
+    import os
+
+    store = write_workdir(tmp_path)
+    cfg = config(**{"train.backbone": "freedom", "train.epochs": 1})
+    run(store, cfg)
+    used = store.path(store.read_json("model/model.json")["item_graph_cache"])
+    stale = [used.parent / f"item_graph-{i:024d}.safetensors" for i in range(4)]
+    for i, p in enumerate(stale):
+        p.write_bytes(b"old")
+        os.utime(p, (1_000_000 + i, 1_000_000 + i))  # older than the used graph; stale[3] newest of them
+    os.utime(used, (1, 1))  # the graph in use was last touched long ago, and is used again now
+    run(store, cfg)
+    left = sorted(p.name for p in used.parent.glob("item_graph-*.safetensors"))
+    assert left == sorted([used.name, stale[3].name, stale[2].name])
+
+
 def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
     store = write_workdir(tmp_path, seed=0)
     cfg = config(**{"train.backbone": "freedom"})
