@@ -229,7 +229,7 @@ class ClipImageEncoder:
 
     def __init__(self, model: torch.nn.Module, transform: Any, identity: str, untrained: bool,
                  device: str = "cpu", normalize: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
-        from torchvision.transforms import Compose, ToTensor
+        from torchvision.transforms import Compose, Normalize, ToTensor
 
         self.model = model.eval()
         self.transform = transform
@@ -244,25 +244,40 @@ class ClipImageEncoder:
         cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
         self._pil_steps = Compose(steps[:cut]) if cut is not None else None
         self._tensor_steps = Compose(steps[cut + 1:]) if cut is not None else None
+        rest = steps[cut + 1:] if cut is not None else []
+        self._normalize = ((rest[0].mean, rest[0].std) if len(rest) == 1 and isinstance(rest[0], Normalize)
+                           else None)  # (mean, std) of a lone Normalize after ToTensor
         described = " -> ".join(repr(t).replace("\n", "") for t in steps)
         self.preprocess_desc = f"safe_open_image(max_pixels={max_pixels}, exif, RGB on white) -> {described}"
         self.weights_sha256 = _weights_sha256(model)
         self.dim = int(self.encode_pixels(torch.zeros(1, 3, *self.image_size)).shape[1])
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One decoded RGB image -> (3, H, W) uint8 pixels (or float, if the transform has no to-tensor step)."""
+        """One decoded RGB image -> (H, W, 3) uint8 pixels (or (3, H, W) float, if the transform has no to-tensor step)."""
         if self._pil_steps is None:
             return self.transform(image)
-        pixels = np.array(self._pil_steps(image), dtype=np.uint8, copy=True)  # (H, W, 3)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(self._pil_steps(image), dtype=np.uint8, copy=True))  # (H, W, 3)
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) pixels from :meth:`preprocess` (uint8) or fully preprocessed (float) -> (B, d) float32."""
+        """(B, H, W, 3) uint8 pixels from :meth:`preprocess`, or (B, 3, H, W) fully preprocessed floats -> (B, d) float32."""
         with torch.inference_mode():
             x = pixels.to(self.device)
             if x.dtype == torch.uint8:
-                x = self._tensor_steps(x.float().div(255))  # as ToTensor, then e.g. Normalize, batched
+                x = self._to_model_input(x)
             return _finish(self.model.encode_image(x), self.normalize)
+
+    def _to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float: ToTensor's scaling, then the tensor steps, for the whole batch.
+
+        A lone ``Normalize`` (the usual case) runs in place on one buffer, with the same float32
+        operations per element as the per-image transform; other steps run as given.
+        """
+        x = torch.empty((pixels.shape[0], pixels.shape[3], pixels.shape[1], pixels.shape[2]), device=pixels.device)
+        x.copy_(pixels.permute(0, 3, 1, 2)).div_(255)
+        if self._normalize is None:
+            return self._tensor_steps(x)
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in self._normalize)
+        return x.sub_(mean).div_(std)
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(B,) PIL images -> (B, d) float32."""

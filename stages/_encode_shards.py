@@ -44,7 +44,7 @@ class Prepared(NamedTuple):
     status: str
     error: str | None
     digest: bytes | None  # sha256 of the content, None when there is none
-    payload: Any  # (3, H, W) tensor or the text, for items the model must see; else None
+    payload: Any  # (H, W, 3) uint8 pixels or the text, for items the model must see; else None
     vector_from: str | None  # shard stem holding this content's cached result
 
 
@@ -104,7 +104,7 @@ class ShardWorker:
         if kind == "text":
             return Prepared("ok", None, digest, source, None)
         try:
-            pixels = self.encoder.preprocess(safe_open_image(data, self.opts.max_pixels))  # (3, H, W)
+            pixels = self.encoder.preprocess(safe_open_image(data, self.opts.max_pixels))  # (H, W, 3) uint8
         except ImageDecodeError as e:
             return Prepared(e.code, str(e), digest, None, None)
         except Exception as e:  # a transform failing on an odd image is that item's failure, not the run's

@@ -55,6 +55,10 @@ def test_local_dir_open_clip_loads_saved_weights_and_preprocessing(clip_dir):
     with torch.no_grad():
         ref = F.normalize(model.eval().encode_image(torch.stack([transform(im) for im in _images(3)])), dim=-1)
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+    # the batched uint8 -> float path gives exactly the per-image transform's input tensors
+    pixels = torch.stack([enc.preprocess(im) for im in _images(3)])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32, 3)
+    assert torch.equal(enc._to_model_input(pixels), torch.stack([transform(im) for im in _images(3)]))
     raw = load_image_encoder(f"local-dir:{clip_dir}", normalize=False).encode(_images(1))
     assert abs(np.linalg.norm(raw) - 1.0) > 1e-3
 
