@@ -1,6 +1,6 @@
 """Encode stage throughput against the bare model, and the stage's peak memory as the catalog grows.
 
-Throughput (one process, per modality; bare and stage alternate ``repeat`` times and each keeps
+Throughput (one fresh process per modality; bare and stage alternate ``repeat`` times and each keeps
 its fastest pass, the one least disturbed by other load on a shared machine), as items per wall
 second and per CPU-second of the whole process (every thread: decoding included):
 
@@ -19,8 +19,10 @@ size, text only, with a 1-layer BERT sentence-transformers model built here (the
 what is measured: the stage's own buffers are); the child imports the libraries and loads the
 encoder once, prints VmRSS, runs the stage, then prints VmHWM (its peak RSS).
 
-    .venv/bin/python benchmarks/encode.py            # text 512, images 256, best of 3; memory 10k vs 100k
-    .venv/bin/python benchmarks/encode.py --quick    # text 128, images 32, best of 2; memory 2k vs 20k
+    .venv/bin/python benchmarks/encode.py                  # text 2048, images 1024, best of 3; memory 10k vs 100k
+    .venv/bin/python benchmarks/encode.py --quick          # text 128, images 32, best of 2; memory 2k vs 20k
+    .venv/bin/python benchmarks/encode.py --parts image    # one measurement only
+    .venv/bin/python benchmarks/encode.py --parts profile --images 256   # CPU per image step, stage trace
 """
 
 from __future__ import annotations
@@ -261,9 +263,97 @@ def _rates(r: dict) -> str:
             f"stage {r['stage_items_cpu_s']:.1f}, ratio {r['cpu_ratio']:.2f}")
 
 
+def bench_profile(tmp: Path, n: int, batch: int, shard: int, threads: int, workers: int) -> dict:
+    """Where an image's time goes: CPU ms per image of each preparation step (one thread, every file
+    once after a warm-up pass) and of the model, plus a trace of one stage pass (the time before the
+    first model call, after the last, and between calls)."""
+    import hashlib
+
+    import torch
+
+    from clearrec.models.encoders import load_image_encoder
+    from clearrec.models.images import safe_open_image
+
+    rows = write_images(tmp / "catalog", n)
+    spec = "open_clip-untrained:ViT-S-32?seed=0"
+    enc = load_image_encoder(spec)
+    paths = [tmp / "catalog" / r["image"] for r in rows]
+
+    def cpu_ms(fn, items) -> float:
+        for it in items[:8]:
+            fn(it)
+        c = time.process_time()
+        for it in items:
+            fn(it)
+        return (time.process_time() - c) / len(items) * 1000
+
+    data = [p.read_bytes() for p in paths]
+    images = [safe_open_image(d) for d in data]
+    out = {
+        "read + sha256": cpu_ms(lambda p: hashlib.sha256(p.read_bytes()).digest(), paths),
+        "decode (safe_open_image)": cpu_ms(safe_open_image, data),
+        "resize + crop (preprocess)": cpu_ms(enc.preprocess, images),
+    }
+    pixels = torch.stack([enc.preprocess(im) for im in images[:batch]])
+    out["ToTensor + Normalize, batched"] = cpu_ms(lambda _: enc._to_model_input(pixels), list(range(10))) / batch
+    x = enc._to_model_input(pixels)
+    with torch.inference_mode():
+        out["model forward"] = cpu_ms(lambda _: enc.model.encode_image(x), list(range(3))) / batch
+
+    calls = []
+    forward = enc.model.encode_image
+
+    def traced(*a, **k):
+        t0 = time.perf_counter()
+        res = forward(*a, **k)
+        calls.append((t0, time.perf_counter()))
+        return res
+
+    enc.model.encode_image = traced
+    cfg = make_config(tmp, image_encoder=spec, text_encoder="none", batch_size=batch, shard_size=shard,
+                      threads=threads, num_workers=workers)
+    write_items(tmp / "w", rows, tmp / "catalog")
+    t0 = time.perf_counter()
+    stage_run("image", enc, cfg, tmp / "w")
+    t1 = time.perf_counter()
+    out["trace"] = {"total_s": t1 - t0, "model_s": sum(b - a for a, b in calls), "before_first_s": calls[0][0] - t0,
+                    "after_last_s": t1 - calls[-1][1], "between_s": sum(calls[i + 1][0] - calls[i][1]
+                                                                         for i in range(len(calls) - 1))}
+    return out
+
+
+def part_child(part: str, n: int, threads: int, workers: int, repeat: int) -> None:
+    """One throughput measurement (``text`` or ``image``, ``n`` items) in this fresh process; prints one line."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="clearrec-bench-encode-") as d:
+        if part == "profile":
+            p = bench_profile(Path(d), n, batch=32, shard=1024, threads=threads, workers=workers)
+            tr = p.pop("trace")
+            print("image profile, CPU ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()))
+            print(f"image stage trace, {n} images: total {tr['total_s']:.2f} s, model {tr['model_s']:.2f} s, "
+                  f"before the first model call {tr['before_first_s']:.3f} s, after the last {tr['after_last_s']:.3f} s, "
+                  f"between calls {tr['between_s']:.3f} s", flush=True)
+        elif part == "text":
+            t = bench_text(Path(d), n, batch=64, shard=1024, threads=threads, repeat=repeat)
+            print(f"text  MiniLM-L6, {t['n']} texts, batch {t['batch']}, best of {repeat}: {_rates(t)} "
+                  f"(model load {t['load_s']:.1f}s, not in the stage figure)", flush=True)
+        else:
+            r = bench_images(Path(d), n, batch=32, shard=1024, threads=threads, workers=workers, repeat=repeat)
+            print(f"image ViT-S-32 224px random weights, {r['n']} JPEG 256x256, batch {r['batch']}, "
+                  f"{r['workers']} decode threads, best of {repeat}: {_rates(r)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    ap.add_argument("--parts", default="text,image,memory",
+                    help="which measurements, comma-separated: text, image, memory, profile (where an image's time goes)")
+    ap.add_argument("--texts", type=int, default=0, help="texts per throughput pass (0: 2048, or 128 with --quick)")
+    ap.add_argument("--images", type=int, default=0, help="images per throughput pass (0: 1024, or 32 with --quick)")
+    ap.add_argument("--repeat", type=int, default=0, help="bare / stage alternations per throughput part "
+                                                          "(0: 3, or 2 with --quick)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = every CPU this process may use)")
     ap.add_argument("--workers", type=int, default=2, help="image decoding threads of the stage")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -271,35 +361,37 @@ def main() -> None:
                          "which otherwise burns the CPU of a loaded machine unevenly between bare and stage; "
                          "'unset' leaves the environment as it is)")
     ap.add_argument("--memory-child", nargs=2, metavar=("CONFIG", "WORKDIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--part-child", choices=("text", "image", "profile"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.omp_wait_policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when torch's OpenMP starts (children inherit it)
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    if args.omp_wait_policy != "unset":
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when torch's OpenMP starts (imported below)
-    import torch
-
     threads = args.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    if args.quick:
-        n_text, n_img, sizes, repeat = 128, 32, [2_000, 20_000], 2
-    else:
-        n_text, n_img, sizes, repeat = 512, 256, [10_000, 100_000], 3
+    repeat = args.repeat or (2 if args.quick else 3)
+    counts = {"text": args.texts or (128 if args.quick else 2048), "image": args.images or (32 if args.quick else 1024)}
+    counts["profile"] = counts["image"]
+    if args.part_child:
+        part_child(args.part_child, counts[args.part_child], threads, args.workers, repeat)
+        return
+    parts = args.parts.split(",")
+    sizes = [2_000, 20_000] if args.quick else [10_000, 100_000]
     print(f"CPUs {os.cpu_count()}, torch threads {threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-          f"load average at start {os.getloadavg()}")
-    with tempfile.TemporaryDirectory(prefix="clearrec-bench-encode-") as d:
-        tmp = Path(d)
-        for sub in ("t", "i", "m"):
-            (tmp / sub).mkdir()
-        t = bench_text(tmp / "t", n_text, batch=64, shard=1024, threads=threads, repeat=repeat)
-        print(f"text  MiniLM-L6, {t['n']} texts, batch {t['batch']}, best of {repeat}: {_rates(t)} "
-              f"(model load {t['load_s']:.1f}s, not in the stage figure)")
-        r = bench_images(tmp / "i", n_img, batch=32, shard=1024, threads=threads, workers=args.workers, repeat=repeat)
-        print(f"image ViT-S-32 224px random weights, {r['n']} JPEG 256x256, batch {r['batch']}, "
-              f"{r['workers']} decode threads, best of {repeat}: {_rates(r)}")
-        for m in bench_memory(tmp / "m", sizes):
-            print(f"memory {m['n']:>7} texts (tiny BERT): RSS before run {m['rss_before_kib'] / 1024:.0f} MiB, "
-                  f"peak {m['peak_kib'] / 1024:.0f} MiB, stage {m['seconds']:.1f}s")
+          f"load average at start {os.getloadavg()}", flush=True)
+    for part in ("text", "image", "profile"):  # each in a fresh process: nothing carried from one to the next
+        if part in parts:
+            cmd = [sys.executable, __file__, "--part-child", part, "--threads", str(threads), "--workers",
+                   str(args.workers), "--repeat", str(repeat), "--texts", str(counts["text"]), "--images", str(counts["image"])]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode:
+                sys.exit(f"{part} measurement failed:\n{res.stderr[-3000:]}")
+            print("\n".join(x for x in res.stdout.strip().splitlines() if x.startswith(("text", "image"))), flush=True)
+    if "memory" in parts:
+        with tempfile.TemporaryDirectory(prefix="clearrec-bench-encode-") as d:
+            for m in bench_memory(Path(d), sizes):
+                print(f"memory {m['n']:>7} texts (tiny BERT): RSS before run {m['rss_before_kib'] / 1024:.0f} MiB, "
+                      f"peak {m['peak_kib'] / 1024:.0f} MiB, stage {m['seconds']:.1f}s")
     print(f"load average at end {os.getloadavg()}")
 
 
