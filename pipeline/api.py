@@ -108,12 +108,10 @@ class Recommender:
             of loading the identity recorded in the features metadata (which they must match).
         max_image_pixels: decompression-bomb cap for query and new-item images.
         device: torch device of the query encoders.
-        config: the run config; needed only to add items to a model trained with CLEAR's
-            dynamic mode.
     """
 
     def __init__(self, workdir: str | Path, omp_threads: int | None = 1, encoders: Mapping[str, Any] | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", config: Any = None):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
         root = Path(workdir).expanduser()
         if not root.is_dir():
             raise ArtifactError(f"work directory {root} does not exist; run 'clearrec run' first")
@@ -128,7 +126,7 @@ class Recommender:
         self._user_row, self._user_vectors = read_users(self.store)
         self._seen = read_seen(self.store, self.items)
         self._queries = QueryEncoder(self.store, self._blocks, encoders or {}, max_image_pixels, device)
-        self._config, self._model, self._model_lock = config, None, threading.Lock()
+        self._model, self._model_lock = None, threading.Lock()
 
     # ---- queries ---------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 20, exclude_seen: bool = True,
@@ -267,7 +265,7 @@ class Recommender:
                 recorded = manifest_outputs(self.store, "train")
                 if "model/model.safetensors" in recorded:
                     verified_bytes(self.store, "model/model.safetensors", recorded["model/model.safetensors"], "train")
-                self._model = load_model(self.store, self._config)
+                self._model = load_model(self.store)
             return self._model
 
     def _content_dim(self) -> int:

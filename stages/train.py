@@ -137,9 +137,14 @@ def _dynamic_hook(config: Config) -> ModalityHook | None:
     """
     if not (config.get("project.enabled") and config.get("project.mode") == "dynamic"):
         return None
+    return _dynamic_clear({key: config.get(f"project.{key}") for key in DYNAMIC_KEYS})
+
+
+def _dynamic_clear(settings: dict[str, Any]) -> ModalityHook:
+    """A :class:`DynamicClear` from the ``project.*`` settings (as recorded in model.json)."""
     from ..models.clear_dynamic import DynamicClear
 
-    opts = {key: config.get(f"project.{key}") for key in DYNAMIC_KEYS}
+    opts = {key: settings[key] for key in DYNAMIC_KEYS}
     if opts["ratio"] is not None:
         opts["k"] = None  # the energy ratio chooses k
     return DynamicClear(**opts)
@@ -369,11 +374,12 @@ def _plot_curve(store: ArtifactStore, result: TrainResult, stop_metric: str, bac
     plt.close(fig)
 
 
-def load_model(store: ArtifactStore, config: Config | None = None, device: str = "cpu") -> Recommender:
+def load_model(store: ArtifactStore, device: str = "cpu") -> Recommender:
     """Rebuild the trained model of a work directory from its artifacts (for serving / new items).
 
-    The features and interactions must be the ones it was trained on (checked by checksum).
-    ``config`` is needed only for a model trained with CLEAR's dynamic mode.
+    The features and interactions must be the ones it was trained on (checked by checksum). A
+    model trained with CLEAR's dynamic mode gets its hook back from the settings in model.json
+    and the directions saved with its weights.
     """
     info = store.read_json("model/model.json")
     data = load_data(store)
@@ -399,9 +405,7 @@ def load_model(store: ArtifactStore, config: Config | None = None, device: str =
             t, _ = store.read_tensors(cache)
             kwargs["item_graph"] = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
         if info.get("clear_dynamic"):
-            if config is None:
-                raise ConfigError("this model was trained with project.mode = 'dynamic'; pass the run config to load it")
-            kwargs["modality_hook"] = _dynamic_hook(config)
+            kwargs["modality_hook"] = _dynamic_clear(info["clear_dynamic"])
     model = cls(**kwargs)
     tensors, _ = store.read_tensors("model/model.safetensors")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})

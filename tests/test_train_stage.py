@@ -100,11 +100,11 @@ def test_saved_vectors_and_reloaded_model_give_the_model_scores(tmp_path, backbo
     run(store, cfg)
     u_vecs, _ = arrow_to_vectors(store.read_parquet("model/user_vectors.parquet")["vector"])
     i_vecs, _ = arrow_to_vectors(store.read_parquet("model/item_vectors.parquet")["vector"])
-    model = train.load_model(store, cfg)
+    model = train.load_model(store)
     users = torch.arange(NU)
     own = model.full_scores(users)
     torch.testing.assert_close(torch.from_numpy(u_vecs @ i_vecs.T), own, rtol=1e-5, atol=1e-5)
-    again = train.load_model(store, cfg).full_scores(users)
+    again = train.load_model(store).full_scores(users)
     assert torch.equal(own, again)
 
 
@@ -206,7 +206,7 @@ def test_dynamic_vbpr_projects_new_items_with_the_saved_directions(tmp_path):
     store = write_workdir(tmp_path)
     cfg = config(**{"train.backbone": "vbpr", "project.mode": "dynamic", "project.k": 2})
     run(store, cfg)
-    model = train.load_model(store, cfg)
+    model = train.load_model(store)
     _, items = model.vectors()
     data = train.load_data(store)
     # the catalog's own features through the cold-start pathway: the same content half as the
@@ -289,7 +289,7 @@ def test_load_model_refuses_changed_inputs(tmp_path):
     write_workdir(tmp_path / "other", seed=5)
     store.write_bytes("interactions.parquet", (tmp_path / "other" / "interactions.parquet").read_bytes())
     with pytest.raises(ArtifactError, match="interactions.parquet changed"):
-        train.load_model(store, cfg)
+        train.load_model(store)
 
 
 def test_threads_setting_is_restored_and_missing_cuda_is_a_config_error(tmp_path):

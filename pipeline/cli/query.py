@@ -45,7 +45,7 @@ def query(
         raise typer.BadParameter(f"give exactly one of --user, --item, --text, --image (got {', '.join(given) or 'none'})")
     cfg = load_for_queries(config, workdir, set_)
     rec = open_workdir(workdir_of(cfg, workdir), omp_threads=cfg.index.serve.omp_threads or None,
-                       max_image_pixels=cfg.encode.max_image_pixels, config=cfg)
+                       max_image_pixels=cfg.encode.max_image_pixels)
     try:
         if user is not None:
             hits, what = rec.recommend(user, k, exclude_seen=not include_seen), f"recommendations for user {user}"

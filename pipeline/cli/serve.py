@@ -36,7 +36,7 @@ def serve(
     serve_cfg = cfg.index.serve
     # opened (and checksum-verified) here, once, so that a bad work directory is a clean error
     rec = open_workdir(workdir_of(cfg, workdir), omp_threads=serve_cfg.omp_threads or None,
-                       max_image_pixels=cfg.encode.max_image_pixels, config=cfg)
+                       max_image_pixels=cfg.encode.max_image_pixels)
     application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes)
     host, port = host or serve_cfg.host, port or serve_cfg.port
     console.print(f"serving {workdir_of(cfg, workdir)} on http://{host}:{port} (Ctrl-C stops)")
