@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from .config import Config
 from .store import ArtifactStore
 
+_CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}  # (stage module, declared modules) -> version
+
 
 @dataclass
 class StageContext:
@@ -62,14 +64,21 @@ class StageSpec:
     description: str = ""
 
     def code_version(self) -> str:
-        """Package version + hash of the stage module's and its declared modules' source."""
-        from .. import __version__
+        """Package version + hash of the stage module's and its declared modules' source.
 
-        h = hashlib.sha256(__version__.encode())
-        modules = [sys.modules[self.run.__module__]]
-        for name in self.code:
-            __import__(name)
-            modules.append(sys.modules[name])
-        for mod in modules:
-            h.update(inspect.getsource(mod).encode())
-        return f"{__version__}+{h.hexdigest()[:16]}"
+        Computed once per process: the code that runs is the code that was imported, so a
+        source file edited during a long run neither changes the version midway nor breaks it.
+        """
+        key = (self.run.__module__, self.code)
+        if key not in _CODE_VERSIONS:
+            from .. import __version__
+
+            h = hashlib.sha256(__version__.encode())
+            modules = [sys.modules[self.run.__module__]]
+            for name in self.code:
+                __import__(name)
+                modules.append(sys.modules[name])
+            for mod in modules:
+                h.update(inspect.getsource(mod).encode())
+            _CODE_VERSIONS[key] = f"{__version__}+{h.hexdigest()[:16]}"
+        return _CODE_VERSIONS[key]

@@ -197,6 +197,18 @@ def test_a_second_runner_on_the_same_workdir_is_refused(project):
 
 
 # ---- store -------------------------------------------------------------------------------------
+def test_code_version_is_fixed_for_the_process_even_if_the_source_changes(tmp_path, monkeypatch):
+    import importlib
+
+    (tmp_path / "clearrec_probe_stage.py").write_text("def run(ctx):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("clearrec_probe_stage")
+    spec = StageSpec(name="probe", run=module.run)
+    before = spec.code_version()
+    (tmp_path / "clearrec_probe_stage.py").write_text("")  # edited (here: emptied) during a run
+    assert spec.code_version() == before
+
+
 def test_failed_atomic_write_keeps_the_previous_artifact(tmp_path):
     store = ArtifactStore(tmp_path)
     store.write_text("x/a.txt", "old")
