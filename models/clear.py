@@ -130,16 +130,7 @@ class ClearProjector:
         directions: Directions = "shared",
         seed: int = 0,
     ) -> None:
-        if (k is None) == (ratio is None):
-            raise ValueError(f"give exactly one of k (fixed rank) or ratio (energy share); got k={k}, ratio={ratio}")
-        if k is not None and k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if ratio is not None and not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
-        if directions not in ("shared", "random"):
-            raise ValueError(f"directions must be 'shared' or 'random', got {directions!r}")
+        check_options(k, ratio, strength, directions)
         self.k, self.ratio, self.strength = k, ratio, float(strength)
         self.center, self.project_centered = center, project_centered
         self.visual, self.text = visual, text
@@ -325,6 +316,20 @@ class ClearProjector:
 
 
 # ---- shared pieces -----------------------------------------------------------------------
+def check_options(k: int | None, ratio: float | None, strength: float, directions: str) -> None:
+    """Raise ``ValueError`` for CLEAR settings that cannot work (shared by the static and dynamic modes)."""
+    if (k is None) == (ratio is None):
+        raise ValueError(f"give exactly one of k (fixed rank) or ratio (energy share); got k={k}, ratio={ratio}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
+    if directions not in ("shared", "random"):
+        raise ValueError(f"directions must be 'shared' or 'random', got {directions!r}")
+
+
 def check_pair(xv: np.ndarray, xt: np.ndarray, dims: tuple[int, int] | None = None) -> None:
     """Raise ``ValueError``/``TypeError`` naming both shapes unless ``xv``, ``xt`` are paired 2-D float arrays."""
     shapes = f"Xv has shape {getattr(xv, 'shape', None)}, Xt has shape {getattr(xt, 'shape', None)}"
@@ -431,24 +436,14 @@ def clear_dynamic_step(
     directions: Directions = "shared",
     seed: int = 0,
 ) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Dynamic CLEAR on a backbone's modality embeddings ``Ev (N, dv)``, ``Et (N, dt)``.
+    """Dynamic CLEAR on a backbone's modality embeddings ``Ev (N, dv)``, ``Et (N, dt)``: fit, then project.
 
     The SVD runs under ``torch.no_grad``; the projection ``E - lambda (E U_k) U_k^T`` uses the
-    detached ``U_k``, ``W_k`` and stays differentiable with respect to ``Ev`` and ``Et``.
+    detached ``U_k``, ``W_k`` and stays differentiable with respect to ``Ev`` and ``Et``. One
+    refit + call of :class:`clearrec.models.clear_dynamic.DynamicClear`.
     """
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
-    Uk, Wk, _ = shared_directions(Ev, Et, k, ratio, center, directions, seed)
-    mv = Ev.detach().mean(0) if project_centered else None
-    mt = Et.detach().mean(0) if project_centered else None
-    return (_project_torch(Ev, Uk, strength, mv) if visual else Ev,
-            _project_torch(Et, Wk, strength, mt) if text else Et)
+    from .clear_dynamic import DynamicClear
 
-
-def _project_torch(E: "torch.Tensor", U: "torch.Tensor", strength: float,
-                   mean: "torch.Tensor | None" = None) -> "torch.Tensor":
-    """``E - strength ((E - mean) U) U^T`` (``mean`` None: raw projection) -> (N, d)."""
-    coef = E @ U  # (N, k)
-    if mean is not None:
-        coef = coef - mean @ U
-    return E - strength * coef @ U.T  # (N, d)
+    hook = DynamicClear(k, ratio, strength, center, project_centered, visual, text, directions, seed)
+    hook.refit(Ev, Et)
+    return hook(Ev, Et)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .clear import Directions, _project_torch, shared_directions
+from .clear import Directions, check_options, shared_directions
 
 _BUFFERS = ("visual_dirs", "text_dirs", "visual_mean", "text_mean")
 
@@ -27,7 +27,7 @@ _BUFFERS = ("visual_dirs", "text_dirs", "visual_mean", "text_mean")
 class DynamicClear(nn.Module):
     """Per-epoch CLEAR refit on a backbone's modality embeddings; see the module doc.
 
-    Args are those of :func:`clearrec.models.clear.clear_dynamic_step`: ``k`` or ``ratio``
+    Args are those of :class:`clearrec.models.clear.ClearProjector`: ``k`` or ``ratio``
     (exactly one), ``strength`` (lambda), ``center`` (centre before the covariance),
     ``project_centered`` (project ``E - mean`` and add the mean back), ``visual`` / ``text``
     (which sides are projected), ``directions`` (``"random"``: the control) and ``seed``.
@@ -46,10 +46,7 @@ class DynamicClear(nn.Module):
         seed: int = 0,
     ):
         super().__init__()
-        if (k is None) == (ratio is None):
-            raise ValueError(f"give exactly one of k or ratio; got k={k}, ratio={ratio}")
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
+        check_options(k, ratio, strength, directions)
         self.k, self.ratio, self.strength = k, ratio, strength
         self.center, self.project_centered = center, project_centered
         self.visual, self.text = visual, text
@@ -88,3 +85,11 @@ class DynamicClear(nn.Module):
         return (f"k={self.k}, ratio={self.ratio}, strength={self.strength}, center={self.center}, "
                 f"project_centered={self.project_centered}, visual={self.visual}, text={self.text}, "
                 f"directions={self.directions!r}")
+
+
+def _project_torch(E: Tensor, U: Tensor, strength: float, mean: Tensor | None = None) -> Tensor:
+    """``E - strength ((E - mean) U) U^T`` (``mean`` None: raw projection) -> (N, d)."""
+    coef = E @ U  # (N, k)
+    if mean is not None:
+        coef = coef - mean @ U
+    return E - strength * coef @ U.T  # (N, d)
