@@ -4,7 +4,7 @@
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
 - :class:`QueryEncoder`: the catalog's encoders and CLEAR projector, for queries and new items;
-- :class:`RWLock`, :func:`omp_threads`: concurrency tools.
+- :class:`RWLock`: many readers or one writer.
 """
 
 from __future__ import annotations
@@ -296,20 +296,6 @@ def torch_from(x: np.ndarray) -> Any:
 
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
-
-
-@contextmanager
-def omp_threads(n: int | None) -> Iterator[None]:
-    """Set this thread's OpenMP thread count for the block, then restore it."""
-    if not n:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 class RWLock:

@@ -48,7 +48,6 @@ from ._serving import (
     QueryEncoder,
     RWLock,
     manifest_outputs,
-    omp_threads,
     read_seen,
     read_titles,
     read_users,
@@ -58,6 +57,7 @@ from ._serving import (
 )
 from .errors import ArtifactError, ClearrecError
 from .store import ArtifactStore
+from .threads import omp_threads
 
 MAX_K = 1000
 

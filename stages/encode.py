@@ -12,7 +12,6 @@ writes no file for that modality.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +25,7 @@ from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore
+from ..pipeline.threads import torch_threads
 from ._encode_cache import Shard, ShardCache, assemble, encoder_key, iter_rows, shard_stem
 from ._encode_shards import ShardWorker, WorkerOptions
 from ._encode_sources import image_rows, text_rows
@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
     outputs: list[str] = []
     counts: dict[str, int] = {}
     lines: list[str] = []
-    with _torch_threads(cfg.threads or len(os.sched_getaffinity(0))):
+    with torch_threads(cfg.threads or len(os.sched_getaffinity(0))):
         for modality in MODALITIES:
             name, spec = f"features/{modality}.parquet", specs[modality]
             if spec == "none":
@@ -220,16 +220,6 @@ def _device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"encode.device = {device!r} but CUDA is not available; use \"auto\" or \"cpu\"")
     return device
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 SPEC = StageSpec(

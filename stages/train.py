@@ -31,6 +31,7 @@ from ..pipeline.config import Config
 from ..pipeline.errors import ArtifactError, ConfigError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
+from ..pipeline.threads import torch_threads
 
 MODALITIES = ("image", "text")
 FEATURE_FILES = {m: f"features/{m}_clear.parquet" for m in MODALITIES}
@@ -246,13 +247,8 @@ def _device(name: str) -> torch.device:
 
 
 def run(ctx: StageContext) -> StageResult:
-    threads = torch.get_num_threads()
-    if ctx.config.train.threads > 0:
-        torch.set_num_threads(ctx.config.train.threads)
-    try:
+    with torch_threads(ctx.config.train.threads):  # 0: leave torch's setting as it is
         return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(ctx: StageContext) -> StageResult:

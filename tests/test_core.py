@@ -209,6 +209,24 @@ def test_code_version_is_fixed_for_the_process_even_if_the_source_changes(tmp_pa
     assert spec.code_version() == before
 
 
+def test_thread_scopes_restore_the_previous_count_and_zero_changes_nothing():
+    import faiss
+    import torch
+
+    from clearrec.pipeline.threads import omp_threads, torch_threads
+
+    for scope, get in ((torch_threads, torch.get_num_threads), (omp_threads, faiss.omp_get_max_threads)):
+        before = get()
+        with scope(1):
+            assert get() == 1
+        assert get() == before
+        with scope(0):
+            assert get() == before
+        with pytest.raises(RuntimeError), scope(1):
+            raise RuntimeError("stage failed")
+        assert get() == before
+
+
 def test_failed_atomic_write_keeps_the_previous_artifact(tmp_path):
     store = ArtifactStore(tmp_path)
     store.write_text("x/a.txt", "old")
