@@ -4,13 +4,16 @@
   layout (``open_clip_config.json`` + ``open_clip_model.safetensors``);
 - :func:`tiny_sentence_dir`: a 1-layer BERT with a character vocabulary + mean pooling, saved as a
   sentence-transformers folder;
-- :func:`write_catalog` / :func:`write_items`: image files and an ``items.parquet`` per the contract.
+- :func:`write_catalog` / :func:`write_items`: image files and an ``items.parquet`` per the contract;
+- :func:`png_header`: a PNG whose header claims any size (for the decompression-bomb guard).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +107,13 @@ def write_items(workdir: Path, rows: list[dict[str, Any]], catalog_root: Path) -
     meta = {"catalog_root": str(catalog_root.resolve()), "source": "test"}
     store.write_parquet("items.parquet", table, metadata=meta)
     return store
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its pixel data is never reached)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")

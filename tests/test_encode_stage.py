@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import tomli_w
-from encode_fixtures import image_bytes, tiny_clip_dir, tiny_sentence_dir, write_catalog, write_items
+from encode_fixtures import image_bytes, png_header, tiny_clip_dir, tiny_sentence_dir, write_catalog, write_items
 from rich.console import Console
 
 from clearrec.models.encoders import apply_text_template, load_image_encoder, safe_open_image
@@ -74,7 +74,7 @@ def test_features_per_contract_with_a_status_for_every_failure(tmp_path, models)
     png[100:400] = bytes(b ^ 0xFF for b in png[100:400])
     (cat / "images" / "bad.png").write_bytes(bytes(png))
     (cat / "images" / "doc.pdf").write_bytes(b"%PDF-1.7 a document")
-    (cat / "images" / "bomb.png").write_bytes(_png_header(30_000, 30_000))
+    (cat / "images" / "bomb.png").write_bytes(png_header(30_000, 30_000))
     cases = {
         "images/alias.png": "ok", "images/gone.png": "missing", "images/empty.png": "zero_byte",
         "images/trunc.jpg": "truncated", "images/bad.png": "corrupt", "images/doc.pdf": "unsupported_format",
@@ -152,18 +152,6 @@ def test_unreadable_files_and_failing_preprocessing_are_per_item(tmp_path, model
     image, _ = features(tmp_path / "w", "image")
     assert image.column("status").to_pylist() == ["ok", "unreadable", "ok", "preprocess_error"]
     assert "too small to crop" in image.column("error")[3].as_py()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 # ---- rerun / config change -----------------------------------------------------------------

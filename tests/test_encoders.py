@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from encode_fixtures import TINY_CLIP_CFG, image_bytes, tiny_clip_dir, tiny_sentence_dir
+from encode_fixtures import TINY_CLIP_CFG, image_bytes, png_header, tiny_clip_dir, tiny_sentence_dir
 from PIL import Image, ImageFile
 
 from clearrec.models.encoders import (
@@ -190,16 +188,6 @@ def test_text_template():
 
 
 # ---- guarded image decoding -------------------------------------------------------------
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (its pixel data is never reached)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
-
-
 def _code(source, **kw) -> str:
     with pytest.raises(ImageDecodeError) as e:
         safe_open_image(source, **kw)
@@ -230,8 +218,8 @@ def test_safe_open_image_failure_codes(tmp_path):
 
 
 def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
-    assert _code(_png_header(30_000, 30_000)) == "decompression_bomb"  # 900 Mpx: would be 2.7 GB of RGB
-    assert _code(_png_header(2_000, 1_000), max_pixels=1_000_000) == "decompression_bomb"
+    assert _code(png_header(30_000, 30_000)) == "decompression_bomb"  # 900 Mpx: would be 2.7 GB of RGB
+    assert _code(png_header(2_000, 1_000), max_pixels=1_000_000) == "decompression_bomb"
     # Pillow's own DecompressionBombWarning is an error too, even under a looser cap of ours
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
     assert _code(image_bytes(3, size=24)) == "decompression_bomb"  # 576 px > 500: Pillow warns
