@@ -15,7 +15,7 @@ second and per CPU-second of the whole process (every thread: decoding included)
   every file on ``num_workers`` threads.
 
 Memory: the whole stage (``Runner``, encoder load included) in a fresh subprocess per catalog
-size, text only, with a 1-layer BERT sentence-transformers model built here (the model is not
+size, text only, with a 1-layer BERT sentence-transformers model built offline by the tests' fixture (the model is not
 what is measured: the stage's own buffers are); the child imports the libraries and loads the
 encoder once, prints VmRSS, runs the stage, then prints VmHWM (its peak RSS).
 
@@ -194,27 +194,11 @@ def bench_images(tmp: Path, n: int, batch: int, shard: int, threads: int, worker
 
 
 def tiny_sentence_model(folder: Path) -> Path:
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    """The tests' 1-layer BERT sentence-transformers folder (``tests/encode_fixtures.py``), 32 tokens max."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from encode_fixtures import tiny_sentence_dir
 
-    try:
-        from sentence_transformers.base.modules import Transformer
-        from sentence_transformers.sentence_transformer.modules import Pooling
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.models import Pooling, Transformer
-    bert_dir = folder / "bert"
-    bert_dir.mkdir(parents=True, exist_ok=True)
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, ".", ",", *(f"##{c}" for c in chars)]
-    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt"), do_lower_case=True).save_pretrained(bert_dir)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert_dir)
-    SentenceTransformer(modules=[Transformer(str(bert_dir), max_seq_length=32), Pooling(32, pooling_mode="mean")],
-                        device="cpu").save(str(folder / "st"))
-    return folder / "st"
+    return tiny_sentence_dir(folder, seed=0, max_seq_length=32)
 
 
 def memory_child(config_path: str, workdir: str) -> None:

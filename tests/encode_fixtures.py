@@ -44,7 +44,7 @@ def tiny_clip_dir(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_sentence_dir(folder: Path, seed: int = 0) -> Path:
+def tiny_sentence_dir(folder: Path, seed: int = 0, max_seq_length: int = 48) -> Path:
     from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -65,7 +65,7 @@ def tiny_sentence_dir(folder: Path, seed: int = 0) -> Path:
                                 intermediate_size=64, max_position_embeddings=64))
     bert.save_pretrained(bert_dir)
     tokenizer.save_pretrained(bert_dir)
-    modules = [Transformer(str(bert_dir), max_seq_length=48), Pooling(32, pooling_mode="mean")]
+    modules = [Transformer(str(bert_dir), max_seq_length=max_seq_length), Pooling(32, pooling_mode="mean")]
     model = SentenceTransformer(modules=modules, device="cpu")
     model.save(str(folder / "st"))
     return folder / "st"
