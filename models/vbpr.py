@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ModalityHook, Recommender
+from .base import ModalityHook, Backbone
 from .graph import bpr_loss, emb_norm
 
 
-class VBPR(Recommender):
+class VBPR(Backbone):
     r"""VBPR (He & McAuley, "VBPR: Visual Bayesian Personalized Ranking from Implicit Feedback",
     AAAI 2016), in the multimodal form of the benchmark implementations.
 
@@ -32,7 +32,7 @@ class VBPR(Recommender):
         embedding_dim: ``d`` (user and item vectors have size ``2d``).
         reg: weight of the batch regulariser.
         modality_hook: optional transform of the per-modality parts ``(W_v x_v, W_t x_t)``
-            before they are summed (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs
+            (``{"image": ..., "text": ...}``) before they are summed (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs
             both modalities.
     """
 
@@ -74,23 +74,24 @@ class VBPR(Recommender):
         nn.init.xavier_normal_(self.content.weight)
         nn.init.zeros_(self.content.bias)
 
-    def _modality_parts(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, d_t + d_v) features -> ``(W_v x_v, W_t x_t)``, (N, d) each, bias not included."""
+    def _modality_parts(self, features: Tensor) -> dict[str, Tensor]:
+        """(N, d_t + d_v) features -> ``{"image": W_v x_v, "text": W_t x_t}``, (N, d) each, bias not included."""
         w = self.content.weight  # (d, d_t + d_v)
-        return features[:, self.text_dim :] @ w[:, self.text_dim :].T, features[:, : self.text_dim] @ w[:, : self.text_dim].T
+        return {"image": features[:, self.text_dim :] @ w[:, self.text_dim :].T,
+                "text": features[:, : self.text_dim] @ w[:, : self.text_dim].T}
 
     def _content(self, features: Tensor) -> Tensor:
         """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
         if self.modality_hook is None:
             return self.content(features)
-        ev, et = self.modality_hook(*self._modality_parts(features))
-        return ev + et + self.content.bias
+        parts = self.modality_hook(self._modality_parts(features))
+        return parts["image"] + parts["text"] + self.content.bias
 
     @torch.no_grad()
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """CLEAR's dynamic mode: refit the hook's directions on the current modality parts."""
         if self.modality_hook is not None:
-            self.modality_hook.refit(*self._modality_parts(self.features))
+            self.modality_hook.refit(self._modality_parts(self.features))
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.user_embedding, torch.cat([self.item_embedding, self._content(self.features)], dim=1)

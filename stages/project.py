@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..models.clear import ClearProjector
+from ..models.clear import ClearOptions, ClearProjector
 from ..models.diagnostics import Moments
 from ..pipeline.errors import InputDataError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
@@ -114,8 +114,8 @@ def run(ctx: StageContext) -> StageResult:
                                       "energy_removed": projector.energy_removed()})
     variance = {m: kept_share(*moments[m]) for m in MODALITIES}
     diag = build_diagnostics(projector.spectrum(), projector.projected_spectrum(), projector.k_, picked,
-                             cfg.overlap_k, variance, n_fit=projector.n_fit_, strength=projector.strength,
-                             ratio=projector.ratio, directions=projector.directions)
+                             cfg.overlap_k, variance, n_fit=projector.n_fit_, strength=projector.options.strength,
+                             ratio=projector.options.ratio, directions=projector.options.directions)
     store.write_json(DIAGNOSTICS, diag)
     pngs = plots.write_plots(store, "clear", diag)
     outputs = written + [PROJECTOR, PROJECTOR_JSON, DIAGNOSTICS, *pngs]
@@ -222,14 +222,14 @@ def _transform_pass(
 
 
 def _make_projector(cfg) -> ClearProjector:
-    return ClearProjector(k=None if cfg.ratio is not None else cfg.k, ratio=cfg.ratio, strength=cfg.strength,
-                          center=cfg.center, project_centered=cfg.project_centered, visual=cfg.visual,
-                          text=cfg.text, directions=cfg.directions, seed=cfg.seed)
+    return ClearProjector(ClearOptions(**{key: getattr(cfg, key) for key in OPTION_KEYS}))
+
+
+OPTION_KEYS = ("k", "ratio", "strength", "center", "project_centered", "visual", "text", "directions", "seed")
 
 
 def _options(cfg) -> dict[str, Any]:
-    keys = ("k", "ratio", "strength", "center", "project_centered", "visual", "text", "directions", "seed")
-    return {k: getattr(cfg, k) for k in keys}
+    return {k: getattr(cfg, k) for k in OPTION_KEYS}
 
 # ---- writing -----------------------------------------------------------------------------
 class _writers:

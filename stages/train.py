@@ -23,7 +23,7 @@ import torch
 from rich.table import Table
 
 from ..models import graph as graph_module
-from ..models.base import ModalityHook, Recommender
+from ..models.base import ModalityHook, Backbone
 from ..models.metrics import METRICS, ItemSets
 from ..models.registry import backbone_class
 from ..models.trainer import EpochRecord, TrainOptions, TrainResult, fit
@@ -145,10 +145,9 @@ def _dynamic_clear(settings: dict[str, Any]) -> ModalityHook:
     """A :class:`DynamicClear` from the ``project.*`` settings (as recorded in model.json)."""
     from ..models.clear_dynamic import DynamicClear
 
-    opts = {key: settings[key] for key in DYNAMIC_KEYS}
-    if opts["ratio"] is not None:
-        opts["k"] = None  # the energy ratio chooses k
-    return DynamicClear(**opts)
+    from ..models.clear import ClearOptions
+
+    return DynamicClear(ClearOptions(**{key: settings[key] for key in DYNAMIC_KEYS}))
 
 
 def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, image_weight: float) -> str:
@@ -179,7 +178,7 @@ def _prune_graph_cache(store: ArtifactStore, used: str) -> None:
 
 def build_model(
     config: Config, data: TrainData, store: ArtifactStore | None = None, log: Callable[[str], None] = print
-) -> tuple[Recommender, dict[str, Any]]:
+) -> tuple[Backbone, dict[str, Any]]:
     """The configured backbone, freshly initialised (seeded), on CPU; plus notes for model.json."""
     cfg = config.train
     cls = backbone_class(cfg.backbone)
@@ -300,7 +299,7 @@ def metrics_table(result: TrainResult, ks: tuple[int, ...], title: str) -> Table
     return table
 
 
-def _write_outputs(store: ArtifactStore, config: Config, model: Recommender, data: TrainData,
+def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: TrainData,
                    result: TrainResult, notes: dict[str, Any], device: torch.device) -> list[str]:
     cfg = config.train
     user_vecs, item_vecs = (v.cpu().numpy() for v in model.vectors())
@@ -370,7 +369,7 @@ def _plot_curve(store: ArtifactStore, result: TrainResult, stop_metric: str, bac
     plt.close(fig)
 
 
-def load_model(store: ArtifactStore, device: str = "cpu") -> Recommender:
+def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
     """Rebuild the trained model of a work directory from its artifacts (for serving / new items).
 
     The features and interactions must be the ones it was trained on (checked by checksum). A

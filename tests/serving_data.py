@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from clearrec.models.clear import ClearProjector
+from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.pipeline.store import ArtifactStore, vectors_to_arrow
 
 THEMES = [
@@ -85,7 +85,7 @@ def build_workdir(root: Path, text_encoder, seed: int = 0, missing_image: int = 
                             metadata={"modality": m, "encoder": enc, "dim": x.shape[1], "normalized": m == "text",
                                       "preprocess": "test", "untrained": False})
 
-    proj = ClearProjector(k=2).fit(image[img_valid], text[img_valid])
+    proj = ClearProjector(ClearOptions(k=2)).fit(image[img_valid], text[img_valid])
     tensors, meta = proj.state_dict()
     store.write_tensors("clear/projector.safetensors", tensors, metadata={"format": meta["format"]})
     sha = store.checksum("clear/projector.safetensors")

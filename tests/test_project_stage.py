@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clearrec.models.clear import ClearProjector
+from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.pipeline.config import Config
 from clearrec.pipeline.errors import ArtifactError, InputDataError
 from clearrec.pipeline.runner import Runner
@@ -165,7 +165,7 @@ def test_missing_policy_mean_fills_and_flags(tmp_path):
     assert store.parquet_metadata("features/image_clear.parquet")["filled"] == 3
     # the projector is the one fit on the items with both vectors
     both = okv & okt
-    ref = ClearProjector(k=R).fit(xv[both], xt[both])
+    ref = ClearProjector(ClearOptions(k=R)).fit(xv[both], xt[both])
     np.testing.assert_allclose(proj.spectrum(), ref.spectrum(), rtol=1e-5)
 
 
@@ -195,7 +195,7 @@ def test_fit_on_train_uses_train_items_only(tmp_path):
     assert result.counts["fit_items"] == len(train)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
     got = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
-    ref = ClearProjector(k=R).fit(xv[train], xt[train])
+    ref = ClearProjector(ClearOptions(k=R)).fit(xv[train], xt[train])
     np.testing.assert_allclose(got.spectrum(), ref.spectrum(), rtol=1e-5)
     np.testing.assert_allclose(got.directions_visual_, ref.directions_visual_, atol=1e-5)
     # every item is still projected
@@ -255,7 +255,7 @@ def test_ratio_random_directions_and_modality_switch(planted_store):
     store, cfg, xv, xt = planted_store
     go(store, cfg.with_overrides({"project.ratio": 0.9, "project.directions": "random", "project.text": False}))
     info = store.read_json("clear/projector.json")
-    shared = ClearProjector(ratio=0.9).fit(xv, xt)
+    shared = ClearProjector(ClearOptions(ratio=0.9)).fit(xv, xt)
     assert info["k"] == shared.k_ and info["directions"] == "random" and info["options"]["ratio"] == 0.9
     np.testing.assert_array_equal(read_clear(store, "text")[1], xt)  # text switched off
     assert store.parquet_metadata("features/text_clear.parquet")["clear_enabled"] is False

@@ -182,9 +182,9 @@ def test_dynamic_clear_mode_refits_once_per_epoch_and_saves_its_directions(tmp_p
     refits = []
     real = DynamicClear.refit
 
-    def spy(self, ev, et):
-        refits.append((self.k, self.strength, tuple(ev.shape)))
-        return real(self, ev, et)
+    def spy(self, embeddings):
+        refits.append((self.options.k, self.options.strength, tuple(embeddings["image"].shape)))
+        return real(self, embeddings)
 
     monkeypatch.setattr(DynamicClear, "refit", spy)
     for backbone in ("freedom", "vbpr"):
