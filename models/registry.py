@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from .base import Backbone
+from .bm3 import BM3
+from .bpr import BPRMF
 from .freedom import FREEDOM
+from .itemknn_cbf import ItemKNNCBF
+from .lgmrec import LGMRec
 from .lightgcn import LightGCN
+from .mmgcn import MMGCN
+from .pop import Pop
 from .vbpr import VBPR
 
 BACKBONES: dict[str, type[Backbone]] = {
     "lightgcn": LightGCN,
     "vbpr": VBPR,
     "freedom": FREEDOM,
+    "mmgcn": MMGCN,
+    "bm3": BM3,
+    "lgmrec": LGMRec,
+    "pop": Pop,
+    "bpr": BPRMF,
+    "itemknncbf": ItemKNNCBF,
 }
 
 

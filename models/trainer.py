@@ -6,11 +6,13 @@ One epoch = every training pair once, in a fresh random order, each with one neg
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
 masked); training stops after ``patience`` epochs without a better ``stop_metric``, the best
-epoch's weights are restored and ``test`` is evaluated with them.
+epoch's weights are restored and ``test`` is evaluated with them. A model without trainable
+parameters (Pop, ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -100,14 +102,15 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (CPU ItemSets), early-stopping on ``valid``; see module doc."""
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    trainable = any(p.requires_grad for p in model.parameters())
     generator = torch.Generator().manual_seed(options.seed)
     sampler = NegativeSampler(train, model.num_items)
     users, pos = train.pairs(torch.arange(train.num_users))  # (E,), (E,)
     if users.numel() == 0:
         raise TrainingError("no training interactions; check that interactions.parquet has split == 'train' rows")
     train_d, valid_d = train.to(device), valid.to(device)
-    optimizer = _adam(model, options.lr)
+    optimizer = _adam(model, options.lr) if trainable else None
     history: list[EpochRecord] = []
     best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
     stopped_early = False
@@ -118,7 +121,7 @@ def fit(
         neg = sampler.sample(users, generator)
         order = torch.randperm(users.numel(), generator=generator)
         total = 0.0
-        for start in range(0, order.numel(), options.batch_size):
+        for start in range(0, order.numel() if optimizer is not None else 0, options.batch_size):
             idx = order[start : start + options.batch_size]
             loss = model.loss(users[idx].to(device), pos[idx].to(device), neg[idx].to(device))
             value = float(loss.detach())
@@ -144,6 +147,8 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= options.patience:
             stopped_early = True
+            break
+        if optimizer is None:
             break
     if best_state is not None:
         model.load_state_dict(best_state)

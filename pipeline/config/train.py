@@ -28,8 +28,58 @@ class FreedomParams(Section):
     trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
 
 
+class PopParams(Section):
+    """Most popular items: no settings."""
+
+
+class BPRParams(Section):
+    """BPR-MF. Reference grid: reg [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]."""
+
+    reg: float = Field(2.0, ge=0)  # weight of the regulariser on the batch's user / item vectors
+
+
+class ItemKNNCBFParams(Section):
+    """Content-based item kNN. Reference grid: knn_k [10], shrink [10]."""
+
+    knn_k: int = Field(10, ge=1)  # most similar items kept per item
+    shrink: float = Field(10.0, ge=0)  # added to the norm product in the cosine (damps weak evidence)
+
+
+class MMGCNParams(Section):
+    """MMGCN. Reference grid: reg [0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], train.lr [1e-4, 5e-4, 1e-3, 5e-3, 1e-2]."""
+
+    layers: int = Field(3, ge=1)  # convolution layers per modality tower (the reference always runs 3)
+    latent: dict[str, int] = {"image": 256}  # modalities projected by an MLP to this width first; others raw
+    reg: float = Field(0.0, ge=0)  # weight of the mean-square ID / preference regulariser
+    trainable_embeddings: bool = False  # false: fixed random ID / preference tables, as the reference code
+
+
+class BM3Params(Section):
+    """BM3. Reference grid: layers [1, 2], dropout [0.3, 0.5], reg_weight [0.1, 0.01]."""
+
+    layers: int = Field(1, ge=1)  # LightGCN layers on the user-item graph
+    dropout: float = Field(0.3, ge=0, lt=1)  # dropout of the target (bootstrap) views
+    reg_weight: float = Field(0.1, ge=0)  # weight of the norm regulariser on the user / item tables
+    cl_weight: float = Field(2.0, ge=0)  # weight of the modality alignment / masking terms
+    trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
+
+
+class LGMRecParams(Section):
+    """LGMRec. Reference grid (Baby values): every setting a one-value list, as below."""
+
+    ui_layers: int = Field(2, ge=0)  # LightGCN layers of the collaborative embedding
+    mm_layers: int = Field(2, ge=0)  # propagation steps of the modality embeddings on the user-item graph
+    hyper_layers: int = Field(1, ge=1)  # hypergraph message-passing layers
+    hyper_num: int = Field(4, ge=1)  # hyperedges per modality
+    keep_rate: float = Field(0.5, gt=0, le=1)  # share of hyperedge memberships kept (dropout 1 - keep_rate)
+    alpha: float = Field(0.3, ge=0)  # weight of the global hypergraph embeddings
+    cl_weight: float = Field(1e-4, ge=0)  # weight of the cross-modal hypergraph InfoNCE
+    reg_weight: float = Field(1e-6, ge=0)  # weight of the batch regulariser
+    tau: float = Field(0.2, gt=0)  # temperature of the Gumbel-softmax and the InfoNCE
+
+
 class TrainConfig(Section):
-    backbone: Literal["lightgcn", "vbpr", "freedom"] = "freedom"  # the recommender (see README "Backbones")
+    backbone: Literal["lightgcn", "vbpr", "freedom", "mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknncbf"] = "freedom"  # the recommender (see README "Backbones")
     embedding_size: int = Field(64, ge=1)  # ID embedding size d (VBPR vectors are 2d)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     batch_size: int = Field(2048, ge=1)  # (user, positive, negative) triples per Adam step
@@ -44,6 +94,12 @@ class TrainConfig(Section):
     lightgcn: LightGCNParams = LightGCNParams()
     vbpr: VBPRParams = VBPRParams()
     freedom: FreedomParams = FreedomParams()
+    mmgcn: MMGCNParams = MMGCNParams()
+    bm3: BM3Params = BM3Params()
+    lgmrec: LGMRecParams = LGMRecParams()
+    pop: PopParams = PopParams()
+    bpr: BPRParams = BPRParams()
+    itemknncbf: ItemKNNCBFParams = ItemKNNCBFParams()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -1,0 +1,73 @@
+"""Losses and random views shared by the self-supervised backbones, written once.
+
+- :func:`cosine_alignment`: ``1 - mean cos(online, target)`` with the target detached
+  (BM3's bootstrap loss).
+- :func:`info_nce`: the sum-reduced InfoNCE of LGMRec's hypergraph contrast.
+- :func:`dropout` / :func:`gumbel_softmax`: inverted dropout and the Gumbel-softmax drawn
+  from an optional ``torch.Generator`` (the trainer's seeded one, handed to ``pre_epoch``),
+  so a seeded run repeats exactly whatever else used the global RNG.
+- :func:`check_features`: the modality-name -> (I, d) feature mapping a backbone takes,
+  validated and in a fixed (sorted) order.
+
+BPR and the batch embedding regulariser are :func:`clearrec.models.graph.bpr_loss` and
+:func:`clearrec.models.graph.emb_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cosine_alignment(online: Tensor, target: Tensor) -> Tensor:
+    """``1 - mean_b cos(online_b, target_b)`` over (B, d) rows; no gradient reaches ``target``."""
+    return 1.0 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
+
+
+def info_nce(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float) -> Tensor:
+    r"""``-sum_b log( exp(c(a_b, p_b) / tau) / sum_j exp(c(a_b, x_j) / tau) )`` with ``c`` the cosine.
+
+    ``anchor``, ``positive``: (B, d); ``candidates``: (N, d), the positives among them (LGMRec's
+    ``ssl_triple_loss``: summed over the batch, not averaged). Computed with ``logsumexp``.
+    """
+    a, p, x = F.normalize(anchor), F.normalize(positive), F.normalize(candidates)
+    pos = (a * p).sum(1) / tau  # (B,)
+    return (torch.logsumexp(a @ x.T / tau, dim=1) - pos).sum()
+
+
+def dropout(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Inverted dropout: each entry zeroed with probability ``p``, the rest scaled by ``1 / (1 - p)``."""
+    if p <= 0:
+        return x
+    if p >= 1:
+        return torch.zeros_like(x)
+    mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
+    return x * mask.div_(1.0 - p)
+
+
+def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """``softmax((logits + g) / tau)`` over the last dim, ``g ~ Gumbel(0, 1)`` (as ``F.gumbel_softmax``, soft)."""
+    gumbels = -torch.empty(logits.shape, device=logits.device, dtype=logits.dtype).exponential_(generator=generator).log()
+    return torch.softmax((logits + gumbels) / tau, dim=-1)
+
+
+def check_features(features: Mapping[str, Tensor] | None, num_items: int, model: str) -> dict[str, Tensor]:
+    """Modality name -> (I, d_m) float32 features, sorted by name; ``ValueError`` naming what is wrong.
+
+    Sorted order makes the reference's two-modality forms come out as ``image`` (its
+    ``v_feat``) then ``text`` (its ``t_feat``) whatever order the caller used.
+    """
+    if not features:
+        raise ValueError(f"{model} needs at least one modality's features (e.g. {{'image': ..., 'text': ...}}); got none")
+    out = {}
+    for name in sorted(features):
+        x = features[name]
+        if x.ndim != 2 or x.shape[0] != num_items:
+            raise ValueError(f"{model}: features[{name!r}] has shape {tuple(x.shape)}, expected ({num_items}, d)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{model}: features[{name!r}] contains NaN or infinite values; fix the features first")
+        out[name] = x.detach().to(torch.float32)
+    return out
