@@ -169,10 +169,12 @@ class LGMRec(Backbone):
         z, hyper = self.embeddings()
         u, p, n = z[users], z[pos_items + self.num_users], z[neg_items + self.num_users]
         loss = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        if self.cl_weight:
+        if self.cl_weight:  # over the batch's distinct users / items, weighted by their counts: the same sum
+            uu, nu = torch.unique(users, return_counts=True)
+            ui, ni = torch.unique(pos_items, return_counts=True)
             for a, b in combinations(self.modalities, 2):
                 (ua, ia), (ub, ib) = hyper[a], hyper[b]
-                cl = info_nce(ua[users], ub[users], ub, self.tau) + info_nce(ia[pos_items], ib[pos_items], ib, self.tau)
+                cl = info_nce(ua[uu], ub[uu], ub, self.tau, nu) + info_nce(ia[ui], ib[ui], ib, self.tau, ni)
                 loss = loss + self.cl_weight * cl
         if self.reg_weight:
             loss = loss + self.reg_weight * emb_norm(u, p, n)

@@ -27,15 +27,22 @@ def cosine_alignment(online: Tensor, target: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
 
 
-def info_nce(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float) -> Tensor:
-    r"""``-sum_b log( exp(c(a_b, p_b) / tau) / sum_j exp(c(a_b, x_j) / tau) )`` with ``c`` the cosine.
+def info_nce(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
+    r"""``-sum_b n_b log( exp(c(a_b, p_b) / tau) / sum_j exp(c(a_b, x_j) / tau) )`` with ``c`` the cosine.
 
     ``anchor``, ``positive``: (B, d); ``candidates``: (N, d), the positives among them (LGMRec's
-    ``ssl_triple_loss``: summed over the batch, not averaged). Computed with ``logsumexp``.
+    ``ssl_triple_loss``: summed over the batch, not averaged). ``counts`` (B,) weighs each row
+    ``n_b`` (default 1): a batch's distinct rows with their multiplicities give the loss of the
+    whole batch. Cosines are at most 1, so for ``tau > 1/80`` the exponentials cannot overflow
+    and are summed directly (in place on the (B, N) logits); below that, ``logsumexp``.
     """
-    a, p, x = F.normalize(anchor), F.normalize(positive), F.normalize(candidates)
-    pos = (a * p).sum(1) / tau  # (B,)
-    return (torch.logsumexp(a @ x.T / tau, dim=1) - pos).sum()
+    a = F.normalize(anchor) / tau  # (B, d), 1 / tau folded in before the (B, N) product
+    p, x = F.normalize(positive), F.normalize(candidates)
+    pos = (a * p).sum(1)  # (B,)
+    logits = a @ x.T  # (B, N)
+    total = logits.exp_().sum(1).log() if tau > 1 / 80 else torch.logsumexp(logits, dim=1)
+    per_row = total - pos
+    return per_row.sum() if counts is None else (per_row * counts).sum()
 
 
 def dropout(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:

@@ -345,8 +345,13 @@ def test_info_nce_matches_the_naive_formula():
     g = torch.Generator().manual_seed(0)
     a, p, x = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g), torch.randn(9, 7, generator=g)
     an, pn, xn = (t / t.norm(dim=1, keepdim=True) for t in (a, p, x))
-    ref = -torch.log(torch.exp((an * pn).sum(1) / 0.2) / torch.exp(an @ xn.T / 0.2).sum(1)).sum()
-    torch.testing.assert_close(info_nce(a, p, x, 0.2), ref)
+    for tau in (0.2, 0.01):  # the direct sum of exponentials and the logsumexp branch
+        ad, pd, xd = an.double(), pn.double(), xn.double()
+        ref = -torch.log(torch.exp((ad * pd).sum(1) / tau) / torch.exp(ad @ xd.T / tau).sum(1)).sum()
+        torch.testing.assert_close(info_nce(a, p, x, tau).double(), ref, rtol=1e-5, atol=1e-4)
+    rows = torch.tensor([0, 2, 2, 4, 0, 0])  # a batch with repeats = its distinct rows weighted by counts
+    distinct, counts = torch.unique(rows, return_counts=True)
+    torch.testing.assert_close(info_nce(a[rows], p[rows], x, 0.2), info_nce(a[distinct], p[distinct], x, 0.2, counts))
 
 
 def test_lgmrec_hypergraph_step_and_embeddings_match_dense_reference():

@@ -1,0 +1,104 @@
+"""Fidelity check on Last.fm-2K: backbones with the reference implementation's settings, through models + trainer.
+
+Reads ``../shared/datasets/lastfm-2k/mmrec`` (``lfm2k.inter`` with its ``x_label`` split;
+``all-MiniLM-L6-v2.npy`` as the ``text`` modality; ``vggish.npy`` as float32 in the ``image``
+slot, MMRec's ``v_feat``), builds each backbone with MMRec's global defaults (d 64, Adam,
+batch 2048, patience 20 on valid Recall@20) and the first value of each grid of the model's
+yaml, trains it on one thread with one seed and prints, per backbone: the best-valid epoch /
+epochs run, the median seconds per epoch of training and of the validation pass, valid R@20
+and test R@10 / R@20 / N@10 / N@20 at the best-valid epoch.
+
+    nice .venv/bin/python benchmarks/backbones_lastfm.py                       # every backbone
+    nice .venv/bin/python benchmarks/backbones_lastfm.py --models bm3,lgmrec --seed 999
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "datasets" / "lastfm-2k" / "mmrec"
+
+# name -> (constructor settings, Adam lr): the reference settings (first grid values)
+SETTINGS: dict[str, tuple[dict, float]] = {
+    "pop": ({}, 1e-3),
+    "itemknncbf": ({"knn_k": 10, "shrink": 10.0}, 1e-3),
+    "bpr": ({"reg": 2.0}, 1e-3),
+    "bm3": ({"layers": 1, "reg_weight": 0.1, "dropout": 0.3, "cl_weight": 2.0}, 1e-3),
+    "lgmrec": ({"ui_layers": 2, "mm_layers": 2, "hyper_layers": 1, "hyper_num": 4, "keep_rate": 0.5, "alpha": 0.3,
+                "cl_weight": 1e-4, "reg_weight": 1e-6}, 1e-3),
+    "mmgcn": ({"reg": 0.0}, 1e-4),
+}
+
+
+def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
+    """``(split pairs [(2, E_train), (2, E_valid), (2, E_test)], features, num_users, num_items)``."""
+    if not (DATA / "lfm2k.inter").is_file():
+        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/datasets/lastfm-2k beside the repository")
+    table = np.loadtxt(DATA / "lfm2k.inter", dtype=np.int64, skiprows=1)  # userID itemID rating x_label
+    users, items, label = (torch.from_numpy(table[:, c].copy()) for c in (0, 1, 3))
+    feats = {"image": torch.from_numpy(np.load(DATA / "vggish.npy", allow_pickle=False).astype(np.float32)),
+             "text": torch.from_numpy(np.load(DATA / "all-MiniLM-L6-v2.npy", allow_pickle=False).astype(np.float32))}
+    pairs = [torch.stack([users[label == s], items[label == s]]) for s in range(3)]
+    return pairs, feats, int(users.max()) + 1, int(items.max()) + 1
+
+
+def run(name: str, seed: int, epochs: int) -> dict:
+    import inspect
+
+    from clearrec.models.metrics import ItemSets
+    from clearrec.models.registry import backbone_class
+    from clearrec.models.trainer import TrainOptions, fit
+
+    pairs, feats, nu, ni = load()
+    train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
+    cls = backbone_class(name)
+    kwargs, lr = SETTINGS[name]
+    accepts = inspect.signature(cls).parameters
+    args = {"num_users": nu, "num_items": ni, **kwargs}
+    if "edge_index" in accepts:
+        args["edge_index"] = pairs[0]
+    if "features" in accepts:
+        args["features"] = feats
+    if "embedding_dim" in accepts:
+        args["embedding_dim"] = 64
+    torch.manual_seed(seed)
+    model = cls(**args)
+    t0 = time.perf_counter()
+    result = fit(model, train, valid, test, TrainOptions(lr=lr, epochs=epochs, seed=seed),
+                 on_epoch=lambda r: print(f"  {name} epoch {r.epoch}: loss {r.loss:.4f} valid R@20 "
+                                          f"{r.valid['recall@20']:.4f}", file=sys.stderr, flush=True)
+                 if r.epoch % 25 == 0 else None)
+    hist = result.history
+    return {"best": result.best_epoch, "run": len(hist), "total_s": time.perf_counter() - t0,
+            "train_s": statistics.median(r.train_seconds for r in hist),
+            "eval_s": statistics.median(r.eval_seconds for r in hist),
+            "valid": result.valid["recall@20"], **{k: result.test[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
+    ap.add_argument("--seed", type=int, default=999)
+    ap.add_argument("--epochs", type=int, default=1000, help="most epochs per backbone")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"Last.fm-2K, seed {args.seed}, {args.threads} thread(s), torch {torch.__version__}")
+    print("| model | best epoch / run | s/epoch train + eval | valid R@20 | test R@10 | test R@20 | test N@10 | test N@20 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        r = run(name.strip(), args.seed, args.epochs)
+        print(f"| {name} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['valid']:.4f} | "
+              f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
