@@ -447,3 +447,16 @@ def test_itemknn_cbf_scores_equal_naive_loops():
     assert len(result.history) == 1 and result.test["recall@10"] > 10 / NI  # content clusters beat random
     with pytest.raises(ValueError, match="knn_k >= 1"):
         ItemKNNCBF(NU, NI, edges, features=feats, knn_k=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_section_holds_constructor_arguments_with_their_defaults(name):
+    from clearrec.pipeline.config.train import TrainConfig
+
+    cfg = TrainConfig(backbone=name)
+    params = getattr(cfg, name).model_dump()
+    signature = inspect.signature(BACKBONES[name]).parameters
+    assert set(params) <= set(signature)
+    for key, value in params.items():
+        default = signature[key].default
+        assert value == ({"image": 256} if default is None and key == "latent" else default), key
