@@ -11,6 +11,7 @@ and test R@10 / R@20 / N@10 / N@20 at the best-valid epoch.
 
     nice .venv/bin/python benchmarks/backbones_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/backbones_lastfm.py --models bm3,lgmrec --seed 999
+    nice .venv/bin/python benchmarks/backbones_lastfm.py --models bpr --set bpr.reg=1e-4   # another setting
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
     return pairs, feats, int(users.max()) + 1, int(items.max()) + 1
 
 
-def run(name: str, seed: int, epochs: int) -> dict:
+def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dict:
     import inspect
 
     from clearrec.models.metrics import ItemSets
@@ -63,7 +64,7 @@ def run(name: str, seed: int, epochs: int) -> dict:
     cls = backbone_class(name)
     kwargs, lr = SETTINGS[name]
     accepts = inspect.signature(cls).parameters
-    args = {"num_users": nu, "num_items": ni, **kwargs}
+    args = {"num_users": nu, "num_items": ni, **kwargs, **(overrides or {})}
     if "edge_index" in accepts:
         args["edge_index"] = pairs[0]
     if "features" in accepts:
@@ -85,19 +86,37 @@ def run(name: str, seed: int, epochs: int) -> dict:
             "valid": result.valid["recall@20"], **{k: result.test[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
 
 
+def _value(text: str) -> bool | int | float:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
     ap.add_argument("--seed", type=int, default=999)
     ap.add_argument("--epochs", type=int, default=1000, help="most epochs per backbone")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                    help="override one constructor setting (a float, an int or true/false), e.g. bpr.reg=1e-4")
     args = ap.parse_args()
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        model, _, key = target.partition(".")
+        if not key or model not in SETTINGS:
+            ap.error(f"--set {item!r}: expected MODEL.KEY=VALUE with MODEL in {', '.join(SETTINGS)}")
+        overrides.setdefault(model, {})[key] = _value(value)
     torch.set_num_threads(args.threads)
-    print(f"Last.fm-2K, seed {args.seed}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"Last.fm-2K, seed {args.seed}, {args.threads} thread(s), torch {torch.__version__}, overrides {overrides or 'none'}")
     print("| model | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | test N@10 | test N@20 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        r = run(name.strip(), args.seed, args.epochs)
+        r = run(name.strip(), args.seed, args.epochs, overrides.get(name.strip()))
         print(f"| {name} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | {r['valid']:.4f} | "
               f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
 

@@ -35,7 +35,7 @@ class PopParams(Section):
 class BPRParams(Section):
     """BPR-MF. Reference grid: reg [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]."""
 
-    reg: float = Field(2.0, ge=0)  # weight of the regulariser on the batch's user / item vectors
+    reg: float = Field(1e-4, ge=0)  # weight of the regulariser on the batch's user / item vectors (2.0 collapses)
 
 
 class ItemKNNCBFParams(Section):
