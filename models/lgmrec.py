@@ -99,7 +99,7 @@ class LGMRec(Backbone):
         if hyper_layers < 1 or hyper_num < 1 or not 0 < keep_rate <= 1:
             raise ValueError(f"LGMRec needs hyper_layers >= 1, hyper_num >= 1 and keep_rate in (0, 1]; got "
                              f"{hyper_layers}, {hyper_num}, {keep_rate}")
-        feats = check_features(features, num_items, "LGMRec")
+        feats = check_features(features, num_items, "LGMRec", modality_hook)
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.ui_layers, self.mm_layers = embedding_dim, ui_layers, mm_layers
         self.hyper_layers, self.hyper_num, self.keep_rate, self.alpha = hyper_layers, hyper_num, keep_rate, alpha

@@ -61,20 +61,29 @@ def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None
     return torch.softmax((logits + gumbels) / tau, dim=-1)
 
 
-def check_features(features: Mapping[str, Tensor] | None, num_items: int, model: str) -> dict[str, Tensor]:
+def check_features(
+    features: Mapping[str, Tensor] | None, num_items: int, model: str, hook: object | None = None
+) -> dict[str, Tensor]:
     """Modality name -> (I, d_m) float32 features, sorted by name; ``ValueError`` naming what is wrong.
 
-    Sorted order makes the reference's two-modality forms come out as ``image`` (its
-    ``v_feat``) then ``text`` (its ``t_feat``) whatever order the caller used.
+    Refused: no modality, a name that is empty or contains ``.`` (the names key the model's
+    per-modality modules), a wrong shape, NaN / infinite values, and a modality ``hook``
+    (CLEAR's dynamic mode) with fewer than two modalities. Sorted order makes the reference's
+    two-modality forms come out as ``image`` (its ``v_feat``) then ``text`` (its ``t_feat``)
+    whatever order the caller used.
     """
     if not features:
         raise ValueError(f"{model} needs at least one modality's features (e.g. {{'image': ..., 'text': ...}}); got none")
     out = {}
     for name in sorted(features):
         x = features[name]
+        if not name or "." in name:
+            raise ValueError(f"{model}: modality name {name!r} must be non-empty and contain no '.'")
         if x.ndim != 2 or x.shape[0] != num_items:
             raise ValueError(f"{model}: features[{name!r}] has shape {tuple(x.shape)}, expected ({num_items}, d)")
         if not torch.isfinite(x).all():
             raise ValueError(f"{model}: features[{name!r}] contains NaN or infinite values; fix the features first")
         out[name] = x.detach().to(torch.float32)
+    if hook is not None and len(out) < 2:
+        raise ValueError(f"{model}: a modality hook (CLEAR dynamic mode) needs two modalities; got {list(out)}")
     return out

@@ -135,7 +135,7 @@ class MMGCN(Backbone):
         super().__init__()
         if layers < 1:
             raise ValueError(f"MMGCN needs layers >= 1, got {layers}")
-        feats = check_features(features, num_items, "MMGCN")
+        feats = check_features(features, num_items, "MMGCN", modality_hook)
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.layers, self.reg = embedding_dim, layers, reg
         self.latent = dict({"image": 256} if latent is None else latent)

@@ -230,11 +230,16 @@ def test_check_features_errors_and_order():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         check_features({"text": bad}, NI, "X")
+    with pytest.raises(ValueError, match="must be non-empty and contain no '.'"):
+        check_features({"image.v1": torch.zeros(NI, 4)}, NI, "X")
     assert list(check_features(_features(), NI, "X")) == ["image", "text"]
     (_, _, _), edges = _splits()
     for name in HOOKED + ("itemknncbf",):
         with pytest.raises(ValueError, match="at least one modality"):
             BACKBONES[name](NU, NI, edges, features=None)
+    for name in HOOKED:
+        with pytest.raises(ValueError, match="needs two modalities"):
+            BACKBONES[name](NU, NI, edges, features={"text": _feat(2, 12)}, modality_hook=DynamicClear())
 
 
 # ---- key steps against dense references -------------------------------------------------------------
