@@ -6,9 +6,8 @@ slot, MMRec's ``v_feat``), builds each backbone with MMRec's global defaults (d 
 batch 2048, patience 20 on valid Recall@20) and the first value of each grid of the model's
 yaml, trains it on one thread with one seed and prints, per backbone: the best-valid epoch /
 epochs run, the median seconds per epoch of training and of the validation pass, the process
-CPU seconds of the whole run, valid R@20
-and test R@10 / R@20 / N@10 / N@20 at the best-valid epoch. Backbones are built through the
-registry, so another one is one more ``SETTINGS`` line.
+CPU seconds of the whole run, valid R@20 and test R@10 / R@20 / N@10 / N@20 at the best-valid
+epoch. Backbones are built through the registry, so another one is one more ``SETTINGS`` line.
 
     nice .venv/bin/python benchmarks/fidelity_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bm3,lgmrec --seed 999
