@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from .base import Backbone
 from .freedom import FREEDOM
+from .lattice import LATTICE
 from .lightgcn import LightGCN
+from .mgcn import MGCN
+from .smore import SMORE
 from .vbpr import VBPR
 
 BACKBONES: dict[str, type[Backbone]] = {
     "lightgcn": LightGCN,
     "vbpr": VBPR,
     "freedom": FREEDOM,
+    "lattice": LATTICE,
+    "mgcn": MGCN,
+    "smore": SMORE,
 }
 
 

@@ -59,7 +59,7 @@ def _make(name, edge_index, **kw):
 
 
 def test_registry_maps_names_to_classes():
-    assert set(BACKBONES) == {"lightgcn", "vbpr", "freedom"}
+    assert {"lightgcn", "vbpr", "freedom"} <= set(BACKBONES)
     assert backbone_class("freedom") is FREEDOM
     with pytest.raises(KeyError, match="known: lightgcn"):
         backbone_class("lightgnc")
