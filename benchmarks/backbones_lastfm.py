@@ -57,6 +57,14 @@ def load() -> tuple[int, int, list[ItemSets], dict[str, torch.Tensor], torch.Ten
     return num_users, num_items, sets, features, torch.stack([users[split == 0], items[split == 0]])
 
 
+def _progress(name: str):
+    def report(record) -> None:
+        if record.epoch % 10 == 0:
+            print(f"  {name} epoch {record.epoch}: loss {record.loss:.4f}, valid R@20 {record.valid['recall@20']:.4f}",
+                  file=sys.stderr, flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lattice,mgcn,smore", help="comma-separated backbones")
@@ -75,7 +83,7 @@ def main() -> None:
         model = cls(num_users, num_items, edges, features=features, **params)
         build = time.perf_counter() - t0
         opts = TrainOptions(lr=lr, batch_size=2048, epochs=args.epochs, patience=20, seed=args.seed)
-        res = fit(model, train, valid, test, opts)
+        res = fit(model, train, valid, test, opts, on_epoch=_progress(name))
         tr = statistics.median(r.train_seconds for r in res.history)
         ev = statistics.median(r.eval_seconds for r in res.history)
         t = res.test
