@@ -57,9 +57,9 @@ def load() -> tuple[int, int, list[ItemSets], dict[str, torch.Tensor], torch.Ten
     return num_users, num_items, sets, features, torch.stack([users[split == 0], items[split == 0]])
 
 
-def _progress(name: str):
+def _progress(name: str, every: int):
     def report(record) -> None:
-        if record.epoch % 10 == 0:
+        if record.epoch % every == 0:
             print(f"  {name} epoch {record.epoch}: loss {record.loss:.4f}, valid R@20 {record.valid['recall@20']:.4f}",
                   file=sys.stderr, flush=True)
     return report
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=999, help="seeds initialisation, sampling and shuffling")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--epochs", type=int, default=1000, help="most epochs")
+    parser.add_argument("--every", type=int, default=10, help="print valid Recall@20 every this many epochs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     num_users, num_items, (train, valid, test), features, edges = load()
@@ -83,7 +84,7 @@ def main() -> None:
         model = cls(num_users, num_items, edges, features=features, **params)
         build = time.perf_counter() - t0
         opts = TrainOptions(lr=lr, batch_size=2048, epochs=args.epochs, patience=20, seed=args.seed)
-        res = fit(model, train, valid, test, opts, on_epoch=_progress(name))
+        res = fit(model, train, valid, test, opts, on_epoch=_progress(name, args.every))
         tr = statistics.median(r.train_seconds for r in res.history)
         ev = statistics.median(r.eval_seconds for r in res.history)
         t = res.test
