@@ -318,7 +318,17 @@ def half_sq_norm(*embeddings: Tensor) -> Tensor:
     return torch.stack([e.square().sum() for e in embeddings]).sum() / (2 * embeddings[-1].shape[0])
 
 
-def info_nce(view1: Tensor, view2: Tensor, temperature: float) -> Tensor:
-    """InfoNCE of row-paired (B, d) views: ``mean_b -log softmax_j(cos(v1_b, v2_j) / t)[b]`` (the batch as negatives)."""
-    logits = F.normalize(view1, dim=1) @ F.normalize(view2, dim=1).T / temperature  # (B, B)
-    return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+def info_nce(view1: Tensor, view2: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of the rows ``index`` (B,) of two (N, d) views, the batch's rows as negatives.
+
+    ``mean_b -log softmax_j(cos(v1[index_b], v2[index_j]) / t)[b]``, computed over the batch's
+    ``n`` distinct rows: a row drawn ``c`` times is one column with ``log c`` added to its logit
+    and one row weighted ``c``, the same value as the (B, B) form in an (n, n) product.
+    """
+    rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)  # (n,), (B,), (n,)
+    a = F.normalize(view1[rows], dim=1)  # (n, d)
+    b = F.normalize(view2[rows], dim=1)
+    logits = a @ b.T / temperature  # (n, n)
+    weight = counts.to(logits.dtype)
+    per_row = torch.logsumexp(logits + weight.log()[None, :], dim=1) - logits.diagonal()  # (n,)
+    return (weight * per_row).sum() / index.numel()

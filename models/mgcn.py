@@ -192,8 +192,7 @@ class MGCN(Backbone):
         u, p, n = out[users], out[items], out[neg_items + self.num_users]  # (B, d) each
         loss = bpr_loss((u * p).sum(1), (u * n).sum(1)) + self.reg_weight * half_sq_norm(u, p, n)
         if self.cl_weight > 0:
-            cl = info_nce(side[items], content[items], self.temperature) + info_nce(
-                side[users], content[users], self.temperature)
+            cl = info_nce(side, content, items, self.temperature) + info_nce(side, content, users, self.temperature)
             loss = loss + self.cl_weight * cl
         return loss
 

@@ -166,15 +166,46 @@ def test_user_item_block_is_the_normalised_adjacency_block():
     torch.testing.assert_close(r_t.to_dense(), full[:NU, NU:].T)
 
 
-def test_info_nce_and_half_sq_norm_equal_the_reference_forms():
+def test_info_nce_over_distinct_rows_equals_the_reference_batch_form():
     g = torch.Generator().manual_seed(0)
-    v1, v2 = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
-    a, b = F.normalize(v1, dim=1), F.normalize(v2, dim=1)
+    t1 = torch.randn(12, 5, generator=g, requires_grad=True)
+    t2 = torch.randn(12, 5, generator=g, requires_grad=True)
+    index = torch.tensor([3, 7, 3, 0, 11, 7, 3, 5, 2])  # rows drawn more than once, as users in a batch
+    got = info_nce(t1, t2, index, 0.2)
+    a, b = F.normalize(t1[index], dim=1), F.normalize(t2[index], dim=1)  # the reference's (B, B) InfoNCE
     pos = torch.exp((a * b).sum(-1) / 0.2)
     ttl = torch.exp(a @ b.T / 0.2).sum(1)
-    torch.testing.assert_close(info_nce(v1, v2, 0.2), (-torch.log(pos / ttl)).mean())
+    ref = (-torch.log(pos / ttl)).mean()
+    torch.testing.assert_close(got, ref)
+    for x, y in zip(torch.autograd.grad(got, (t1, t2)), torch.autograd.grad(ref, (t1, t2))):
+        torch.testing.assert_close(x, y)
+
+
+def test_half_sq_norm_equals_the_reference_form():
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)
     ref = (0.5 * (v1**2).sum() + 0.5 * (v2**2).sum()) / 9
     torch.testing.assert_close(half_sq_norm(v1, v2), ref)
+
+
+def test_mgcn_and_smore_loss_equal_the_reference_form():
+    _, edges = _splits()
+    users, pos, neg = torch.tensor([0, 1, 1, 5, 0]), torch.tensor([2, 3, 3, 9, 4]), torch.tensor([7, 8, 6, 1, 0])
+    for name in ("mgcn", "smore"):
+        m = _make(name, edges)
+        m.eval()  # no dropout: the same forward twice
+        content, side = m.embeddings()
+        out = content + side
+        u, p, n = out[users], out[NU + pos], out[NU + neg]
+        bpr = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
+        reg = (0.5 * (u**2).sum() + 0.5 * (p**2).sum() + 0.5 * (n**2).sum()) / 5
+
+        def nce(v1, v2):
+            v1, v2 = F.normalize(v1, dim=1), F.normalize(v2, dim=1)
+            return (-torch.log(torch.exp((v1 * v2).sum(-1) / 0.2) / torch.exp(v1 @ v2.T / 0.2).sum(1))).mean()
+
+        cl = nce(side[NU + pos], content[NU + pos]) + nce(side[users], content[users])
+        torch.testing.assert_close(m.loss(users, pos, neg), bpr + m.reg_weight * reg + m.cl_weight * cl)
 
 
 # ---- dense references of each model's key step ------------------------------------------------
