@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..pipeline.errors import TrainingError
+from .errors import TrainingError
 from .base import Backbone
 from .metrics import ItemSets, ranking_metrics
 
