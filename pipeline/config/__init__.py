@@ -28,6 +28,7 @@ DEFAULT_CONFIG_NAME = "clearrec.toml"
 
 __all__ = [
     "Config",
+    "ConfigView",
     "EncodeConfig",
     "IndexConfig",
     "IngestConfig",
@@ -82,6 +83,46 @@ class Config(Section):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+    def view(self, keys: Iterable[str], stage: str) -> "ConfigView":
+        """What stage ``stage`` may read: the dotted ``keys`` it declares (and the path helpers)."""
+        return ConfigView(self, tuple(keys), stage)
+
+
+class ConfigView:
+    """A read-only view of a config that allows only declared dotted keys (or whole sections).
+
+    A stage gets one (``StageContext.config``) built from its ``config_keys``, the keys that
+    enter its fingerprint; reading any other key raises :class:`ConfigError`, so a stage's
+    fingerprint cannot drift from what it reads. ``resolve``, ``base_dir`` and ``source``
+    (where the config file is) are always available.
+    """
+
+    _ALWAYS = ("resolve", "base_dir", "source")
+
+    def __init__(self, node: Any, keys: tuple[str, ...], stage: str, prefix: str = ""):
+        self._node, self._keys, self._stage, self._prefix = node, keys, stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not self._prefix and name in self._ALWAYS:
+            return getattr(self._node, name)
+        dotted = f"{self._prefix}{name}"
+        value = getattr(self._node, name)
+        if any(dotted == k or dotted.startswith(f"{k}.") for k in self._keys):
+            return value
+        if any(k.startswith(f"{dotted}.") for k in self._keys):
+            return ConfigView(value, self._keys, self._stage, f"{dotted}.")
+        raise ConfigError(f"stage {self._stage!r} reads config key {dotted!r}, which it does not declare: add it "
+                          f"to the stage's config_keys (declared: {', '.join(self._keys) or 'none'})")
+
+    def get(self, dotted: str) -> Any:
+        """Value of a declared dotted key (as :meth:`Config.get`)."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node.model_dump(mode="json") if isinstance(node, BaseModel) else node
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
