@@ -342,13 +342,15 @@ def _training_rows(info: dict[str, Any]) -> list[list[str]]:
         rows.append(["hyperparameters", ", ".join(f"{k} {_setting(v)}" for k, v in hp.items())])
     t = info.get("training") or {}
     if t:
-        rows.append(["optimisation", f"{t.get('optimizer', '?')}, lr {_num(t.get('lr'))}, batch {t.get('batch_size')}, "
-                                     f"negatives {t.get('negatives', '?')}, seed {t.get('seed')}, on {t.get('device')}"])
+        rows.append(["optimisation", f"{t.get('optimizer', '?')}, lr {_num(t.get('lr'))}, batch "
+                                     f"{t.get('batch_size')}, negatives {t.get('negatives', '?')}, seed "
+                                     f"{t.get('seed')}, on {t.get('device')}"])
     if info.get("best_epoch") is not None:
         stop = t.get("stop_metric", "recall@20")
         why = (f"stopped early: no better valid {stop} in {t.get('patience')} epochs" if info.get("stopped_early")
                else f"ran to the limit of {t.get('max_epochs')} epochs")
-        rows.append(["epochs", f"best {info['best_epoch']} of {info.get('epochs_run', '?')} run on valid {stop} ({why})"])
+        rows.append(["epochs", f"best {info['best_epoch']} of {info.get('epochs_run', '?')} run on valid {stop} "
+                               f"({why})"])
     if info.get("clear_dynamic"):
         rows.append(["CLEAR dynamic", "CLEAR refitted on the model's modality embeddings every epoch"])
     return rows

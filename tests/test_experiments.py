@@ -261,6 +261,7 @@ def _sets() -> list[str]:
     return [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
+@pytest.mark.slow
 def test_sample_compare_and_ablations_cli(sample):
     cfg, root = sample
     base_manifest = (root / "work" / "manifest.json").read_text()
@@ -287,6 +288,7 @@ def test_sample_compare_and_ablations_cli(sample):
     assert any(d["ablation"] == "hard" and d["vs"] == "random" for d in abl["deltas"])
 
 
+@pytest.mark.slow
 def test_sample_sweep_and_reports(sample):
     cfg, root = sample
     _cli("sweep", "--config", str(SAMPLE_DATA / "clearrec.toml"), "--workdir", str(root / "work"),
