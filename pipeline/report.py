@@ -558,7 +558,8 @@ def comparison_sections(root: Path) -> list[Section]:
         s.table(*sweep_table(r))
         if r.get("chosen"):
             ch = r["chosen"]
-            s.p(f"chosen on valid: {ch['row']}, lambda={ch['strength']}. {noise_rule_text(r)}")
+            s.p(f"chosen on valid: {ch['row']}, lambda={ch['strength']}; its test metrics next to CLEAR off:")
+            s.p(noise_rule_text(r))
             s.table(*sweep_choice_table(r))
         if r.get("heatmap") and store.exists(r["heatmap"]):
             s.image(Image(alt="sweep heatmap", path=store.path(r["heatmap"]), caption=CAPTIONS["sweep_heatmap.png"]))
