@@ -224,9 +224,13 @@ def test_partial_workdir_degrades_per_section(workdir):
 
 
 def test_report_to_other_folder_links_images_relative(workdir, tmp_path):
-    _, md_path = write_report(workdir, out_dir=tmp_path / "elsewhere")
+    html_path, md_path = write_report(workdir, out_dir=tmp_path / "elsewhere")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_path.read_text())
     assert links and all((md_path.parent / link).is_file() for link in links)
+    json_links = re.findall(r"\]\(([^)]+\.json)\)", md_path.read_text())
+    hrefs = re.findall(r'href="([^"#]+)"', html_path.read_text())
+    assert len(json_links) == len(hrefs) == 6 and set(json_links) == set(hrefs)
+    assert all((md_path.parent / link).is_file() and link.startswith("../") for link in hrefs)
 
 
 def dump_dom(html_path: Path) -> str:
