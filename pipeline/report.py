@@ -284,10 +284,12 @@ def _clear_rows(proj: dict[str, Any], diag: dict[str, Any]) -> list[list[str]]:
         if k is not None:
             how = (f"chosen as the smallest k reaching energy ratio {ratio}" if ratio
                    else f"requested {asked}" if asked is not None and asked != k else "as requested")
-            dims = proj.get("dims") or {}
-            cap = f" (at most {min(dims.values())}, the smaller feature dimension)" if dims else ""
+            dims = proj.get("dims")
+            cap = (f" (at most {min(dims.values())}, the smaller feature dimension)"
+                   if isinstance(dims, dict) and dims else "")
             rows.append(["rank k", f"{k}, {how}{cap}"])
-        fitted = (proj.get("counts") or {}).get("fit_items", proj.get("n_fit"))
+        counts = proj.get("counts") if isinstance(proj.get("counts"), dict) else {}
+        fitted = counts.get("fit_items", proj.get("n_fit"))
         if fitted is not None:
             on = {"all": "all items", "train": "items seen in training"}.get(_opt(proj, "fit_on"), "items")
             rows.append(["fitted on", f"{fitted:,} items ({on})"])
@@ -307,7 +309,7 @@ def _clear_rows(proj: dict[str, Any], diag: dict[str, Any]) -> list[list[str]]:
     kept = {m: v for m, v in (diag.get("variance_kept") or {}).items() if v is not None}
     if kept:
         rows.append(["variance kept", ", ".join(f"{m} {_pct(v)}" for m, v in kept.items())])
-    inputs = proj.get("inputs") or {}
+    inputs = {m: i for m, i in (proj.get("inputs") or {}).items() if isinstance(i, dict)}
     if inputs:
         rows.append(["inputs", "; ".join(f"{m}: {i.get('encoder', '?')} ({i.get('dim', '?')}-d, {i.get('rows', '?')} "
                                          "rows)" for m, i in inputs.items())])
