@@ -90,9 +90,9 @@ def bare_transform(folder: Path, chunk: int, U: np.ndarray, W: np.ndarray) -> No
 
 
 def clear_fit(folder: Path, chunk: int, k: int):
-    from clearrec.models.clear import ClearProjector
+    from clearrec.models.clear import ClearOptions, ClearProjector
 
-    proj = ClearProjector(k=k)
+    proj = ClearProjector(ClearOptions(k=k))
     for xv, xt in chunks(folder, chunk):
         proj.partial_fit(xv, xt)
     t0 = time.perf_counter()

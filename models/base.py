@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -12,17 +12,19 @@ from .metrics import ItemSets, topk_items
 class ModalityHook(Protocol):
     """A transform of a backbone's encoded modality embeddings (CLEAR's dynamic mode).
 
-    The backbone calls :meth:`refit` with ``(Ev (I, d), Et (I, d))`` of every item once per
-    epoch (in ``pre_epoch``, without gradient) and the hook itself wherever the embeddings are
-    used; gradients flow through the call, not through the refit.
+    The backbone calls :meth:`refit` with its encoded embeddings of every item by modality
+    name (``{"image": (I, d), "text": (I, d)}``) once per epoch (in ``pre_epoch``, without
+    gradient) and the hook itself wherever the embeddings are used; the call returns the
+    transformed embeddings under the same names. Gradients flow through the call, not
+    through the refit.
     """
 
-    def refit(self, ev: Tensor, et: Tensor) -> None: ...
+    def refit(self, embeddings: Mapping[str, Tensor]) -> None: ...
 
-    def __call__(self, ev: Tensor, et: Tensor) -> tuple[Tensor, Tensor]: ...
+    def __call__(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
 
 
-class Recommender(nn.Module):
+class Backbone(nn.Module):
     """Base class of the backbones.
 
     Subclasses implement :meth:`forward` (``(user_vectors (U, d'), item_vectors (I, d'))`` with
@@ -46,6 +48,13 @@ class Recommender(nn.Module):
 
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """Called once before each training epoch (e.g. FREEDOM's edge pruning). Default: nothing."""
+
+    def content_pathway(self) -> nn.Module | None:
+        """The module that embeds new items from their features alone, or None (no cold-start pathway).
+
+        It must load and run on its own (serving builds it without the rest of the model).
+        """
+        return None
 
     def hparams(self) -> dict[str, Any]:
         """The plain constructor arguments (no tensors), for the checkpoint's JSON."""

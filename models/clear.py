@@ -15,13 +15,14 @@ centred projection alike). ``k`` is fixed or the smallest rank whose energy
 ``sum_{i<=k} s_i^2 / sum_i s_i^2`` reaches ``ratio``.
 
 :class:`CrossCovariance` accumulates ``C`` over row chunks in float64, so a catalog larger
-than memory streams through :meth:`ClearProjector.partial_fit`. :func:`clear_dynamic_step`
-fits and projects a backbone's torch embeddings in one call; ``models/clear_dynamic.py`` holds
-the dynamic mode the backbones use (refit once per epoch, project every step).
+than memory streams through :meth:`ClearProjector.partial_fit`. :class:`ClearOptions` holds every
+setting once; the static projector here and the dynamic mode in ``models/clear_dynamic.py``
+(refit once per epoch on a backbone's embeddings, project every step) both take it.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import numpy as np
@@ -102,39 +103,84 @@ class CrossCovariance:
             raise ValueError("no rows were added: call update() with at least one chunk first")
 
 
+@dataclass(frozen=True)
+class ClearOptions:
+    """Every CLEAR setting, with its default and meaning (the static and the dynamic mode take it)."""
+
+    k: int | None = 8  # rank of the removed shared subspace; ignored (stored as None) when ratio is set
+    ratio: float | None = None  # "dynamic ratio": the smallest k whose cross-covariance energy share reaches it
+    strength: float = 1.0  # lambda in [0, 1]: 1 = hard null-space projection, 0 = identity
+    center: bool = True  # centre the features before the cross-covariance (else the raw second moment)
+    project_centered: bool = False  # X' = mu + (X - mu) P (the fit mean is kept); False: X' = X P
+    visual: bool = True  # project the visual (image) modality; False: its transform is the identity
+    text: bool = True  # project the text modality
+    directions: Directions = "shared"  # "random": remove k random orthonormal directions (ablation control)
+    seed: int = 0  # seed of the random directions
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None:
+            object.__setattr__(self, "k", None)  # the energy ratio chooses k
+        elif self.k is None:
+            raise ValueError("give k (fixed rank) or ratio (energy share); both are None")
+        elif self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if not 0 <= self.strength <= 1:
+            raise ValueError(f"strength (lambda) must be in [0, 1], got {self.strength}")
+        if self.directions not in ("shared", "random"):
+            raise ValueError(f"directions must be 'shared' or 'random', got {self.directions!r}")
+
+    def rank(self, spectrum: np.ndarray) -> int:
+        """The k-or-ratio rule: the rank to remove given the cross-covariance singular values.
+
+        A fixed ``k`` is refused (``ValueError``) when it reaches the smaller feature dimension,
+        which would erase that modality whole; the ratio picks the smallest k whose energy
+        share ``sum_{i<=k} s_i^2 / sum_i s_i^2`` reaches ``ratio``.
+        """
+        r = len(spectrum)
+        if self.ratio is None:
+            if self.k >= r:
+                raise ValueError(f"k = {self.k} is not below the smaller feature dimension {r}: removing {self.k} "
+                                 f"directions would erase that modality's content; use k < {r}")
+            return int(self.k)
+        energy = np.asarray(spectrum, dtype=np.float64) ** 2
+        total = energy.sum()
+        if total <= 0:
+            return 0
+        cum = np.cumsum(energy) / total
+        return int(min(np.searchsorted(cum, self.ratio - 1e-12) + 1, r))
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings that decide the projection, for ``projector.json`` / ``model.json``.
+
+        ``k`` is written as ``k_requested`` (None when ``ratio`` chooses it; the rank used is
+        stored apart as ``k``), and ``seed`` only where it matters (random directions), so that
+        changing a setting with no effect leaves the file byte-identical.
+        """
+        out = asdict(self)
+        out["k_requested"] = out.pop("k")
+        if self.directions == "shared":
+            del out["seed"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ClearOptions":
+        """Inverse of :meth:`to_json` (other keys of ``data`` are ignored)."""
+        known = {f.name for f in fields(cls)} - {"k"}
+        kwargs = {key: data[key] for key in known if key in data}
+        return cls(k=data.get("k_requested"), **kwargs)
+
+
 class ClearProjector:
     """CLEAR null-space projector between a visual and a text feature space.
 
     Args:
-        k: rank of the removed shared subspace (capped at ``min(dv, dt)``); give ``k`` or ``ratio``.
-        ratio: "dynamic ratio": the smallest k whose cross-covariance energy share reaches this.
-        strength: lambda in [0, 1]; 1 is the hard null-space projection, 0 the identity.
-        center: centre the features before the cross-covariance (else the raw second moment).
-        project_centered: project each item's deviation from the fit mean and keep the mean
-            (``X' = mu + (X - mu) P``); default projects raw features (``X' = X P``).
-        visual, text: project that modality (off: its transform is the identity).
-        directions: ``"shared"`` removes the top-k singular directions; ``"random"`` removes
-            k random orthonormal directions instead (ablation control; k as for "shared").
-        seed: seed of the random directions.
+        options: the settings (:class:`ClearOptions`); defaults to ``ClearOptions()``.
     """
 
-    def __init__(
-        self,
-        k: int | None = None,
-        ratio: float | None = None,
-        strength: float = 1.0,
-        center: bool = True,
-        project_centered: bool = False,
-        visual: bool = True,
-        text: bool = True,
-        directions: Directions = "shared",
-        seed: int = 0,
-    ) -> None:
-        check_options(k, ratio, strength, directions)
-        self.k, self.ratio, self.strength = k, ratio, float(strength)
-        self.center, self.project_centered = center, project_centered
-        self.visual, self.text = visual, text
-        self.directions, self.seed = directions, seed
+    def __init__(self, options: ClearOptions | None = None) -> None:
+        self.options = options if options is not None else ClearOptions()
         self.reset()
 
     def reset(self) -> None:
@@ -170,14 +216,15 @@ class ClearProjector:
         """SVD of the accumulated cross-covariance; pick k and the removed directions."""
         if self._acc.n < 2:
             raise ValueError(f"CLEAR needs at least 2 paired rows to fit, got {self._acc.n}")
-        C = self._acc.covariance(self.center)  # (dv, dt)
+        C = self._acc.covariance(self.options.center)  # (dv, dt)
         U, s, Wt = _svd(C)  # U (dv, r), s (r,), Wt (r, dt)
         U, Wt = _flip_signs(U, Wt)
-        k = choose_k(s, self.k, self.ratio)
-        if self.directions == "shared":
+        opts = self.options
+        k = opts.rank(s)
+        if opts.directions == "shared":
             Uk, Wk = U[:, :k], Wt[:k].T
         else:
-            rng = np.random.default_rng(self.seed)
+            rng = np.random.default_rng(opts.seed)
             Uk, Wk = random_orthonormal(C.shape[0], k, rng), random_orthonormal(C.shape[1], k, rng)
         self._set(self._acc.mean_v, self._acc.mean_t, Uk, Wk, s, C, self._acc.n)
         return self
@@ -208,12 +255,13 @@ class ClearProjector:
                 f"{which} features have shape {X.shape}, expected (N, {d}) or ({d},): the projector was fit "
                 f"on visual dim {self.directions_visual_.shape[0]} and text dim {self.directions_text_.shape[0]}"
             )
-        if not getattr(self, which) or self.strength == 0.0 or self.k_ == 0:
+        opts = self.options
+        if not getattr(opts, which) or opts.strength == 0.0 or self.k_ == 0:
             return X.copy()
         coef = X @ U  # (N, k) or (k,)
-        if self.project_centered:
+        if opts.project_centered:
             coef -= mu @ U
-        coef *= -self.strength
+        coef *= -opts.strength
         out = coef @ U.T  # (N, d): the only N x d allocation
         out += X
         return out
@@ -238,8 +286,9 @@ class ClearProjector:
     def projected_spectrum(self) -> np.ndarray:
         """Singular values of the projected features' cross-covariance ``P_V^T C P_T`` (exact)."""
         self._require_fitted()
-        lam_v = self.strength if self.visual else 0.0
-        lam_t = self.strength if self.text else 0.0
+        opts = self.options
+        lam_v = opts.strength if opts.visual else 0.0
+        lam_t = opts.strength if opts.text else 0.0
         U, W, C = self.directions_visual_, self.directions_text_, self.cross_covariance_
         C = C - lam_v * U @ (U.T @ C)  # P_V C
         C = C - lam_t * (C @ W) @ W.T  # (P_V C) P_T
@@ -272,16 +321,8 @@ class ClearProjector:
         }
         meta = {
             "format": STATE_FORMAT,
-            "k": self.k_,
-            "k_requested": self.k,
-            "ratio": self.ratio,
-            "strength": self.strength,
-            "center": self.center,
-            "project_centered": self.project_centered,
-            "visual": self.visual,
-            "text": self.text,
-            "directions": self.directions,
-            "seed": self.seed,
+            "k": self.k_,  # the rank used
+            **self.options.to_json(),  # the settings, "k_requested" among them
             "dims": {"visual": int(self.mean_visual_.shape[0]), "text": int(self.mean_text_.shape[0])},
             "n_fit": self.n_fit_,
         }
@@ -296,10 +337,7 @@ class ClearProjector:
                                "cross_covariance") if n not in tensors]
         if missing:
             raise ValueError(f"projector state lacks tensors {missing}; it has {sorted(tensors)}")
-        k_req, ratio = meta.get("k_requested"), meta.get("ratio")
-        proj = cls(k=None if ratio is not None else k_req, ratio=ratio, strength=meta["strength"],
-                   center=meta["center"], project_centered=meta["project_centered"], visual=meta["visual"],
-                   text=meta["text"], directions=meta["directions"], seed=meta["seed"])
+        proj = cls(ClearOptions.from_json(meta))
         dv, dt, k = meta["dims"]["visual"], meta["dims"]["text"], meta["k"]
         expected = {"mean_visual": (dv,), "mean_text": (dt,), "directions_visual": (dv, k),
                     "directions_text": (dt, k), "spectrum": (min(dv, dt),), "cross_covariance": (dv, dt)}
@@ -316,20 +354,6 @@ class ClearProjector:
 
 
 # ---- shared pieces -----------------------------------------------------------------------
-def check_options(k: int | None, ratio: float | None, strength: float, directions: str) -> None:
-    """Raise ``ValueError`` for CLEAR settings that cannot work (shared by the static and dynamic modes)."""
-    if (k is None) == (ratio is None):
-        raise ValueError(f"give exactly one of k (fixed rank) or ratio (energy share); got k={k}, ratio={ratio}")
-    if k is not None and k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength (lambda) must be in [0, 1], got {strength}")
-    if directions not in ("shared", "random"):
-        raise ValueError(f"directions must be 'shared' or 'random', got {directions!r}")
-
-
 def check_pair(xv: np.ndarray, xt: np.ndarray, dims: tuple[int, int] | None = None) -> None:
     """Raise ``ValueError``/``TypeError`` naming both shapes unless ``xv``, ``xt`` are paired 2-D float arrays."""
     shapes = f"Xv has shape {getattr(xv, 'shape', None)}, Xt has shape {getattr(xt, 'shape', None)}"
@@ -344,19 +368,6 @@ def check_pair(xv: np.ndarray, xt: np.ndarray, dims: tuple[int, int] | None = No
             raise TypeError(f"{shapes}; dtypes {xv.dtype} / {xt.dtype}: {name} must be float32 or float64")
     if dims is not None and (xv.shape[1], xt.shape[1]) != dims:
         raise ValueError(f"{shapes}: earlier chunks had feature dims {dims[0]} / {dims[1]}")
-
-
-def choose_k(spectrum: np.ndarray, k: int | None = None, ratio: float | None = None) -> int:
-    """Fixed ``k`` capped at ``len(spectrum)``, or the smallest k with energy share >= ``ratio``."""
-    r = len(spectrum)
-    if ratio is None:
-        return int(min(k, r))
-    energy = np.asarray(spectrum, dtype=np.float64) ** 2
-    total = energy.sum()
-    if total <= 0:
-        return 0
-    cum = np.cumsum(energy) / total
-    return int(min(np.searchsorted(cum, ratio - 1e-12) + 1, r))
 
 
 def energy_share(spectrum: np.ndarray, k: int) -> float:
@@ -388,62 +399,28 @@ def _flip_signs(U: np.ndarray, Wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- dynamic variant (torch) ---------------------------------------------------------------
 def shared_directions(
-    Ev: "torch.Tensor",
-    Et: "torch.Tensor",
-    k: int | None = None,
-    ratio: float | None = None,
-    center: bool = True,
-    directions: Directions = "shared",
-    seed: int = 0,
+    Ev: "torch.Tensor", Et: "torch.Tensor", options: ClearOptions
 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """``(U_k (dv, k), W_k (dt, k), s (r,))`` of the embeddings' cross-covariance, without gradient."""
     import torch
 
-    if (k is None) == (ratio is None):
-        raise ValueError(f"give exactly one of k or ratio; got k={k}, ratio={ratio}")
     if Ev.ndim != 2 or Et.ndim != 2 or Ev.shape[0] != Et.shape[0]:
         raise ValueError(f"Ev has shape {tuple(Ev.shape)}, Et has shape {tuple(Et.shape)}: "
                          "they must be 2-D with the same number of rows (one per item)")
     with torch.no_grad():
         ev, et = Ev.detach().double(), Et.detach().double()  # (N, dv), (N, dt)
-        if center:
+        if options.center:
             ev, et = ev - ev.mean(0), et - et.mean(0)
         C = ev.T @ et / ev.shape[0]  # (dv, dt)
         U, s, Wh = torch.linalg.svd(C, full_matrices=False)
         idx = U.abs().argmax(0)
         signs = torch.where(U[idx, torch.arange(U.shape[1], device=U.device)] < 0, -1.0, 1.0).to(U)
         U, Wh = U * signs, Wh * signs[:, None]
-        kk = choose_k(s.cpu().numpy(), k, ratio)
-        if directions == "random":
-            rng = np.random.default_rng(seed)
+        kk = options.rank(s.cpu().numpy())
+        if options.directions == "random":
+            rng = np.random.default_rng(options.seed)
             Uk = torch.from_numpy(random_orthonormal(C.shape[0], kk, rng)).to(U)
             Wk = torch.from_numpy(random_orthonormal(C.shape[1], kk, rng)).to(U)
         else:
             Uk, Wk = U[:, :kk], Wh[:kk].T
         return Uk.to(Ev.dtype), Wk.to(Et.dtype), s
-
-
-def clear_dynamic_step(
-    Ev: "torch.Tensor",
-    Et: "torch.Tensor",
-    k: int | None = None,
-    ratio: float | None = None,
-    strength: float = 1.0,
-    center: bool = True,
-    project_centered: bool = False,
-    visual: bool = True,
-    text: bool = True,
-    directions: Directions = "shared",
-    seed: int = 0,
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Dynamic CLEAR on a backbone's modality embeddings ``Ev (N, dv)``, ``Et (N, dt)``: fit, then project.
-
-    The SVD runs under ``torch.no_grad``; the projection ``E - lambda (E U_k) U_k^T`` uses the
-    detached ``U_k``, ``W_k`` and stays differentiable with respect to ``Ev`` and ``Et``. One
-    refit + call of :class:`clearrec.models.clear_dynamic.DynamicClear`.
-    """
-    from .clear_dynamic import DynamicClear
-
-    hook = DynamicClear(k, ratio, strength, center, project_centered, visual, text, directions, seed)
-    hook.refit(Ev, Et)
-    return hook(Ev, Et)

@@ -1,8 +1,8 @@
 """CLEAR's dynamic mode as a module a backbone holds: refit once per epoch, project every step.
 
-:class:`DynamicClear` is the ``modality_hook`` of VBPR and FREEDOM when
-``project.mode = "dynamic"``. The backbone's ``pre_epoch`` calls :meth:`DynamicClear.refit`
-on its encoded modality embeddings ``(W_v x_v, W_t x_t)`` for every item: the shared
+:class:`DynamicClear` is the ``modality_hook`` of VBPR and FREEDOM when CLEAR runs in
+dynamic mode. The backbone's ``pre_epoch`` calls :meth:`DynamicClear.refit` on its encoded
+modality embeddings ``{"image": W_v x_v, "text": W_t x_t}`` for every item: the shared
 directions ``U_k``, ``W_k`` of their cross-covariance are recomputed (SVD without gradient).
 Every training step and every evaluation then projects the embeddings with the directions
 of the last refit, ``E - lambda (E U_k) U_k^T`` (differentiable in ``E``, not in ``U_k``).
@@ -14,43 +14,29 @@ gets exactly the projection the catalog's items got.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .clear import Directions, check_options, shared_directions
+from .clear import ClearOptions, shared_directions
 
 _BUFFERS = ("visual_dirs", "text_dirs", "visual_mean", "text_mean")
+VISUAL, TEXT = "image", "text"  # the modality names whose embeddings the hook projects
 
 
 class DynamicClear(nn.Module):
     """Per-epoch CLEAR refit on a backbone's modality embeddings; see the module doc.
 
-    Args are those of :class:`clearrec.models.clear.ClearProjector`: ``k`` or ``ratio``
-    (exactly one), ``strength`` (lambda), ``center`` (centre before the covariance),
-    ``project_centered`` (project ``E - mean`` and add the mean back), ``visual`` / ``text``
-    (which sides are projected), ``directions`` (``"random"``: the control) and ``seed``.
+    Args:
+        options: the CLEAR settings (:class:`clearrec.models.clear.ClearOptions`), as for the
+            static projector: ``k`` or ``ratio``, ``strength``, ``center``, ``project_centered``,
+            ``visual`` / ``text`` (which sides are projected), ``directions`` and ``seed``.
     """
 
-    def __init__(
-        self,
-        k: int | None = None,
-        ratio: float | None = None,
-        strength: float = 1.0,
-        center: bool = True,
-        project_centered: bool = False,
-        visual: bool = True,
-        text: bool = True,
-        directions: Directions = "shared",
-        seed: int = 0,
-    ):
+    def __init__(self, options: ClearOptions | None = None):
         super().__init__()
-        check_options(k, ratio, strength, directions)
-        self.k, self.ratio, self.strength = k, ratio, strength
-        self.center, self.project_centered = center, project_centered
-        self.visual, self.text = visual, text
-        self.directions, self.seed = directions, seed
+        self.options = options if options is not None else ClearOptions()
         for name in _BUFFERS:  # empty until the first refit; sized by refit or by a loaded state
             self.register_buffer(name, torch.empty(0))
 
@@ -59,20 +45,23 @@ class DynamicClear(nn.Module):
         return self.visual_dirs.numel() > 0
 
     @torch.no_grad()
-    def refit(self, ev: Tensor, et: Tensor) -> None:
-        """Recompute the shared directions from ``ev (N, dv)``, ``et (N, dt)`` (no gradient)."""
-        uk, wk, _ = shared_directions(ev, et, self.k, self.ratio, self.center, self.directions, self.seed)
+    def refit(self, embeddings: Mapping[str, Tensor]) -> None:
+        """Recompute the shared directions from ``{"image": (N, dv), "text": (N, dt)}`` (no gradient)."""
+        ev, et = _pair(embeddings)
+        uk, wk, _ = shared_directions(ev, et, self.options)
         self.visual_dirs, self.text_dirs = uk.detach().clone(), wk.detach().clone()  # (dv, k), (dt, k)
         self.visual_mean, self.text_mean = ev.detach().mean(0), et.detach().mean(0)  # (dv,), (dt,)
 
-    def forward(self, ev: Tensor, et: Tensor) -> tuple[Tensor, Tensor]:
-        """Project ``(ev, et)`` with the last refit's directions (fit on these first if never fit)."""
+    def forward(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Project the embeddings with the last refit's directions (fit on these first if never fit)."""
         if not self.fitted:
-            self.refit(ev, et)
-        mv = self.visual_mean if self.project_centered else None
-        mt = self.text_mean if self.project_centered else None
-        return (_project_torch(ev, self.visual_dirs, self.strength, mv) if self.visual else ev,
-                _project_torch(et, self.text_dirs, self.strength, mt) if self.text else et)
+            self.refit(embeddings)
+        ev, et = _pair(embeddings)
+        opts = self.options
+        mv = self.visual_mean if opts.project_centered else None
+        mt = self.text_mean if opts.project_centered else None
+        return {VISUAL: _project_torch(ev, self.visual_dirs, opts.strength, mv) if opts.visual else ev,
+                TEXT: _project_torch(et, self.text_dirs, opts.strength, mt) if opts.text else et}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name in _BUFFERS:  # take the saved shapes (k is known only after a refit)
@@ -82,9 +71,14 @@ class DynamicClear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, ratio={self.ratio}, strength={self.strength}, center={self.center}, "
-                f"project_centered={self.project_centered}, visual={self.visual}, text={self.text}, "
-                f"directions={self.directions!r}")
+        return repr(self.options)
+
+
+def _pair(embeddings: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    if set(embeddings) != {VISUAL, TEXT}:
+        raise ValueError(f"dynamic CLEAR projects exactly the {VISUAL!r} and {TEXT!r} embeddings; "
+                         f"got {sorted(embeddings)}")
+    return embeddings[VISUAL], embeddings[TEXT]
 
 
 def _project_torch(E: Tensor, U: Tensor, strength: float, mean: Tensor | None = None) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ModalityHook, Recommender
+from .base import ModalityHook, Backbone
 from .graph import (
     bpr_loss,
     csr_mm,
@@ -57,7 +57,7 @@ class _FeatureMargin(torch.autograd.Function):
         return grad_x, None, None, grad_z
 
 
-class FREEDOM(Recommender):
+class FREEDOM(Backbone):
     r"""FREEDOM (Zhou & Shen, "A Tale of Two Graphs: Freezing and Denoising Graph Structures for
     Multimodal Recommendation", ACM MM 2023).
 
@@ -90,7 +90,7 @@ class FREEDOM(Recommender):
         reg_weight: ``lambda``, weight of the feature-alignment BPR terms.
         trainable_features: let Adam update the input feature matrices (reference: True).
         item_graph: optional precomputed ``(rows, cols, values)`` of ``S`` (a cache).
-        modality_hook: optional transform of the projected features ``(W_v x_v, W_t x_t)``
+        modality_hook: optional transform of the projected features ``{"image": W_v x_v, "text": W_t x_t}``
             before the alignment terms (CLEAR's dynamic mode, refit in :meth:`pre_epoch`);
             needs both modalities.
     """
@@ -190,7 +190,7 @@ class FREEDOM(Recommender):
         """Degree-sensitive pruning of the user-item graph for the coming epoch (and CLEAR's dynamic refit)."""
         if self.modality_hook is not None:
             with torch.no_grad():
-                self.modality_hook.refit(*self.encoded_features())
+                self.modality_hook.refit(self.encoded_features())
         if self.dropout <= 0:
             self.train_adj = self.adj
             return
@@ -209,11 +209,14 @@ class FREEDOM(Recommender):
     def forward(self) -> tuple[Tensor, Tensor]:
         return self._propagate(self.train_adj if self.training else self.adj)
 
-    def encoded_features(self) -> tuple[Tensor | None, Tensor | None]:
-        """``(W_v x_v, W_t x_t)`` for all items, (I, d) each (None for a missing modality)."""
-        ev = self.image_proj(self.image_features) if self.image_proj is not None else None
-        et = self.text_proj(self.text_features) if self.text_proj is not None else None
-        return ev, et
+    def encoded_features(self) -> dict[str, Tensor]:
+        """``{"image": W_v x_v, "text": W_t x_t}`` for all items, (I, d) each (present modalities only)."""
+        out = {}
+        if self.image_proj is not None:
+            out["image"] = self.image_proj(self.image_features)
+        if self.text_proj is not None:
+            out["text"] = self.text_proj(self.text_features)
+        return out
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         user_vecs, item_vecs = self.forward()
@@ -222,8 +225,7 @@ class FREEDOM(Recommender):
         if self.reg_weight <= 0:
             return loss
         if self.modality_hook is not None:
-            ev, et = self.modality_hook(*self.encoded_features())
-            for e in (ev, et):
+            for e in self.modality_hook(self.encoded_features()).values():
                 loss = loss + self.reg_weight * bpr_loss((u * e[pos_items]).sum(1), (u * e[neg_items]).sum(1))
             return loss
         for proj, feats in ((self.image_proj, "image_features"), (self.text_proj, "text_features")):

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Recommender
+from .base import Backbone
 from .graph import bpr_loss, emb_norm, layer_mean, user_item_graph
 
 
-class LightGCN(Recommender):
+class LightGCN(Backbone):
     r"""LightGCN (He et al., "LightGCN: Simplifying and Powering Graph Convolution Network for
     Recommendation", SIGIR 2020).
 

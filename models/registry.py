@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from .base import Recommender
+from .base import Backbone
 from .freedom import FREEDOM
 from .lightgcn import LightGCN
 from .vbpr import VBPR
 
-BACKBONES: dict[str, type[Recommender]] = {
+BACKBONES: dict[str, type[Backbone]] = {
     "lightgcn": LightGCN,
     "vbpr": VBPR,
     "freedom": FREEDOM,
 }
 
 
-def backbone_class(name: str) -> type[Recommender]:
+def backbone_class(name: str) -> type[Backbone]:
     """The class registered as ``name``; raises KeyError naming the known backbones."""
     try:
         return BACKBONES[name]

@@ -1,7 +1,7 @@
 """The training loop: BPR with uniform negative sampling, Adam, full-ranking early stopping.
 
-Model-agnostic: it only calls :meth:`Recommender.pre_epoch`, :meth:`Recommender.loss` and
-:meth:`Recommender.vectors`. Pure computation on tensors (no files, no config objects).
+Model-agnostic: it only calls :meth:`Backbone.pre_epoch`, :meth:`Backbone.loss` and
+:meth:`Backbone.vectors`. Pure computation on tensors (no files, no config objects).
 One epoch = every training pair once, in a fresh random order, each with one negative drawn
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..pipeline.errors import TrainingError
-from .base import Recommender
+from .errors import TrainingError
+from .base import Backbone
 from .metrics import ItemSets, ranking_metrics
 
 
@@ -84,7 +84,7 @@ class NegativeSampler:
         return neg
 
 
-def _adam(model: Recommender, lr: float) -> torch.optim.Optimizer:
+def _adam(model: Backbone, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -93,7 +93,7 @@ def _adam(model: Recommender, lr: float) -> torch.optim.Optimizer:
 
 
 def fit(
-    model: Recommender,
+    model: Backbone,
     train: ItemSets,
     valid: ItemSets,
     test: ItemSets | None,

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from clearrec.models.clear import (
+    ClearOptions,
     ClearProjector,
     CrossCovariance,
-    choose_k,
-    clear_dynamic_step,
     random_orthonormal,
     shared_directions,
 )
+from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.diagnostics import Moments, energy_curve, neighbour_overlap, top_neighbours
 from clearrec.pipeline.store import ArtifactStore
 
@@ -40,7 +40,7 @@ def cross_cov_spectrum(xv: np.ndarray, xt: np.ndarray) -> np.ndarray:
 def test_projected_spectrum_identity(n, dv, dt, lam, centered):
     xv, xt = data(n, dv, dt)
     k = 3
-    p = ClearProjector(k=k, strength=lam, project_centered=centered).fit(xv, xt)
+    p = ClearProjector(ClearOptions(k=k, strength=lam, project_centered=centered)).fit(xv, xt)
     s = p.spectrum()
     got = cross_cov_spectrum(p.transform_visual(xv), p.transform_text(xt))
     expected = np.sort(np.concatenate([(1 - lam) ** 2 * s[:k], s[k:]]))[::-1]
@@ -51,7 +51,7 @@ def test_projected_spectrum_identity(n, dv, dt, lam, centered):
 
 def test_identity_holds_in_float32_to_float32_precision():
     xv, xt = data(500, 20, 11, dtype=np.float32)
-    p = ClearProjector(k=4).fit(xv, xt)
+    p = ClearProjector(ClearOptions(k=4)).fit(xv, xt)
     got = cross_cov_spectrum(p.transform_visual(xv), p.transform_text(xt))
     s = p.spectrum()
     assert got.dtype == np.float64 and p.transform_visual(xv).dtype == np.float32
@@ -62,9 +62,9 @@ def test_identity_holds_in_float32_to_float32_precision():
 def test_lambda_zero_is_identity_and_lambda_one_idempotent():
     xv, xt = data(100, 8, 6)
     for centered in (False, True):
-        p0 = ClearProjector(k=2, strength=0.0, project_centered=centered).fit(xv, xt)
+        p0 = ClearProjector(ClearOptions(k=2, strength=0.0, project_centered=centered)).fit(xv, xt)
         assert np.array_equal(p0.transform_visual(xv), xv) and np.array_equal(p0.transform_text(xt), xt)
-        p1 = ClearProjector(k=2, strength=1.0, project_centered=centered).fit(xv, xt)
+        p1 = ClearProjector(ClearOptions(k=2, strength=1.0, project_centered=centered)).fit(xv, xt)
         once = p1.transform_visual(xv)
         np.testing.assert_allclose(p1.transform_visual(once), once, atol=1e-12)
         once = p1.transform_text(xt)
@@ -73,8 +73,8 @@ def test_lambda_zero_is_identity_and_lambda_one_idempotent():
 
 def test_raw_vs_centered_projection_of_the_mean():
     xv, xt = data(100, 8, 6)
-    raw = ClearProjector(k=2, project_centered=False).fit(xv, xt)
-    cen = ClearProjector(k=2, project_centered=True).fit(xv, xt)
+    raw = ClearProjector(ClearOptions(k=2, project_centered=False)).fit(xv, xt)
+    cen = ClearProjector(ClearOptions(k=2, project_centered=True)).fit(xv, xt)
     mu = xv.mean(0)
     np.testing.assert_allclose(cen.transform_visual(mu), mu, atol=1e-12)  # the mean is kept
     U = raw.directions_visual_
@@ -83,8 +83,8 @@ def test_raw_vs_centered_projection_of_the_mean():
 
 def test_streaming_equals_in_memory():
     xv, xt = data(1000, 10, 7)
-    full = ClearProjector(k=3).fit(xv, xt, chunk_rows=len(xv))
-    stream = ClearProjector(k=3)
+    full = ClearProjector(ClearOptions(k=3)).fit(xv, xt, chunk_rows=len(xv))
+    stream = ClearProjector(ClearOptions(k=3))
     for lo in range(0, 1000, 37):
         stream.partial_fit(xv[lo : lo + 37], xt[lo : lo + 37])
     stream.finalize()
@@ -93,9 +93,9 @@ def test_streaming_equals_in_memory():
     np.testing.assert_allclose(stream.transform_visual(xv), full.transform_visual(xv), atol=1e-10)
     # float32 features: chunk products in float32, float64 accumulators
     xv32, xt32 = xv.astype(np.float32) + 100.0, xt.astype(np.float32) - 50.0  # large common mean
-    a = ClearProjector(k=3).fit(xv32, xt32, chunk_rows=1000)
-    b = ClearProjector(k=3).fit(xv32, xt32, chunk_rows=37)
-    ref = ClearProjector(k=3).fit(xv32.astype(np.float64), xt32.astype(np.float64))
+    a = ClearProjector(ClearOptions(k=3)).fit(xv32, xt32, chunk_rows=1000)
+    b = ClearProjector(ClearOptions(k=3)).fit(xv32, xt32, chunk_rows=37)
+    ref = ClearProjector(ClearOptions(k=3)).fit(xv32.astype(np.float64), xt32.astype(np.float64))
     for p in (a, b):
         np.testing.assert_allclose(p.spectrum(), ref.spectrum(), atol=1e-5 * ref.spectrum()[0])
         np.testing.assert_allclose(p.transform_text(xt32), ref.transform_text(xt32), atol=1e-5 * np.abs(xt32).max())
@@ -114,14 +114,14 @@ def test_state_round_trip_through_store(tmp_path):
     xv, xt = data(200, 9, 5)
     for kwargs in ({"k": 3, "strength": 0.7, "project_centered": True}, {"ratio": 0.8, "text": False},
                    {"k": 2, "directions": "random", "seed": 5}):
-        p = ClearProjector(**kwargs).fit(xv, xt)
+        p = ClearProjector(ClearOptions(**kwargs)).fit(xv, xt)
         tensors, meta = p.state_dict()
         store = ArtifactStore(tmp_path)
         store.write_tensors("clear/p.safetensors", tensors)
         store.write_json("clear/p.json", meta)
         loaded_t, _ = store.read_tensors("clear/p.safetensors")
         q = ClearProjector.from_state(loaded_t, {**store.read_json("clear/p.json"), "fit_seconds": 1.0})
-        assert q.k_ == p.k_ and q.strength == p.strength and q.directions == p.directions
+        assert q.k_ == p.k_ and q.options == p.options
         assert np.array_equal(q.transform_visual(xv), p.transform_visual(xv))
         assert np.array_equal(q.transform_text(xt), p.transform_text(xt))
         assert np.array_equal(q.spectrum(), p.spectrum())
@@ -129,7 +129,7 @@ def test_state_round_trip_through_store(tmp_path):
 
 
 def test_from_state_checks_shapes_and_format():
-    p = ClearProjector(k=2).fit(*data(50, 6, 4))
+    p = ClearProjector(ClearOptions(k=2)).fit(*data(50, 6, 4))
     tensors, meta = p.state_dict()
     with pytest.raises(ValueError, match=r"'directions_visual' has shape \(6, 2\), expected \(6, 3\)"):
         ClearProjector.from_state(tensors, {**meta, "k": 3, "k_requested": 3})
@@ -141,9 +141,13 @@ def test_from_state_checks_shapes_and_format():
 
 def test_ratio_rule_on_constructed_spectrum():
     s = np.array([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22: cumulative .727 .909 .955 1
-    assert [choose_k(s, ratio=r) for r in (0.5, 16 / 22, 0.75, 0.909, 0.91, 0.95, 0.96, 1.0)] == [1, 1, 2, 2, 3, 3, 4, 4]
-    assert choose_k(s, k=10) == 4 and choose_k(s, k=2) == 2
-    assert choose_k(np.zeros(3), ratio=0.5) == 0
+    ranks = [ClearOptions(ratio=r).rank(s) for r in (0.5, 16 / 22, 0.75, 0.909, 0.91, 0.95, 0.96, 1.0)]
+    assert ranks == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert ClearOptions(k=2).rank(s) == 2 and ClearOptions(k=2, ratio=0.5).rank(s) == 1  # the ratio wins
+    assert ClearOptions(ratio=0.5).rank(np.zeros(3)) == 0
+    for k in (4, 10):  # k at or above the smaller dimension would erase that modality: refused
+        with pytest.raises(ValueError, match=f"k = {k} is not below the smaller feature dimension 4"):
+            ClearOptions(k=k).rank(s)
     # the same rule through a fit: C with singular values 4, 2, 1, 1 (exact, planted in orthonormal bases)
     rng = np.random.default_rng(1)
     n = 400
@@ -152,31 +156,31 @@ def test_ratio_rule_on_constructed_spectrum():
     q = np.linalg.qr(q)[0] * np.sqrt(n)  # re-orthonormalise after centring (columns stay zero-mean)
     U, W = random_orthonormal(6, 4, rng), random_orthonormal(5, 4, rng)
     xv, xt = q @ (U * s).T, q @ W.T
-    p = ClearProjector(ratio=0.91).fit(xv, xt)
+    p = ClearProjector(ClearOptions(ratio=0.91)).fit(xv, xt)
     np.testing.assert_allclose(p.spectrum()[:4], s, atol=1e-9)
     assert p.k_ == 3 and p.energy_topk() == pytest.approx(21 / 22)
 
 
 def test_random_directions_control():
     xv, xt = data(300, 12, 8)
-    shared = ClearProjector(k=3).fit(xv, xt)
-    rand = ClearProjector(k=3, directions="random", seed=7).fit(xv, xt)
+    shared = ClearProjector(ClearOptions(k=3)).fit(xv, xt)
+    rand = ClearProjector(ClearOptions(k=3, directions="random", seed=7)).fit(xv, xt)
     U, W = rand.directions_visual_, rand.directions_text_
     np.testing.assert_allclose(U.T @ U, np.eye(3), atol=1e-12)
     np.testing.assert_allclose(W.T @ W, np.eye(3), atol=1e-12)
     assert np.abs(shared.directions_visual_.T @ U).max() < 0.99  # not the shared directions
     np.testing.assert_allclose(rand.transform_visual(xv) @ U, 0, atol=1e-10)  # these directions are removed
     np.testing.assert_allclose(rand.transform_text(xt) @ W, 0, atol=1e-10)
-    again = ClearProjector(k=3, directions="random", seed=7).fit(xv, xt)
+    again = ClearProjector(ClearOptions(k=3, directions="random", seed=7)).fit(xv, xt)
     assert np.array_equal(again.directions_visual_, U)
     assert rand.projected_spectrum()[0] > shared.projected_spectrum()[0]
 
 
 def test_signs_are_deterministic():
     xv, xt = data(200, 7, 5)
-    a = ClearProjector(k=4).fit(xv, xt)
+    a = ClearProjector(ClearOptions(k=4)).fit(xv, xt)
     perm = np.random.default_rng(3).permutation(200)
-    b = ClearProjector(k=4).fit(-(-xv[perm]), xt[perm])
+    b = ClearProjector(ClearOptions(k=4)).fit(-(-xv[perm]), xt[perm])
     np.testing.assert_allclose(a.directions_visual_, b.directions_visual_, atol=1e-10)
     np.testing.assert_allclose(a.directions_text_, b.directions_text_, atol=1e-10)
     U = a.directions_visual_
@@ -185,7 +189,7 @@ def test_signs_are_deterministic():
 
 def test_per_modality_switch():
     xv, xt = data(100, 6, 5)
-    p = ClearProjector(k=2, visual=False).fit(xv, xt)
+    p = ClearProjector(ClearOptions(k=2, visual=False)).fit(xv, xt)
     assert np.array_equal(p.transform_visual(xv), xv)
     assert not np.allclose(p.transform_text(xt), xt)
     s = p.spectrum()
@@ -198,12 +202,12 @@ def test_per_modality_switch():
 def test_shape_and_dtype_errors_name_both_shapes():
     xv, xt = data(10, 4, 3)
     with pytest.raises(ValueError, match=r"Xv has shape \(10, 4\), Xt has shape \(9, 3\)"):
-        ClearProjector(k=1).fit(xv, xt[:9])
+        ClearProjector(ClearOptions(k=1)).fit(xv, xt[:9])
     with pytest.raises(ValueError, match=r"Xv has shape \(10,\), Xt has shape \(10, 3\)"):
-        ClearProjector(k=1).fit(xv[:, 0], xt)
+        ClearProjector(ClearOptions(k=1)).fit(xv[:, 0], xt)
     with pytest.raises(TypeError, match=r"Xv has shape \(10, 4\), Xt has shape \(10, 3\).*int64"):
-        ClearProjector(k=1).fit(xv.astype(np.int64), xt)
-    p = ClearProjector(k=1)
+        ClearProjector(ClearOptions(k=1)).fit(xv.astype(np.int64), xt)
+    p = ClearProjector(ClearOptions(k=1))
     p.partial_fit(xv, xt)
     with pytest.raises(ValueError, match=r"Xv has shape \(10, 5\), Xt has shape \(10, 3\): earlier chunks had feature dims 4 / 3"):
         p.partial_fit(np.ones((10, 5)), xt)
@@ -215,57 +219,65 @@ def test_shape_and_dtype_errors_name_both_shapes():
     with pytest.raises(ValueError, match="NaN"):
         bad = xv.copy()
         bad[3, 1] = np.nan
-        ClearProjector(k=1).fit(bad, xt)
+        ClearProjector(ClearOptions(k=1)).fit(bad, xt)
     with pytest.raises(ValueError, match="not fitted"):
-        ClearProjector(k=1).transform_text(xt)
-    with pytest.raises(ValueError, match="exactly one of k"):
-        ClearProjector(k=2, ratio=0.5)
+        ClearProjector(ClearOptions(k=1)).transform_text(xt)
+    with pytest.raises(ValueError, match="give k"):
+        ClearOptions(k=None)
     with pytest.raises(ValueError, match="strength"):
-        ClearProjector(k=2, strength=1.5)
+        ClearProjector(ClearOptions(k=2, strength=1.5))
+
+
+def dynamic_step(ev: torch.Tensor, et: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit and project in one call, as one epoch of the dynamic mode does."""
+    hook = DynamicClear(ClearOptions(**options))
+    hook.refit({"image": ev, "text": et})
+    out = hook({"image": ev, "text": et})
+    return out["image"], out["text"]
 
 
 def test_dynamic_step_matches_projector_and_keeps_gradient():
     xv, xt = data(120, 10, 6, dtype=np.float32)
     Ev = torch.tensor(xv, requires_grad=True)
     Et = torch.tensor(xt, requires_grad=True)
-    Pv, Pt = clear_dynamic_step(Ev, Et, k=3, strength=0.5)
-    ref = ClearProjector(k=3, strength=0.5).fit(xv.astype(np.float64), xt.astype(np.float64))
+    Pv, Pt = dynamic_step(Ev, Et, k=3, strength=0.5)
+    ref = ClearProjector(ClearOptions(k=3, strength=0.5)).fit(xv.astype(np.float64), xt.astype(np.float64))
     np.testing.assert_allclose(Pv.detach().numpy(), ref.transform_visual(xv), atol=1e-4)
     np.testing.assert_allclose(Pt.detach().numpy(), ref.transform_text(xt), atol=1e-4)
     (Pv.sum() + Pt.square().sum()).backward()
     # gradient flows through the projection only (U_k detached): d sum(E P)/dE = 1 P^T
-    Uk, Wk, s = shared_directions(Ev, Et, k=3)
+    Uk, Wk, s = shared_directions(Ev, Et, ClearOptions(k=3))
     expected = torch.ones(120, 10) @ (torch.eye(10) - 0.5 * Uk @ Uk.T)
     torch.testing.assert_close(Ev.grad, expected, atol=1e-5, rtol=1e-5)
     assert not Uk.requires_grad and Et.grad is not None
     np.testing.assert_allclose(s.numpy(), ref.spectrum(), rtol=1e-4)
-    Qv, Qt = clear_dynamic_step(Ev, Et, ratio=0.99, text=False, directions="random", seed=1)
+    Qv, Qt = dynamic_step(Ev, Et, ratio=0.99, text=False, directions="random", seed=1)
     assert Qt is Et and Qv.shape == Ev.shape
 
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_dynamic_clear_module_projects_with_the_last_refit_and_round_trips(centered):
-    from clearrec.models.clear_dynamic import DynamicClear
-
     xv, xt = data(120, 10, 6, dtype=np.float32)
     Ev, Et = torch.tensor(xv), torch.tensor(xt)
-    dyn = DynamicClear(k=3, strength=0.5, project_centered=centered)
-    Pv, Pt = dyn(Ev, Et)  # never fit: fits on these first
-    Qv, Qt = clear_dynamic_step(Ev, Et, k=3, strength=0.5, project_centered=centered)
-    torch.testing.assert_close(Pv, Qv)
-    torch.testing.assert_close(Pt, Qt)
+    options = ClearOptions(k=3, strength=0.5, project_centered=centered)
+    dyn = DynamicClear(options)
+    P = dyn({"image": Ev, "text": Et})  # never fit: fits on these first
+    Qv, Qt = dynamic_step(Ev, Et, k=3, strength=0.5, project_centered=centered)
+    torch.testing.assert_close(P["image"], Qv)
+    torch.testing.assert_close(P["text"], Qt)
     other_v, other_t = Ev[:40] * 2 + 1, Et[:40] - 1
-    Rv, _ = dyn(other_v, other_t)  # no refit: the directions and mean of the fit above
+    Rv = dyn({"image": other_v, "text": other_t})["image"]  # no refit: the directions and mean of the fit above
     Uk = dyn.visual_dirs
     mean = Ev.mean(0) if centered else torch.zeros(10)
     torch.testing.assert_close(Rv, other_v - 0.5 * ((other_v - mean) @ Uk) @ Uk.T)
-    dyn.refit(other_v, other_t)
+    dyn.refit({"image": other_v, "text": other_t})
     assert not torch.allclose(dyn.visual_dirs, Uk)
-    fresh = DynamicClear(k=3, strength=0.5, project_centered=centered)
+    fresh = DynamicClear(options)
     fresh.load_state_dict(dyn.state_dict())
-    torch.testing.assert_close(fresh(Ev, Et)[0], dyn(Ev, Et)[0])
-    with pytest.raises(ValueError, match="exactly one of k"):
-        DynamicClear()
+    both = {"image": Ev, "text": Et}
+    torch.testing.assert_close(fresh(both)["image"], dyn(both)["image"])
+    with pytest.raises(ValueError, match="exactly the 'image' and 'text'"):
+        dyn({"image": Ev})
 
 
 def test_top_neighbours_and_overlap():

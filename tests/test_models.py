@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from clearrec.models.base import Recommender
+from clearrec.models.base import Backbone
 from clearrec.models.freedom import FREEDOM
 from clearrec.models.lightgcn import LightGCN
 from clearrec.models.metrics import ItemSets
@@ -97,7 +97,7 @@ def test_learns_better_than_random():
     assert result.valid["recall@10"] > 2 * 10 / (NI - 6)  # random ranking of 34 candidates: ~10/34
 
 
-class _Scripted(Recommender):
+class _Scripted(Backbone):
     """Item vectors set from a script each epoch: epoch 2 ranks every user's truth first."""
 
     def __init__(self, good: torch.Tensor, bad: torch.Tensor):
@@ -229,7 +229,7 @@ def test_freedom_alignment_loss_equals_reference_form():
     m = _make("freedom", edges, dropout=0.0)
     users, pos, neg = torch.arange(10), torch.arange(10), torch.arange(10, 20)
     u, i = m.forward()
-    ev, et = m.encoded_features()
+    ev, et = m.encoded_features().values()
     from clearrec.models.graph import bpr_loss
 
     ref = bpr_loss((u[users] * i[pos]).sum(1), (u[users] * i[neg]).sum(1))
@@ -242,12 +242,14 @@ class _ZeroHook:
     def __init__(self):
         self.calls, self.refits = [], []
 
-    def refit(self, ev, et):
+    def refit(self, embeddings):
+        ev, et = embeddings["image"], embeddings["text"]
         self.refits.append((ev.shape, et.shape, ev.requires_grad))
 
-    def __call__(self, ev, et):
+    def __call__(self, embeddings):
+        ev, et = embeddings["image"], embeddings["text"]
         self.calls.append((ev.shape, et.shape))
-        return ev * 0, et * 0
+        return {"image": ev * 0, "text": et * 0}
 
 
 def test_modality_hook_is_refit_each_epoch_and_applied_in_loss():

@@ -8,14 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clearrec.models.clear import ClearProjector
+from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.pipeline.config import Config
 from clearrec.pipeline.errors import ArtifactError, InputDataError
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.stage import StageContext
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
 from clearrec.stages import _project_io, project
-from clearrec.stages._project_diagnostics import diagnose
+from clearrec.stages.project import diagnose
 
 N, DV, DT, R = 600, 24, 16, 3  # items, image dim, text dim, planted shared rank
 
@@ -102,11 +102,13 @@ def test_planted_overlap_and_spectrum_drop_and_are_reported(planted_store):
 
 def test_projected_files_match_projector_and_contract(planted_store):
     store, cfg, xv, xt = planted_store
-    go(store, cfg)
+    result = go(store, cfg)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
     info = store.read_json("clear/projector.json")
     assert info["k"] == R and info["strength"] == 1.0 and info["dims"] == {"visual": DV, "text": DT}
-    assert info["applied"] and info["fit_seconds"] >= 0 and 0 < info["energy_removed"] <= 1
+    assert info["applied"] and "fit_seconds" not in info and 0 < info["energy_removed"] <= 1
+    assert info["mode"] == "static" and info["k_requested"] == R and "seed" not in info  # seed: no effect here
+    assert result.counts["fit_seconds"] >= 0  # timings go to the manifest, so the file is deterministic
     proj = ClearProjector.from_state(tensors, info)
     t, yv, ok = read_clear(store, "image")
     assert t.column_names == ["item_idx", "item_id", "vector", "status", "error", "content_sha256", "filled"]
@@ -166,7 +168,7 @@ def test_missing_policy_mean_fills_and_flags(tmp_path):
     assert store.parquet_metadata("features/image_clear.parquet")["filled"] == 3
     # the projector is the one fit on the items with both vectors
     both = okv & okt
-    ref = ClearProjector(k=R).fit(xv[both], xt[both])
+    ref = ClearProjector(ClearOptions(k=R)).fit(xv[both], xt[both])
     np.testing.assert_allclose(proj.spectrum(), ref.spectrum(), rtol=1e-5)
 
 
@@ -196,7 +198,7 @@ def test_fit_on_train_uses_train_items_only(tmp_path):
     assert result.counts["fit_items"] == len(train)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
     got = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
-    ref = ClearProjector(k=R).fit(xv[train], xt[train])
+    ref = ClearProjector(ClearOptions(k=R)).fit(xv[train], xt[train])
     np.testing.assert_allclose(got.spectrum(), ref.spectrum(), rtol=1e-5)
     np.testing.assert_allclose(got.directions_visual_, ref.directions_visual_, atol=1e-5)
     # every item is still projected
@@ -231,7 +233,7 @@ def test_one_modality_passes_through_and_says_why(tmp_path):
     result = go(store, cfg)
     info = store.read_json("clear/projector.json")
     assert info["applied"] is False and "only text features exist" in info["reason"]
-    assert result.outputs == ["features/text_clear.parquet", "clear/projector.json"]
+    assert result.outputs == ["features/text_clear.parquet", "clear/fill.safetensors", "clear/projector.json"]
     np.testing.assert_array_equal(read_clear(store, "text")[1], xt)
     assert "only text" in result.summary
 
@@ -257,8 +259,9 @@ def test_ratio_random_directions_and_modality_switch(planted_store):
     store, cfg, xv, xt = planted_store
     go(store, cfg.with_overrides({"project.ratio": 0.9, "project.directions": "random", "project.text": False}))
     info = store.read_json("clear/projector.json")
-    shared = ClearProjector(ratio=0.9).fit(xv, xt)
-    assert info["k"] == shared.k_ and info["directions"] == "random" and info["options"]["ratio"] == 0.9
+    shared = ClearProjector(ClearOptions(ratio=0.9)).fit(xv, xt)
+    assert info["k"] == shared.k_ and info["directions"] == "random" and info["ratio"] == 0.9
+    assert info["k_requested"] is None and info["seed"] == 0
     np.testing.assert_array_equal(read_clear(store, "text")[1], xt)  # text switched off
     assert store.parquet_metadata("features/text_clear.parquet")["clear_enabled"] is False
     diag = store.read_json("clear/diagnostics.json")
@@ -313,7 +316,7 @@ def test_diagnose_measures_from_files(planted_store):
     store, cfg, _, _ = planted_store
     go(store, cfg)
     stage_diag = store.read_json("clear/diagnostics.json")
-    measured = diagnose(store, cfg)
+    measured, _ = diagnose(store, cfg, ArtifactStore(store.root / "diagnose"))
     np.testing.assert_allclose(measured["spectrum_before"], stage_diag["spectrum_before"], rtol=1e-4)
     np.testing.assert_allclose(measured["spectrum_after"], stage_diag["spectrum_after"],
                                atol=1e-4 * stage_diag["spectrum_before"][0])
