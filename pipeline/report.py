@@ -28,6 +28,10 @@ import pyarrow.parquet as pq
 from .experiment_tables import (ablation_table, change_table, compare_table, noise_rule_text,
                                 random_control_table, sweep_choice_table, sweep_table)
 from .store import ArtifactStore, arrow_to_vectors
+from .workdir import (DIAGNOSTICS, INDEX_INFO, INTERACTIONS, ITEM_VECTORS, ITEMS, MODALITIES, MODEL_JSON,
+                      PROJECTOR_JSON, REJECTS, TRAINING_CURVE, USER_VECTORS, USERS, clear_features, features,
+                      imported, read_manifest)
+from .workdir import METRICS as METRICS_JSON
 
 WORKDIR_SECTIONS = ("dataset", "status", "clear", "training", "metrics", "index", "recommendations")
 COMPARISON_SECTIONS = ("comparison", "ablations", "sweep")
@@ -116,8 +120,8 @@ def workdir_notices(root: Path) -> list[str]:
     """What a reader must know before trusting the numbers: untrained or imported encoders."""
     store = ArtifactStore(root)
     notices = []
-    for modality in ("image", "text"):
-        name = f"features/{modality}.parquet"
+    for modality in MODALITIES:
+        name = features(modality)
         if not store.exists(name):
             continue
         meta = store.parquet_metadata(name)
@@ -129,7 +133,7 @@ def workdir_notices(root: Path) -> list[str]:
                 f"model and of the content index, {modality} search) shows the pipeline working, not what the "
                 f"{modality}s are worth. Set encode.{modality}_encoder to a pretrained model for real use.")
         elif encoder == "imported":
-            source = meta.get("source") or f"imported/{modality}.parquet"
+            source = meta.get("source") or imported(modality)
             notices.append(
                 f"The {modality} features were imported ({source}), not encoded here: clearrec cannot tell how they "
                 f"were made, and {modality} queries (search by {modality}, new items' {modality}) are unavailable "
@@ -143,11 +147,11 @@ def _rows(store: ArtifactStore, name: str) -> int:
 
 def _dataset(store: ArtifactStore) -> Section:
     s = Section("dataset", "Dataset")
-    need = ["users.parquet", "items.parquet", "interactions.parquet"]
+    need = [USERS, ITEMS, INTERACTIONS]
     if not all(store.exists(n) for n in need):
         return s.not_run("users / items / interactions.parquet absent; run `clearrec run --only ingest`")
-    users, items = _rows(store, "users.parquet"), _rows(store, "items.parquet")
-    inter = store.read_parquet("interactions.parquet", columns=["split"])
+    users, items = _rows(store, USERS), _rows(store, ITEMS)
+    inter = store.read_parquet(INTERACTIONS, columns=["split"])
     counts = {r["values"]: r["counts"] for r in pc.value_counts(inter["split"]).to_pylist()}
     n = inter.num_rows
     sparsity = 1 - n / (users * items) if users and items else float("nan")
@@ -165,9 +169,7 @@ def _dataset(store: ArtifactStore) -> Section:
 
 def _split_policy(store: ArtifactStore) -> str:
     """The ingest split as recorded in the manifest, in words ("" when unknown)."""
-    if not store.exists("manifest.json"):
-        return ""
-    entry = store.read_json("manifest.json").get("stages", {}).get("ingest", {})
+    entry = read_manifest(store)["stages"].get("ingest", {})
     cfg = ((entry.get("parts") or {}).get("config") or {}).get("ingest") or {}
     policy = cfg.get("split")
     if not policy:
@@ -192,8 +194,7 @@ def _utc(unix_seconds: int) -> str:
 
 def _status(store: ArtifactStore) -> Section:
     s = Section("status", "Stage status and counts")
-    manifest = store.read_json("manifest.json") if store.exists("manifest.json") else {"stages": {}}
-    stages = manifest.get("stages", {})
+    stages = read_manifest(store)["stages"]
     if not stages:
         s.not_run("no manifest.json (no stage has run in this work directory)")
     else:
@@ -204,8 +205,8 @@ def _status(store: ArtifactStore) -> Section:
             status = e.get("status", "?") + (f": {e['error']}" if e.get("error") else "")
             rows.append([name, status, e.get("seconds", ""), _counts(e.get("counts") or {}), _stamp(e.get("ended"))])
         s.table(["stage", "status", "seconds", "counts", "ended"], rows)
-    for modality in ("image", "text"):
-        name = f"features/{modality}.parquet"
+    for modality in MODALITIES:
+        name = features(modality)
         if not store.exists(name):
             s.p(f"{modality} features: absent (no {name}: encoder 'none', or encode has not run)")
             continue
@@ -213,8 +214,8 @@ def _status(store: ArtifactStore) -> Section:
         status = store.read_parquet(name, columns=["status"])["status"]
         counts = ", ".join(f"{r['values']}: {r['counts']:,}" for r in pc.value_counts(status).to_pylist())
         s.p(f"{modality} features ({meta.get('encoder', '?')}, dim {meta.get('dim', '?')}): {counts}")
-    if store.exists("rejects.parquet"):
-        rej = store.read_parquet("rejects.parquet", columns=["reason"])["reason"]
+    if store.exists(REJECTS):
+        rej = store.read_parquet(REJECTS, columns=["reason"])["reason"]
         top = sorted(pc.value_counts(rej).to_pylist(), key=lambda r: -r["counts"])[:10]
         s.p(f"rejected input rows: {len(rej):,}" + (" (top reasons below)" if top else ""))
         if top:
@@ -235,7 +236,7 @@ def _stamp(iso: str | None) -> str:
     return NoWrap(when.strftime("%Y-%m-%d %H:%M:%S UTC"))
 
 
-CLEAR_FILES = ("clear/projector.json", "clear/diagnostics.json")
+CLEAR_FILES = (PROJECTOR_JSON, DIAGNOSTICS)
 
 
 def _clear(store: ArtifactStore) -> Section:
@@ -244,17 +245,17 @@ def _clear(store: ArtifactStore) -> Section:
                                                                       else len(CAPTIONS), f.name)) \
         if store.path("clear").is_dir() else []
     state = []
-    for modality in ("image", "text"):
-        name = f"features/{modality}_clear.parquet"
+    for modality in MODALITIES:
+        name = clear_features(modality)
         if store.exists(name):
             meta = store.parquet_metadata(name)
             state.append(f"{modality} {'on' if meta.get('clear_enabled') else 'off (passed through)'}")
     if state:
         s.p("CLEAR per modality: " + ", ".join(state))
-    if not store.exists("clear/projector.json") and not pngs:
+    if not store.exists(PROJECTOR_JSON) and not pngs:
         return s.not_run("no clear/ artifacts; run `clearrec run --only project`") if not s.blocks else s
-    proj = store.read_json("clear/projector.json") if store.exists("clear/projector.json") else {}
-    diag = store.read_json("clear/diagnostics.json") if store.exists("clear/diagnostics.json") else {}
+    proj = store.read_json(PROJECTOR_JSON) if store.exists(PROJECTOR_JSON) else {}
+    diag = store.read_json(DIAGNOSTICS) if store.exists(DIAGNOSTICS) else {}
     rows = _clear_rows(proj, diag)
     if rows:
         s.table(["", "value"], rows)
@@ -320,11 +321,11 @@ def _clear_rows(proj: dict[str, Any], diag: dict[str, Any]) -> list[list[str]]:
 
 def _training(store: ArtifactStore) -> Section:
     s = Section("training", "Training")
-    if store.exists("model/model.json"):
-        s.table(["", "value"], _training_rows(store.read_json("model/model.json")))
-    s.files(store, ("model/model.json", "model/metrics.json"))
-    if store.exists("model/training_curve.png"):
-        s.image(Image(alt="training curve", path=store.path("model/training_curve.png"),
+    if store.exists(MODEL_JSON):
+        s.table(["", "value"], _training_rows(store.read_json(MODEL_JSON)))
+    s.files(store, (MODEL_JSON, METRICS_JSON))
+    if store.exists(TRAINING_CURVE):
+        s.image(Image(alt="training curve", path=store.path(TRAINING_CURVE),
                       caption=CAPTIONS["training_curve.png"]))
     return s if s.blocks else s.not_run("no model/ artifacts; run `clearrec run --only train`")
 
@@ -360,9 +361,9 @@ def _training_rows(info: dict[str, Any]) -> list[list[str]]:
 
 def _metrics(store: ArtifactStore) -> Section:
     s = Section("metrics", "Metrics")
-    if not store.exists("model/metrics.json"):
+    if not store.exists(METRICS_JSON):
         return s.not_run("no model/metrics.json; run `clearrec run --only train`")
-    m = store.read_json("model/metrics.json")
+    m = store.read_json(METRICS_JSON)
     select = m.get("select_metric", "recall@20")
     test = m.get("test") or {}
     head = [f"{label} {_metric(test[key])}" for key, label in HEADLINE if key in test]
@@ -377,7 +378,7 @@ def _metrics(store: ArtifactStore) -> Section:
             s.p(split)
             s.table(["metric", *(f"@{k}" for k in ks), "meaning"],
                     [[n, *(_metric(values.get(f"{n}@{k}")) for k in ks), METRIC_WORDS.get(n, "")] for n in names])
-    s.files(store, ("model/metrics.json",))
+    s.files(store, (METRICS_JSON,))
     return s
 
 
@@ -397,9 +398,9 @@ METRIC_WORDS = {  # metric name -> what it measures (README "Metrics")
 
 def _index(store: ArtifactStore) -> Section:
     s = Section("index", "Index")
-    if not store.exists("index/index_info.json"):
+    if not store.exists(INDEX_INFO):
         return s.not_run("no index/index_info.json; run `clearrec run --only index`")
-    info = store.read_json("index/index_info.json")
+    info = store.read_json(INDEX_INFO)
     rows = []
     for name, what in (("items", "model item vectors (recommend)"), ("content", "CLEAR-projected features (similar, "
                                                                                   "search)")):
@@ -421,7 +422,7 @@ def _index(store: ArtifactStore) -> Section:
             f"{'on' if b.get('clear_enabled') else 'off'})" for b in blocks) + ", each block L2-normalised")
     if info.get("recall_target") is not None:
         s.p(f"recall target {_num(info['recall_target'])} at K = {recall_k}, measured on held-out queries")
-    s.files(store, ("index/index_info.json",))
+    s.files(store, (INDEX_INFO,))
     return s
 
 
@@ -437,24 +438,24 @@ def _size(n: int | None) -> str:
 
 def _recommendations(store: ArtifactStore, n_users: int, top_k: int) -> Section:
     s = Section("recommendations", "Example recommendations")
-    need = ["model/user_vectors.parquet", "model/item_vectors.parquet", "items.parquet", "interactions.parquet"]
+    need = [USER_VECTORS, ITEM_VECTORS, ITEMS, INTERACTIONS]
     missing = [n for n in need if not store.exists(n)]
     if missing:
         return s.not_run(f"{', '.join(missing)} absent; run the pipeline through `train`")
-    uv = store.read_parquet("model/user_vectors.parquet")
-    iv = store.read_parquet("model/item_vectors.parquet", columns=["item_idx", "vector"])
+    uv = store.read_parquet(USER_VECTORS)
+    iv = store.read_parquet(ITEM_VECTORS, columns=["item_idx", "vector"])
     U, _ = arrow_to_vectors(uv["vector"])  # (n_users, d)
     V, _ = arrow_to_vectors(iv["vector"])  # (n_items, d)
     u_idx, i_idx = uv["user_idx"].to_numpy(), iv["item_idx"].to_numpy()
     user_ids = dict(zip(u_idx.tolist(), uv["user_id"].to_pylist())) if "user_id" in uv.column_names else {}
-    items = store.read_parquet("items.parquet")
+    items = store.read_parquet(ITEMS)
     cols = set(items.column_names)
     idx = items["item_idx"].to_pylist()
     item_ids = dict(zip(idx, items["item_id"].to_pylist()))
     titles = dict(zip(idx, items["title"].to_pylist() if "title" in cols else [""] * len(idx)))
     images = dict(zip(idx, items["image"].to_pylist())) if "image" in cols else {}
-    catalog = store.parquet_metadata("items.parquet").get("catalog_root")
-    inter = store.read_parquet("interactions.parquet", columns=["user_idx", "item_idx", "split"]).to_pandas()
+    catalog = store.parquet_metadata(ITEMS).get("catalog_root")
+    inter = store.read_parquet(INTERACTIONS, columns=["user_idx", "item_idx", "split"]).to_pandas()
     pos = {u: i for i, u in enumerate(u_idx.tolist())}
     test_users = sorted(set(inter.loc[inter["split"] == "test", "user_idx"]) & set(pos))
     if not test_users:
