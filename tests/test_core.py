@@ -152,6 +152,7 @@ print(seen.get("torch"), os.environ.get("THP_MEM_ALLOC_ENABLE"))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("exported", "expected"), [(None, "1 1"), ("0", "0 0")])
 def test_cli_enables_huge_pages_before_torch_loads_unless_exported(exported, expected):
     import os

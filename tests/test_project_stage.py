@@ -128,6 +128,7 @@ def test_projected_files_match_projector_and_contract(planted_store):
     assert diag["energy_curve_before"][-1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_disabled_passes_vectors_through_byte_identical(planted_store):
     store, cfg, xv, xt = planted_store
     go(store, cfg)  # an enabled run first: its projector must not survive the disabled run
@@ -205,6 +206,7 @@ def test_fit_on_train_uses_train_items_only(tmp_path):
     np.testing.assert_allclose(yv, ref.transform_visual(xv), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_small_chunks_equal_big_chunks(tmp_path):
     outs = []
     for sub, rows in (("small", 37), ("big", 100000)):
@@ -309,6 +311,7 @@ def test_runner_fingerprint_covers_project_and_missing_policy(planted_store):
     assert runner.status()["project"].reason == "config changed: project.strength"
 
 
+@pytest.mark.slow
 def test_diagnose_measures_from_files(planted_store):
     store, cfg, _, _ = planted_store
     go(store, cfg)
@@ -321,6 +324,7 @@ def test_diagnose_measures_from_files(planted_store):
     assert measured["variance_kept"]["image"] == pytest.approx(stage_diag["variance_kept"]["image"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_diagnose_cli_writes_json_and_plots(planted_store, tmp_path):
     from typer.testing import CliRunner
 

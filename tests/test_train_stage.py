@@ -85,7 +85,8 @@ def test_stage_writes_the_contract_outputs(tmp_path, backbone):
     metrics = store.read_json("model/metrics.json")
     assert 1 <= metrics["best_epoch"] <= 4
     assert set(metrics["valid"]) == set(metrics["test"]) == {
-        f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50)}
+        f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit", "mrr", "coverage", "popularity", "gini")
+        for k in (5, 10, 20, 50)}
     assert len(metrics["history"]) == 4
     info = store.read_json("model/model.json")
     assert info["backbone"] == backbone and info["best_epoch"] == metrics["best_epoch"]
