@@ -54,9 +54,13 @@ def noise_rule_text(result: dict[str, Any]) -> str:
     return f"Noise rule: {result.get('noise_rule', '')} {NOISE_EXPLAINED}"
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (the one writer of them): ``|`` in a cell is escaped, line breaks become spaces."""
+    def cell(c: Any) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -155,25 +159,25 @@ def compare_markdown(result: dict[str, Any]) -> str:
     h, rows = compare_table(result)
     ch, crows = change_table(result)
     return (f"# CLEAR off vs on\n\n{_provenance(result)}\nTest metrics, mean ± std over seeds:\n\n"
-            f"{_md_table(h, rows)}\n\n## Change on vs off\n\n{noise_rule_text(result)}\n\n"
-            f"{_md_table(ch, crows)}\n\n{_failures(result)}")
+            f"{markdown_table(h, rows)}\n\n## Change on vs off\n\n{noise_rule_text(result)}\n\n"
+            f"{markdown_table(ch, crows)}\n\n{_failures(result)}")
 
 
 def ablations_markdown(result: dict[str, Any]) -> str:
     h, rows = ablation_table(result)
     k = f"ratio={result['ratio']}" if result.get("ratio") else f"k={result['k']}"
     lines = [f"# CLEAR ablations ({result['backbone']}, {k})\n", _provenance(result),
-             noise_rule_text(result) + "\n", _md_table(h, rows), ""]
+             noise_rule_text(result) + "\n", markdown_table(h, rows), ""]
     rh, rrows = random_control_table(result)
     if rrows:
-        lines += ["Shared top-k directions (hard) vs the random-directions control:\n", _md_table(rh, rrows), ""]
+        lines += ["Shared top-k directions (hard) vs the random-directions control:\n", markdown_table(rh, rrows), ""]
     return "\n".join(lines) + _failures(result)
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:
     h, rows = sweep_table(result)
     lines = [f"# CLEAR sweep ({result['backbone']}): valid {SELECT_METRIC}\n", _provenance(result),
-             _md_table(h, rows), ""]
+             markdown_table(h, rows), ""]
     off = result["off"]
     lines.append(f"CLEAR off: valid {SELECT_METRIC} "
                  + (f"{off['valid_select']:.4f}" if off["valid_select"] is not None else "n/a") + "\n")
@@ -183,7 +187,7 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         ks = f" (k used: {', '.join(map(str, c['k_used']))})" if c["k_used"] else ""
         lines.append(f"Chosen on valid: {c['row']}, lambda={c['strength']}{ks}.\n")
         lines.append(noise_rule_text(result) + "\n")
-        lines.append(_md_table(*sweep_choice_table(result)))
+        lines.append(markdown_table(*sweep_choice_table(result)))
         lines.append(f"\n![valid {SELECT_METRIC} heatmap](sweep_heatmap.png)\n")
     return "\n".join(lines) + "\n" + _failures(result)
 

@@ -25,9 +25,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .experiment_tables import (ablation_table, change_table, compare_table, noise_rule_text,
-                                random_control_table, sweep_choice_table, sweep_table)
-from .store import ArtifactStore, arrow_to_vectors
+from .experiment_tables import (ablation_table, change_table, compare_table, markdown_table, noise_rule_text, random_control_table, sweep_choice_table, sweep_table)
+from .store import ArtifactStore, arrow_to_vectors, resolve_inside
 from .workdir import (DIAGNOSTICS, INDEX_INFO, INTERACTIONS, ITEM_VECTORS, ITEMS, MODALITIES, MODEL_JSON,
                       PROJECTOR_JSON, REJECTS, TRAINING_CURVE, USER_VECTORS, USERS, clear_features, features,
                       imported, read_manifest)
@@ -462,21 +461,16 @@ def _recommendations(store: ArtifactStore, n_users: int, top_k: int) -> Section:
         return s.not_run("no user with test interactions has a vector")
     by_user = {u: g for u, g in inter[inter["user_idx"].isin(test_users)].groupby("user_idx")}
     col_of = {int(item): j for j, item in enumerate(i_idx.tolist())}
+    scores, cols = _top_items(U, V, inter, pos, col_of, test_users, top_k)  # (T, K) each
     tops, found = {}, []
-    step = max(1, MAX_SCORED // max(1, len(i_idx)))
-    for start in range(0, len(test_users), step):  # every test user's top K, in blocks of users
-        block = test_users[start : start + step]
-        scores = U[[pos[u] for u in block]] @ V.T  # (b, n_items)
-        for row, u in enumerate(block):
-            rows = by_user[u]
-            seen = [col_of[i] for i in rows.loc[rows["split"] == "train", "item_idx"] if i in col_of]
-            scores[row, seen] = -np.inf
-            order = np.argsort(-scores[row], kind="stable")[:top_k]
-            top = [(int(i_idx[j]), float(scores[row, j])) for j in order if np.isfinite(scores[row, j])]
-            test = set(rows.loc[rows["split"] == "test", "item_idx"].tolist())
-            tops[u] = (top, test, len(seen))
-            if any(item in test for item, _ in top):
-                found.append(u)
+    for row, u in enumerate(test_users):
+        rows = by_user[u]
+        n_seen = sum(i in col_of for i in rows.loc[rows["split"] == "train", "item_idx"])
+        top = [(int(i_idx[j]), float(v)) for v, j in zip(scores[row], cols[row]) if j >= 0]
+        test = set(rows.loc[rows["split"] == "test", "item_idx"].tolist())
+        tops[u] = (top, test, n_seen)
+        if any(item in test for item, _ in top):
+            found.append(u)
     shown = (found + [u for u in test_users if u not in set(found)])[:n_users]
     s.p(f"{len(found):,} of the {len(test_users):,} users with held-out test items have at least one in their top "
         f"{top_k} (training items masked; score = dot(user vector, item vector)). Shown: "
@@ -499,13 +493,28 @@ def _recommendations(store: ArtifactStore, n_users: int, top_k: int) -> Section:
     return s
 
 
+def _top_items(U: np.ndarray, V: np.ndarray, inter: Any, pos: dict[int, int], col_of: dict[int, int],
+               users: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's top-``k`` columns of ``V`` by dot product, training items masked (as evaluation ranks)."""
+    import torch
+
+    from ..models.metrics import ItemSets, topk_items
+
+    train = inter[(inter["split"] == "train") & inter["user_idx"].isin(list(pos)) & inter["item_idx"].isin(list(col_of))]
+    rows = torch.tensor([pos[u] for u in train["user_idx"]], dtype=torch.long)
+    cols = torch.tensor([col_of[i] for i in train["item_idx"]], dtype=torch.long)
+    seen = ItemSets.from_pairs(rows, cols, len(U), len(V))
+    scores, top = topk_items(torch.from_numpy(U), torch.from_numpy(V), torch.tensor([pos[u] for u in users]), k,
+                             exclude=seen, max_block=MAX_SCORED)
+    return scores.numpy(), top.numpy()
+
+
 def _thumbnail(catalog_root: str | None, image: str | None) -> Image | None:
     """A small JPEG of a local catalog image (inside the catalog root), or None."""
     if not catalog_root or not image or "://" in image:
         return None
-    root = Path(catalog_root).resolve()
-    path = (root / image).resolve()
-    if path.parts[: len(root.parts)] != root.parts or not path.is_file():
+    path = resolve_inside(Path(catalog_root), image)
+    if path is None or not path.is_file():
         return None
     from PIL import Image as PILImage
 
@@ -647,17 +656,12 @@ def render_markdown(title: str, sections: Sequence[Section], md_dir: Path, notic
                                                                      for p in data), ""]
             else:
                 headers, rows = data
-                lines.append("| " + " | ".join(str(h) for h in headers) + " |")
-                lines.append("|" + "---|" * len(headers))
-                lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-                lines.append("")
+                lines += [markdown_table(headers, [[_md_cell(c) for c in r] for r in rows]), ""]
     return "\n".join(lines)
 
 
-def _md_cell(c: Any) -> str:
-    if isinstance(c, Image):
-        return "(thumbnail in the HTML report)"
-    return str(c).replace("|", "\\|").replace("\n", " ")
+def _md_cell(c: Any) -> Any:
+    return "(thumbnail in the HTML report)" if isinstance(c, Image) else c
 
 
 def write_report(root: str | Path, comparison: bool = False, out_dir: str | Path | None = None) -> tuple[Path, Path]:

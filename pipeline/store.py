@@ -182,6 +182,16 @@ class ArtifactStore:
             raise ArtifactError(f"{p} is not a readable safetensors file ({e}); rerun its stage with --force") from e
 
 
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` with symlinks resolved, or None when it leaves ``root`` (the one containment check).
+
+    The check compares resolved path components (``Path.is_relative_to``), not string prefixes,
+    so ``/data/catalog-evil`` is not inside ``/data/catalog``.
+    """
+    candidate = (root / relative).resolve()
+    return candidate if candidate.is_relative_to(root.resolve()) else None
+
+
 def check_schema(
     schema: pa.Schema,
     required: Sequence[str] | Mapping[str, pa.DataType] | None,

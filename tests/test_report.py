@@ -185,7 +185,8 @@ def test_example_users_with_a_hit_come_first(workdir):
     pairs = [(0, 2, "train"), (0, 0, "test"), (0, 1, "test"), (1, 3, "train"), (1, 0, "test"), (2, 0, "train")]
     s.write_parquet("interactions.parquet", pa.table({
         "user_idx": [p[0] for p in pairs], "item_idx": [p[1] for p in pairs], "split": [p[2] for p in pairs]}))
-    uvec = np.array([[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0]], dtype=np.float32)  # user 0's top 1: item 3, no hit
+    # user 0's top 1: item 3, no hit; user 1's: item 0, a hit
+    uvec = np.array([[0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 1, 0]], dtype=np.float32)
     s.write_parquet("model/user_vectors.parquet", pa.table({
         "user_idx": np.arange(3), "user_id": ["u0", "u1", "u2"], "vector": vectors_to_arrow(uvec)}))
     (rec,) = [sec for sec in workdir_sections(workdir, n_users=1, top_k=1) if sec.id == "recommendations"]
