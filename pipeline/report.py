@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import os
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .experiment_tables import TABLE_METRICS, ablation_table, compare_table, fmt_delta, fmt_ms, sweep_table
+from .errors import ArtifactError
 from .store import ArtifactStore, arrow_to_vectors
 
 WORKDIR_SECTIONS = ("dataset", "status", "clear", "training", "metrics", "index", "recommendations")
@@ -84,7 +86,7 @@ def _dataset(store: ArtifactStore) -> Section:
     s = Section("dataset", "Dataset")
     need = ["users.parquet", "items.parquet", "interactions.parquet"]
     if not all(store.exists(n) for n in need):
-        return s.not_run("users / items / interactions.parquet absent; run `clearrec run --only ingest`")
+        return s.not_run(f"users / items / interactions.parquet absent; run `{_run_command(store, 'ingest')}`")
     users, items = _rows(store, "users.parquet"), _rows(store, "items.parquet")
     inter = store.read_parquet("interactions.parquet", columns=["split"])
     counts = {r["values"]: r["counts"] for r in pc.value_counts(inter["split"]).to_pylist()}
@@ -141,7 +143,7 @@ def _clear(store: ArtifactStore) -> Section:
             meta = store.parquet_metadata(name)
             s.p(f"{modality}: CLEAR {'on' if meta.get('clear_enabled') else 'off (pass-through)'}")
     if not files and not pngs:
-        return s.not_run("no clear/ artifacts; run `clearrec run --only project`") if not s.blocks else s
+        return s.not_run(f"no clear/ artifacts; run `{_run_command(store, 'project')}`") if not s.blocks else s
     for name in files:
         s.p(name)
         s.table(["key", "value"], _flatten(store.read_json(name)))
@@ -156,13 +158,13 @@ def _training(store: ArtifactStore) -> Section:
         s.table(["key", "value"], _flatten(store.read_json("model/model.json")))
     if store.exists("model/training_curve.png"):
         s.image(Image(alt="training curve", path=store.path("model/training_curve.png")))
-    return s if s.blocks else s.not_run("no model/ artifacts; run `clearrec run --only train`")
+    return s if s.blocks else s.not_run(f"no model/ artifacts; run `{_run_command(store, 'train')}`")
 
 
 def _metrics(store: ArtifactStore) -> Section:
     s = Section("metrics", "Metrics")
     if not store.exists("model/metrics.json"):
-        return s.not_run("no model/metrics.json; run `clearrec run --only train`")
+        return s.not_run(f"no model/metrics.json; run `{_run_command(store, 'train')}`")
     m = store.read_json("model/metrics.json")
     s.p(f"best epoch (valid {m.get('select_metric', 'recall@20')}): {m.get('best_epoch', 'n/a')}; "
         "test is reported at that epoch.")
@@ -180,7 +182,7 @@ def _metrics(store: ArtifactStore) -> Section:
 def _index(store: ArtifactStore) -> Section:
     s = Section("index", "Index")
     if not store.exists("index/index_info.json"):
-        return s.not_run("no index/index_info.json; run `clearrec run --only index`")
+        return s.not_run(f"no index/index_info.json; run `{_run_command(store, 'index')}`")
     return s.table(["key", "value"], _flatten(store.read_json("index/index_info.json")))
 
 
@@ -260,7 +262,7 @@ def comparison_sections(root: Path) -> list[Section]:
         s.p(f"Noise rule: {r['noise_rule']}")
         s.table(*compare_table(r))
     else:
-        s.not_run(f"no compare.json in {root}; run `clearrec compare --out {root}`")
+        s.not_run(f"no compare.json in {root}; run `{_experiment_command(store, 'compare')}`")
     out.append(s)
     s = Section("ablations", "CLEAR ablations")
     if store.exists("ablations.json"):
@@ -272,7 +274,7 @@ def comparison_sections(root: Path) -> list[Section]:
             s.p("shared top-k directions (hard) vs random directions: "
                 + "; ".join(f"{m} {fmt_delta(d[m])}" for m in TABLE_METRICS))
     else:
-        s.not_run(f"no ablations.json in {root}; run `clearrec ablate --out {root}`")
+        s.not_run(f"no ablations.json in {root}; run `{_experiment_command(store, 'ablate')}`")
     out.append(s)
     s = Section("sweep", "CLEAR k x lambda sweep")
     if store.exists("sweep.json"):
@@ -291,7 +293,7 @@ def comparison_sections(root: Path) -> list[Section]:
         if r.get("heatmap") and store.exists(r["heatmap"]):
             s.image(Image(alt="sweep heatmap", path=store.path(r["heatmap"])))
     else:
-        s.not_run(f"no sweep.json in {root}; run `clearrec sweep --out {root}`")
+        s.not_run(f"no sweep.json in {root}; run `{_experiment_command(store, 'sweep')}`")
     out.append(s)
     return out
 
@@ -379,6 +381,35 @@ def write_report(root: str | Path, comparison: bool = False, out_dir: str | Path
 
 
 # ---- helpers ---------------------------------------------------------------------------
+def _run_command(store: ArtifactStore, stage: str) -> str:
+    """``clearrec run`` up to ``stage`` for this work directory, with the config its manifest records."""
+    config = (_json_or_empty(store, "manifest.json")).get("config_file")
+    parts = ["clearrec", "run", *(["--config", config] if config else []), "--workdir", str(store.root),
+             "--to", stage]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _experiment_command(store: ArtifactStore, kind: str) -> str:
+    """``clearrec compare / ablate / sweep`` writing into this experiment folder, with its config and base."""
+    header = next((h for h in (_json_or_empty(store, f"{n}.json") for n in ("compare", "ablations", "sweep"))
+                   if h.get("config")), {})
+    config, base = header.get("config"), header.get("base_workdir")
+    if not config:  # the default folder, <workdir>/experiments, of a built work directory
+        config = _json_or_empty(ArtifactStore(store.root.parent), "manifest.json").get("config_file")
+        base = str(store.root.parent) if config else None
+    parts = ["clearrec", kind, *(["--config", config] if config else []), *(["--workdir", base] if base else []),
+             "--out", str(store.root)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _json_or_empty(store: ArtifactStore, name: str) -> dict[str, Any]:
+    try:
+        data = store.read_json(name) if store.exists(name) else {}
+    except ArtifactError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _flatten(obj: Any, prefix: str = "", max_list: int = 8) -> list[list[str]]:
     """Nested JSON -> [[dotted key, value]] rows; long lists are summarised."""
     rows: list[list[str]] = []
