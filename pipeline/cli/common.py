@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,10 +99,11 @@ def library_logs_to(path: Path) -> Iterator[None]:
 
 
 def resume_command(config: Path | None, workdir: Path | None, overrides: list[str] | None) -> str:
-    parts = ["clearrec run"]
+    """The ``clearrec run`` command line as given (quoted for a shell), for resume hints."""
+    parts = ["clearrec", "run"]
     if config is not None:
-        parts.append(f"--config {config}")
+        parts += ["--config", str(config)]
     if workdir is not None:
-        parts.append(f"--workdir {workdir}")
-    parts.extend(f"--set {o}" for o in overrides or [])
-    return " ".join(parts)
+        parts += ["--workdir", str(workdir)]
+    parts += [a for o in overrides or [] for a in ("--set", o)]
+    return " ".join(shlex.quote(p) for p in parts)

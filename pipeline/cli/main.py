@@ -21,6 +21,7 @@ from .summary import run_summary
 
 STAGE_LIST = ", ".join(stage_names())
 
+
 class _FlagHelp:
     """Shows every flag (``--force``, ``-h`` / ``--help``) without a value placeholder in the rich help."""
 
