@@ -59,11 +59,11 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def serve_times(base: list[str], env: dict[str, str], timeout: float = 300.0) -> dict[str, float]:
+def serve_times(base: list[str], where: list[str], env: dict[str, str], timeout: float = 300.0) -> dict[str, float]:
     """Seconds from spawning ``clearrec serve`` to: its "serving" line, /health 200, a text search 200."""
     port = free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*base, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
+    proc = subprocess.Popen([*base, "serve", *where, "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     said: list[float] = []
 
