@@ -110,7 +110,7 @@ def test_workdir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     config = write_catalog(tmp_path / "data", NO_ENCODERS)
     file = tmp_path / "work.txt"
     file.write_text("not a folder")
-    for command in ("run", "status", "query"):
+    for command in ("run", "status", "query", "report"):
         extra = ["--user", "U000"] if command == "query" else []
         code, out, err = cli(capsys, command, "--config", str(config), "--workdir", str(file), *extra)
         assert code == 1, (command, err)

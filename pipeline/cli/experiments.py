@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import Config, parse_override
-from ..errors import ConfigError
+from ..errors import ClearrecError, ConfigError
 from ..experiments import Harness
 from ..report import write_report
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, emit, load, workdir_of
@@ -155,5 +155,8 @@ def report(
         root = workdir
     else:
         root = workdir_of(load(config, set_), None)
+    if root.exists() and not root.is_dir():
+        what = "experiment folder" if comparison is not None else "work directory"
+        raise ClearrecError(f"{what} {root} is a file, not a folder; pass a folder")
     html_path, md_path = write_report(root, comparison=comparison is not None, out_dir=out_dir)
     emit(f"{html_path}\n{md_path}")
