@@ -54,7 +54,8 @@ app = _App(
     help=(
         "clearrec: raw multimodal catalog -> features -> CLEAR projection -> graph recommender -> FAISS index.\n\n"
         f"Stages, in order: {' -> '.join(stage_names())}. Start with "
-        "'clearrec run --config sample_data/clearrec.toml', then 'clearrec status'."
+        "'clearrec run --config sample_data/clearrec.toml', then "
+        "'clearrec status --config sample_data/clearrec.toml'."
     ),
     no_args_is_help=True,
     add_completion=False,
