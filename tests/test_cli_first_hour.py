@@ -146,6 +146,12 @@ def test_set_errors_name_the_override_and_suggest_only_close_keys(tmp_path, caps
     assert re.search(r"train\.epochs: .*\[from --set train\.epochs=many\]", str(e.value))
     code, _, err = cli(capsys, "config", "show", "--config", str(config), "--set", "train.bogus=1")
     assert code == 2 and "from --set train.bogus=1" in err
+    os.chdir(tmp_path)  # no clearrec.toml here: query with --workdir alone starts from the defaults
+    try:
+        code, _, err = cli(capsys, "query", "--workdir", str(tmp_path), "--user", "U0", "--set", "index.serve.port=x")
+    finally:
+        os.chdir(REPO)
+    assert code == 2 and "[from --set index.serve.port=x]" in err
 
 
 # ---- 6: --version, -h, flags and stage names in the help -------------------------------------

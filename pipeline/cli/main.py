@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClearrecError, ConfigError
@@ -164,8 +165,8 @@ def main() -> None:
     try:
         app()
     except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}")
+        console.print(f"[bold red]config error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except ClearrecError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(1)

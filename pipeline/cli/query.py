@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..api import MAX_K, open_workdir
@@ -19,7 +20,8 @@ SOURCES = ("content", "cf")  # what --item neighbours are found by: features / i
 def load_for_queries(config: Path | None, workdir: Path | None, set_: list[str] | None) -> Config:
     """The run config; with only ``--workdir`` and no ./clearrec.toml, the defaults."""
     if config is None and workdir is not None and not (Path.cwd() / DEFAULT_CONFIG_NAME).is_file():
-        return Config().with_overrides(dict(parse_override(s) for s in set_ or []))
+        pairs = [(parse_override(s), s) for s in set_ or []]
+        return Config().with_overrides({k: v for (k, v), _ in pairs}, origins={k: f"--set {s}" for (k, _), s in pairs})
     return load(config, set_)
 
 
@@ -67,7 +69,7 @@ def query(
         else:
             hits, what = rec.search_image(image, k), f"image search: {image}"
     except ValueError as e:  # e.g. an undecodable image
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from e
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))

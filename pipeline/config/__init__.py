@@ -74,10 +74,11 @@ class Config(Section):
             node = node[part]
         return node
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
-        """A new config with dotted keys replaced (validated like the file)."""
+    def with_overrides(self, overrides: dict[str, Any], origins: dict[str, str] | None = None) -> "Config":
+        """A new config with dotted keys replaced (validated like the file); errors name each key's
+        origin (``origins``: key -> e.g. ``"--set train.lr=fast"``; default ``"override key=value"``)."""
         data = self.model_dump(mode="json")
-        origins = {key: f"override {key}={value!r}" for key, value in overrides.items()}
+        origins = {key: (origins or {}).get(key, f"override {key}={value!r}") for key, value in overrides.items()}
         for key, value in overrides.items():
             _set_dotted(data, key, value, origins[key])
         return _build(data, self._base_dir, self._source, origins)
