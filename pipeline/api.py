@@ -93,6 +93,13 @@ class AddedItems:
     notes: list[str] = field(default_factory=list)  # why something was not inserted
 
 
+def _suggest(key: str, known: Mapping[str, Any]) -> str:
+    """``"; did you mean 'U0001'?"`` when an id differs from a known one by letter case only, else ``""``."""
+    folded = str(key).casefold()
+    match = next((k for k in known if k.casefold() == folded), None)
+    return f"; did you mean {match!r}?" if match is not None else ""
+
+
 def open_workdir(workdir: str | Path, **kwargs: Any) -> "Recommender":
     """Open a work directory whose ``index`` stage has run (keyword arguments: :class:`Recommender`)."""
     return Recommender(workdir, **kwargs)
@@ -139,7 +146,7 @@ class Recommender:
         row = self._user_row.get(str(user_id))
         if row is None:
             raise UnknownIdError(f"unknown user {user_id!r}: not in model/user_vectors.parquet "
-                                 "(users need at least one training interaction)")
+                                 f"(users need at least one training interaction){_suggest(user_id, self._user_row)}")
         seen = self._seen.get(row, _EMPTY) if exclude_seen else _EMPTY
         q = self._user_vectors[row : row + 1]  # (1, d)
         with self._lock.read():
@@ -160,7 +167,8 @@ class Recommender:
             if row is None:
                 known = str(item_id) in self._titles or str(item_id) in self.items.row_of
                 raise UnknownIdError(f"item {item_id!r} has no content vector" if known else
-                                     f"unknown item {item_id!r}: not in the {index.name} index")
+                                     f"unknown item {item_id!r}: not in the {index.name} index"
+                                     f"{_suggest(item_id, index.row_of)}")
             q = index.index.reconstruct(row)[None, :]  # (1, d)
             return self._hits(index, q, k, {row}, ef_search, nprobe)
 

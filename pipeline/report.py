@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import os
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .experiment_tables import (ablation_table, change_table, compare_table, markdown_table, noise_rule_text, random_control_table, sweep_choice_table, sweep_table)
+from .experiment_tables import (ablation_table, change_table, compare_table, markdown_table, noise_rule_text,
+                                random_control_table, sweep_choice_table, sweep_table)
+from .errors import ArtifactError
 from .store import ArtifactStore, arrow_to_vectors, resolve_inside
-from .workdir import (DIAGNOSTICS, INDEX_INFO, INTERACTIONS, ITEM_VECTORS, ITEMS, MODALITIES, MODEL_JSON,
+from .workdir import (DIAGNOSTICS, INDEX_INFO, INTERACTIONS, MANIFEST, ITEM_VECTORS, ITEMS, MODALITIES, MODEL_JSON,
                       PROJECTOR_JSON, REJECTS, TRAINING_CURVE, USER_VECTORS, USERS, clear_features, features,
                       imported, read_manifest)
 from .workdir import METRICS as METRICS_JSON
@@ -148,7 +151,7 @@ def _dataset(store: ArtifactStore) -> Section:
     s = Section("dataset", "Dataset")
     need = [USERS, ITEMS, INTERACTIONS]
     if not all(store.exists(n) for n in need):
-        return s.not_run("users / items / interactions.parquet absent; run `clearrec run --only ingest`")
+        return s.not_run(f"users / items / interactions.parquet absent; run `{_run_command(store, 'ingest')}`")
     users, items = _rows(store, USERS), _rows(store, ITEMS)
     inter = store.read_parquet(INTERACTIONS, columns=["split"])
     counts = {r["values"]: r["counts"] for r in pc.value_counts(inter["split"]).to_pylist()}
@@ -252,7 +255,7 @@ def _clear(store: ArtifactStore) -> Section:
     if state:
         s.p("CLEAR per modality: " + ", ".join(state))
     if not store.exists(PROJECTOR_JSON) and not pngs:
-        return s.not_run("no clear/ artifacts; run `clearrec run --only project`") if not s.blocks else s
+        return s.not_run(f"no clear/ artifacts; run `{_run_command(store, 'project')}`") if not s.blocks else s
     proj = store.read_json(PROJECTOR_JSON) if store.exists(PROJECTOR_JSON) else {}
     diag = store.read_json(DIAGNOSTICS) if store.exists(DIAGNOSTICS) else {}
     rows = _clear_rows(proj, diag)
@@ -326,7 +329,7 @@ def _training(store: ArtifactStore) -> Section:
     if store.exists(TRAINING_CURVE):
         s.image(Image(alt="training curve", path=store.path(TRAINING_CURVE),
                       caption=CAPTIONS["training_curve.png"]))
-    return s if s.blocks else s.not_run("no model/ artifacts; run `clearrec run --only train`")
+    return s if s.blocks else s.not_run(f"no model/ artifacts; run `{_run_command(store, 'train')}`")
 
 
 def _training_rows(info: dict[str, Any]) -> list[list[str]]:
@@ -361,7 +364,7 @@ def _training_rows(info: dict[str, Any]) -> list[list[str]]:
 def _metrics(store: ArtifactStore) -> Section:
     s = Section("metrics", "Metrics")
     if not store.exists(METRICS_JSON):
-        return s.not_run("no model/metrics.json; run `clearrec run --only train`")
+        return s.not_run(f"no model/metrics.json; run `{_run_command(store, 'train')}`")
     m = store.read_json(METRICS_JSON)
     select = m.get("select_metric", "recall@20")
     test = m.get("test") or {}
@@ -398,7 +401,7 @@ METRIC_WORDS = {  # metric name -> what it measures (README "Metrics")
 def _index(store: ArtifactStore) -> Section:
     s = Section("index", "Index")
     if not store.exists(INDEX_INFO):
-        return s.not_run("no index/index_info.json; run `clearrec run --only index`")
+        return s.not_run(f"no index/index_info.json; run `{_run_command(store, 'index')}`")
     info = store.read_json(INDEX_INFO)
     rows = []
     for name, what in (("items", "model item vectors (recommend)"), ("content", "CLEAR-projected features (similar, "
@@ -545,7 +548,7 @@ def comparison_sections(root: Path) -> list[Section]:
         s.table(*change_table(r))
         s.files(store, ("compare.json",))
     else:
-        s.not_run(f"no compare.json in {root}; run `clearrec compare --out {root}`")
+        s.not_run(f"no compare.json in {root}; run `{_experiment_command(store, 'compare')}`")
     out.append(s)
     s = Section("ablations", "CLEAR ablations")
     if store.exists("ablations.json"):
@@ -560,7 +563,7 @@ def comparison_sections(root: Path) -> list[Section]:
             s.table(headers, rows)
         s.files(store, ("ablations.json",))
     else:
-        s.not_run(f"no ablations.json in {root}; run `clearrec ablate --out {root}`")
+        s.not_run(f"no ablations.json in {root}; run `{_experiment_command(store, 'ablate')}`")
     out.append(s)
     s = Section("sweep", "CLEAR k x lambda sweep")
     if store.exists("sweep.json"):
@@ -577,7 +580,7 @@ def comparison_sections(root: Path) -> list[Section]:
             s.image(Image(alt="sweep heatmap", path=store.path(r["heatmap"]), caption=CAPTIONS["sweep_heatmap.png"]))
         s.files(store, ("sweep.json",))
     else:
-        s.not_run(f"no sweep.json in {root}; run `clearrec sweep --out {root}`")
+        s.not_run(f"no sweep.json in {root}; run `{_experiment_command(store, 'sweep')}`")
     out.append(s)
     return out
 
@@ -682,6 +685,35 @@ def write_report(root: str | Path, comparison: bool = False, out_dir: str | Path
 
 
 # ---- helpers ---------------------------------------------------------------------------
+def _run_command(store: ArtifactStore, stage: str) -> str:
+    """``clearrec run`` up to ``stage`` for this work directory, with the config its manifest records."""
+    config = _json_or_empty(store, MANIFEST).get("config_file")
+    parts = ["clearrec", "run", *(["--config", config] if config else []), "--workdir", str(store.root),
+             "--to", stage]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _experiment_command(store: ArtifactStore, kind: str) -> str:
+    """``clearrec compare / ablate / sweep`` writing into this experiment folder, with its config and base."""
+    header = next((h for h in (_json_or_empty(store, f"{n}.json") for n in ("compare", "ablations", "sweep"))
+                   if h.get("config")), {})
+    config, base = header.get("config"), header.get("base_workdir")
+    if not config:  # the default folder, <workdir>/experiments, of a built work directory
+        config = _json_or_empty(ArtifactStore(store.root.parent), MANIFEST).get("config_file")
+        base = str(store.root.parent) if config else None
+    parts = ["clearrec", kind, *(["--config", config] if config else []), *(["--workdir", base] if base else []),
+             "--out", str(store.root)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _json_or_empty(store: ArtifactStore, name: str) -> dict[str, Any]:
+    try:
+        data = store.read_json(name) if store.exists(name) else {}
+    except ArtifactError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _flatten(obj: Any, prefix: str = "", max_list: int = 8) -> list[list[str]]:
     """Nested JSON -> [[dotted key, value]] rows; long lists are summarised."""
     rows: list[list[str]] = []
