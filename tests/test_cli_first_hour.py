@@ -16,7 +16,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
