@@ -6,12 +6,15 @@ on disk, whichever stages this run executed.
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow.parquet as pq
+
+from ..errors import ArtifactError
+from ..store import ArtifactStore
+from ..workdir import METRICS, USER_VECTORS, read_manifest
 
 HEADLINE_METRICS = ("recall", "ndcg", "precision", "map")
 
@@ -27,8 +30,8 @@ def command(name: str, config: Path | None, workdir: Path, *args: str) -> str:
 
 def run_summary(root: Path, stage_names: Sequence[str], config: Path | None) -> list[str]:
     """Lines of the closing block for work directory ``root`` (pipeline order ``stage_names``)."""
-    manifest = _read_json(root / "manifest.json") or {}
-    stages = manifest.get("stages", {})
+    store = ArtifactStore(root)
+    stages = _read(store, read_manifest, {}).get("stages", {})
     lines = [f"Built in {root}:"]
     for name in stage_names:
         entry = stages.get(name)
@@ -39,7 +42,7 @@ def run_summary(root: Path, stage_names: Sequence[str], config: Path | None) -> 
         outputs = sorted(entry.get("outputs", {}))
         shown = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
         lines.append(f"  {name:<8} {shown}")
-    metrics = _read_json(root / "model" / "metrics.json")
+    metrics = _read(store, lambda s: s.read_json(METRICS) if s.exists(METRICS) else None, None)
     if metrics and metrics.get("test"):
         test = metrics["test"]
         k = _headline_k(test)
@@ -65,7 +68,7 @@ def _headline_k(metrics: dict[str, Any]) -> int:
 
 
 def _first_user(root: Path) -> str | None:
-    path = root / "model" / "user_vectors.parquet"
+    path = root / USER_VECTORS
     try:
         ids = pq.ParquetFile(path).read_row_group(0, columns=["user_id"])["user_id"]
     except (OSError, KeyError, ValueError, IndexError):
@@ -73,8 +76,8 @@ def _first_user(root: Path) -> str | None:
     return str(ids[0].as_py()) if len(ids) else None
 
 
-def _read_json(path: Path) -> Any:
+def _read(store: ArtifactStore, read: Any, default: Any) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        return read(store)
+    except ArtifactError:
+        return default
