@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..pipeline.errors import EncoderUnavailableError
+from .errors import EncoderUnavailableError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_FAILURES, ImageDecodeError, safe_open_image
 
 __all__ = [

@@ -6,7 +6,8 @@ One epoch = every training pair once, in a fresh random order, each with one neg
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
 masked); training stops after ``patience`` epochs without a better ``stop_metric``, the best
-epoch's weights are restored and ``test`` is evaluated with them.
+epoch's weights are restored and ``test`` is evaluated with them. The popularity measures
+count an item's training interactions.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..pipeline.errors import TrainingError
+from .errors import TrainingError
 from .base import Backbone
 from .metrics import ItemSets, ranking_metrics
 
@@ -107,6 +108,7 @@ def fit(
     if users.numel() == 0:
         raise TrainingError("no training interactions; check that interactions.parquet has split == 'train' rows")
     train_d, valid_d = train.to(device), valid.to(device)
+    popularity = torch.bincount(train.items, minlength=model.num_items).to(device)  # (I,) training interactions
     optimizer = _adam(model, options.lr)
     history: list[EpochRecord] = []
     best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
@@ -133,7 +135,8 @@ def fit(
             total += value * idx.numel()
         t1 = time.perf_counter()
         user_vecs, item_vecs = model.vectors()
-        valid_metrics = ranking_metrics(user_vecs, item_vecs, valid_d, train_d, options.ks, options.max_block)
+        valid_metrics = ranking_metrics(user_vecs, item_vecs, valid_d, train_d, options.ks, options.max_block,
+                                        popularity)
         record = EpochRecord(epoch, total / users.numel(), valid_metrics, t1 - t0, time.perf_counter() - t1)
         history.append(record)
         if on_epoch is not None:
@@ -150,5 +153,6 @@ def fit(
     test_metrics: dict[str, float] = {}
     if test is not None:
         user_vecs, item_vecs = model.vectors()
-        test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block)
+        test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block,
+                                       popularity)
     return TrainResult(best_epoch, best_valid, test_metrics, history, stopped_early)

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..pipeline.errors import InputDataError
 from ._ingest_readers import Rejects
 
 SPLITS = ("train", "valid", "test")
+TIMED_SPLITS = ("temporal", "global-temporal", "leave-one-out")  # split policies that order by timestamp
 SPLIT_ALIASES = {"train": 0, "training": 0, "0": 0, "valid": 1, "val": 1, "validation": 1, "dev": 1, "1": 1,
                  "test": 2, "testing": 2, "2": 2}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -129,9 +131,9 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     if min_rating is not None:
         inter = rejects.add_rows(INTER, inter, inter["rating_f"] < min_rating, lambda rows: "below-min-rating: "
                                  + "rating " + rows["rating_f"].astype(str) + f" < ingest.min_rating = {min_rating}")
-    if split_policy == "temporal":
+    if split_policy in TIMED_SPLITS:
         inter = rejects.add_rows(INTER, inter, inter["ts"].isna(),
-                                 "no-timestamp: split = 'temporal' needs a timestamp on every interaction")
+                                 f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
     dup = inter.duplicated(["user_id", "item_id"], keep="first")
     if dup.any():
         grouped = inter.groupby(["user_id", "item_id"], sort=False)
@@ -227,10 +229,12 @@ def split_sizes(n: np.ndarray, ratios: tuple[float, float, float]) -> tuple[np.n
 
 def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[float, float, float],
                  seed: int) -> np.ndarray:
-    """Split code per row (0 train, 1 valid, 2 test) for ``policy`` "random" or "temporal".
+    """Split code per row (0 train, 1 valid, 2 test) for ``policy`` "random", "temporal" or "leave-one-out".
 
-    random: each user's rows in a seeded random order; temporal: newest first (ties: later row
-    newer). The first n_test of that order go to test, the next n_valid to valid.
+    random: each user's rows in a seeded random order; temporal and leave-one-out: newest first
+    (ties: later row newer). The first n_test of that order go to test, the next n_valid to valid:
+    ``split_sizes`` of ``ratios``, or for leave-one-out one test row (users with 2+ rows) and one
+    valid row (users with 3+ rows).
     """
     n = len(user)
     if policy == "random":
@@ -242,8 +246,37 @@ def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[fl
     counts = np.bincount(user)
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rank = np.arange(n) - start[sorted_user]  # position within the user's ordering
-    n_valid, n_test = split_sizes(counts, ratios)
+    if policy == "leave-one-out":
+        n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+    else:
+        n_valid, n_test = split_sizes(counts, ratios)
     code = np.zeros(n, dtype=np.int8)
     code[order[rank < n_test[sorted_user]]] = 2
     code[order[(rank >= n_test[sorted_user]) & (rank < (n_test + n_valid)[sorted_user])]] = 1
     return code
+
+
+def global_temporal_split(ts: np.ndarray, ratios: tuple[float, float, float]) -> tuple[np.ndarray, dict[str, int]]:
+    """One pair of cut-off times for every user: (split code per row, {"valid_from", "test_from"}).
+
+    The newest ``round(N * ratios[2])`` rows set the test cut-off and the ``round(N * ratios[1])``
+    before them the valid cut-off; every row at or after a cut-off time is in that split (rows
+    sharing the cut-off's timestamp go to the later split), so each split is one time interval and
+    nothing in train is newer than anything in valid or test. ``ts`` (N,) unix seconds, no NaN.
+    """
+    n = len(ts)
+    ordered = np.sort(ts)
+    n_test = int(np.floor(n * ratios[2] + 0.5))
+    n_valid = int(np.floor(n * ratios[1] + 0.5))
+    test_from = ordered[n - n_test] if n_test else np.inf
+    valid_from = ordered[n - n_test - n_valid] if n_valid else test_from
+    code = np.zeros(n, dtype=np.int8)
+    code[ts >= valid_from] = 1
+    code[ts >= test_from] = 2
+    if not (code == 0).any():
+        raise InputDataError(
+            f"split = 'global-temporal': every interaction is at or after the valid cut-off "
+            f"(unix time {int(valid_from)}), so train would be empty; the timestamps are (nearly) all equal; "
+            "use split = 'temporal' (per user) or 'random'")
+    cutoffs = {name: int(t) for name, t in (("valid_from", valid_from), ("test_from", test_from)) if np.isfinite(t)}
+    return code, cutoffs

@@ -18,14 +18,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from ..models.encoders import load_image_encoder, load_text_encoder, template_fields
 from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore
-from ..pipeline.threads import torch_threads
+from ..pipeline.threads import select_device, torch_threads
 from ._encode_cache import Shard, ShardCache, assemble, encoder_key, iter_rows, shard_stem
 from ._encode_shards import ShardWorker, WorkerOptions
 from ._encode_sources import image_rows, text_rows
@@ -41,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ArtifactError(f"items.parquet not found in {ctx.store.root}; run 'clearrec run --to encode' first")
     specs = {m: resolve_spec(getattr(cfg, f"{m}_encoder"), ctx.config) for m in MODALITIES}
     # in Ray mode the driver's copy only checks availability and gives identity / dim / weights hash
-    device = "cpu" if cfg.backend == "ray" else _device(cfg.device)
+    device = "cpu" if cfg.backend == "ray" else select_device(cfg.device, "encode.device")
     encoded = [m for m in MODALITIES if specs[m] not in ("none", "imported")]
     fields = _template_fields(cfg.text_template, ctx.store) if "text" in encoded else []
     encoders: dict[str, Any] = {}
@@ -212,14 +211,6 @@ def _template_fields(template: str, store: ArtifactStore) -> list[str]:
         raise ConfigError(f"encode.text_template {template!r} must use columns of items.parquet in braces; "
                           f"unknown: {missing}; available: {columns}")
     return fields
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"encode.device = {device!r} but CUDA is not available; use \"auto\" or \"cpu\"")
-    return device
 
 
 SPEC = StageSpec(

@@ -262,6 +262,7 @@ Runner([encode.SPEC], load_config(sys.argv[1]), sys.argv[2]).run()
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_unfinished_shards_only_and_writes_identical_files(tmp_path, models):
     cat = tmp_path / "cat"
     rows = write_catalog(cat, 30)
@@ -319,6 +320,7 @@ def test_adding_ten_items_encodes_only_those_ten(tmp_path, models):
 
 
 # ---- Ray backend ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_backend_matches_local_and_reruns_without_duplicates(tmp_path, models):
     ray = pytest.importorskip("ray")
     cat = tmp_path / "cat"

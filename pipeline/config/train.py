@@ -79,8 +79,8 @@ class TrainConfig(Section):
     batch_size: int = Field(2048, ge=1)  # (user, positive, negative) triples per Adam step
     epochs: int = Field(1000, ge=1)  # most epochs (one epoch = every training interaction once)
     patience: int = Field(20, ge=1)  # epochs without a better valid stop_metric before stopping
-    eval_ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs K of recall / ndcg / precision / map
-    stop_metric: str = "recall@20"  # valid metric that selects the best epoch: recall|ndcg|precision|map@K
+    eval_ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs K of every metric (README "Metrics")
+    stop_metric: str = "recall@20"  # valid metric that selects the best epoch: recall|ndcg|precision|map|hit|mrr@K
     seed: int = 999  # seeds initialisation, negative sampling, shuffling and edge pruning
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default (all cores)
@@ -95,9 +95,11 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         metric, _, k = self.stop_metric.partition("@")
-        if metric not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in self.eval_ks:
+        per_user = ("recall", "ndcg", "precision", "map", "hit", "mrr")
+        if metric not in per_user or not k.isdigit() or int(k) not in self.eval_ks:
             raise ValueError(
-                f"stop_metric {self.stop_metric!r} must be recall|ndcg|precision|map@K with K in eval_ks {self.eval_ks}"
+                f"stop_metric {self.stop_metric!r} must be recall|ndcg|precision|map|hit|mrr@K with K in eval_ks "
+                f"{self.eval_ks}"
             )
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError(f"eval_ks must be positive cut-offs, got {self.eval_ks}")
