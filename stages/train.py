@@ -181,7 +181,9 @@ def build_backbone(name: str, settings: dict[str, Any], data: TrainData, hook: M
     if cls.uses_graph:
         users, items = data.splits["train"].pairs(torch.arange(data.num_users))
         kwargs["edge_index"] = torch.stack([users, items])
-    if cls.uses_features:
+    if cls.uses_features and "features" in accepts:  # a mapping modality name -> (I, d) features
+        kwargs["features"] = dict(data.features)
+    elif cls.uses_features:
         kwargs["image_features"] = data.features.get("image")
         kwargs["text_features"] = data.features.get("text")
     if hook is not None:

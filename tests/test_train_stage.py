@@ -308,3 +308,13 @@ def test_threads_setting_is_restored_and_missing_cuda_is_a_config_error(tmp_path
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             run(store, config(**{"train.backbone": "lightgcn", "train.device": "cuda"}))
+
+
+@pytest.mark.parametrize("backbone", ["lattice", "mgcn", "smore"])
+def test_backbones_taking_a_feature_mapping_train_and_reload(tmp_path, backbone):
+    store = write_workdir(tmp_path)
+    result, _ = run(store, config(**{"train.backbone": backbone, "train.epochs": 2}))
+    assert store.read_json("model/model.json")["backbone"] == backbone
+    _, items = train.load_model(store).vectors()  # rebuilt from model.json + model.safetensors alone
+    saved, _ = arrow_to_vectors(store.read_parquet("model/item_vectors.parquet")["vector"])
+    np.testing.assert_allclose(items.numpy(), saved, rtol=1e-5, atol=1e-6)
