@@ -278,7 +278,7 @@ def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     rej = rejects(store).set_index("row")["reason"]
     assert rej[7] == "malformed: 3 fields, the header has 4"
     assert rej[8] == "malformed: 5 fields, the header has 4"
-    assert rej[9].startswith("malformed: 3 fields") and "spans lines 9-10" in rej[9]  # the quote swallows line 10
+    assert rej[9].startswith("malformed: a quote opened on line 9 is never closed") and "spans lines 9-10" in rej[9]
     assert result.counts["interactions_read"] == 8
 
 
