@@ -14,7 +14,7 @@ import difflib
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -101,6 +101,7 @@ class RawTable:
     path: Path
     frame: pd.DataFrame  # raw columns (object dtype, stripped strings) + "_src" + "_row"
     n_read: int  # records read, including those rejected while parsing
+    types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet column types (empty for text files)
 
     @property
     def columns(self) -> list[str]:
@@ -118,8 +119,10 @@ def read_table(path: Path, encoding: str, rejects: Rejects, kind: str) -> RawTab
         hint = "it is a folder, not a file" if path.is_dir() else "no such file"
         raise InputDataError(f"{what} {path} cannot be read: {hint}. Check the path in the [ingest] section "
                              "(relative paths are relative to the config file's folder).")
+    types: dict[str, pa.DataType] = {}
     if suffix in PARQUET_SUFFIXES:
         records, rows, n_read = _read_parquet(path, what)
+        types = {f.name: f.type for f in pq.read_schema(path)}
     else:
         data = _read_bytes(path, encoding, what)
         if suffix in JSONL_SUFFIXES:
@@ -134,7 +137,7 @@ def read_table(path: Path, encoding: str, rejects: Rejects, kind: str) -> RawTab
     records["_row"] = np.asarray(rows, dtype=np.int64)
     if suffix in PARQUET_SUFFIXES:
         records = _reject_undecodable(records, rejects, kind)
-    return RawTable(path=path, frame=records.reset_index(drop=True), n_read=n_read)
+    return RawTable(path=path, frame=records.reset_index(drop=True), n_read=n_read, types=types)
 
 
 def require_columns(table: RawTable, wanted: Mapping[str, str], what: str, fix: str | None = None) -> None:
@@ -151,6 +154,42 @@ def require_columns(table: RawTable, wanted: Mapping[str, str], what: str, fix: 
                            "\"<column name>\" in [ingest].")
             raise InputDataError(f"{what} {table.path} has no column {theirs!r} (the {ours} column); "
                                  f"its columns are {have}.{hint} {todo}")
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+# what each of our columns may be in a Parquet file: (test, description)
+COLUMN_TYPES: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "item_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+    "user_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+    "title": (_is_text, "strings"),
+    "description": (_is_text, "strings"),
+    "image": (_is_text, "strings (paths or URLs)"),
+    "timestamp": (lambda t: _is_text(t) or _is_number(t) or pa.types.is_timestamp(t) or pa.types.is_date(t),
+                  "unix seconds, timestamps, dates or strings"),
+    "rating": (lambda t: _is_text(t) or _is_number(t), "numbers or strings"),
+    "split": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+}
+
+
+def check_types(table: RawTable, wanted: Mapping[str, str], what: str) -> None:
+    """Raise naming the file, column and type when a Parquet column of ours has a type that would
+    be stringified into something else (a float id "1.0", a list title "[...]", a numeric path)."""
+    for ours, theirs in wanted.items():
+        t = table.types.get(theirs)
+        test, allowed = COLUMN_TYPES[ours]
+        if t is not None and not test(t):
+            raise InputDataError(f"{what} {table.path}: column {theirs!r} (the {ours} column) has type {t}; it must "
+                                 f"hold {allowed}. Convert the column (e.g. pandas: df[{theirs!r}].astype(str)) "
+                                 "and write the file again")
 
 
 def _read_bytes(path: Path, encoding: str, what: str) -> bytes:
