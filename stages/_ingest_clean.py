@@ -33,7 +33,8 @@ def _q(values: pd.Series) -> pd.Series:
 
 def _where(src: pd.Series, row: pd.Series) -> pd.Series:
     """ "file.csv row N" per row."""
-    return src.map({s: Path(s).name for s in src.unique()}) + " row " + row.astype(str)
+    src = src.astype(object)
+    return src.map({s: Path(s).name for s in src.unique()}).astype("str") + " row " + row.astype("str")
 
 
 # ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 import difflib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ class Rejects:
         if not mask.any():
             return frame
         bad = frame[mask]
-        why = reason if isinstance(reason, str) else np.asarray(reason(bad), dtype=object)
+        why = reason if isinstance(reason, str) else pd.Series(reason(bad)).astype("str").array  # Arrow strings
         self.add(kind, bad["_src"].to_numpy(), bad["_row"].to_numpy(), why)
         return frame[~mask]
 
@@ -83,9 +82,9 @@ class Rejects:
 
     def to_arrow(self) -> pa.Table:
         df = self.frame()
-        return pa.table({"source": pa.array(df["source"].astype(str).tolist(), pa.string()),
+        return pa.table({"source": pa.array(df["source"].astype(object).astype("str"), pa.string()),
                          "row": pa.array(df["row"].to_numpy(np.int64), pa.int64()),
-                         "reason": pa.array(df["reason"].astype(str).tolist(), pa.string())})
+                         "reason": pa.array(df["reason"].astype("str"), pa.string())})
 
     def by_code(self) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
@@ -133,7 +132,7 @@ def read_table(path: Path, encoding: str, rejects: Rejects, kind: str) -> RawTab
     if n_read == 0:
         raise InputDataError(f"{what} {path} has no data rows; put at least one record in it "
                              "(CSV/TSV: a header line and then one line per record)")
-    records["_src"] = str(path)
+    records["_src"] = pd.Categorical.from_codes(np.zeros(len(records), dtype=np.int8), [str(path)])  # one value
     records["_row"] = np.asarray(rows, dtype=np.int64)
     if suffix in PARQUET_SUFFIXES:
         records = _reject_undecodable(records, rejects, kind)
@@ -305,7 +304,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
         raise InputDataError(f"{what} {path}: the header (line {rec.first_line[h]}) opens a quote that is never "
                              "closed; fix the header line")
     data_idx = np.flatnonzero(~blank[h + 1:]) + h + 1  # records after the header that are not blank lines
-    if len(data_idx) == 0 and h == len(rec.start) - 1 and len(rec.start) == 1:
+    if len(data_idx) == 0 and rec.end[h] == len(data):  # the header runs to the end: no line break at all
         raise InputDataError(f"{what} {path} is a single line of {len(header_bytes):,} bytes with no line break, so "
                              f"it has a header and no data rows; a {'tab' if sep == chr(9) else repr(sep)}-separated "
                              "file needs one line per record after the header")
@@ -327,7 +326,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
             invalid.append((row.actual_columns, row.expected_columns, row.text))
         return "skip"
 
-    body = data[rec.start[h]:body_end]
+    body = memoryview(data)[rec.start[h]:body_end]  # no copy
     longest = int((rec.end - rec.start).max()) + 2
     table = _parse(body, sep, names, on_invalid, block_size=max(1 << 22, 2 * longest))
     if table.num_rows + len(invalid) != len(data_idx):  # pyarrow split records otherwise (a stray quote)
@@ -389,14 +388,14 @@ def _header_names(header: bytes, sep: str, path: Path, what: str, line: int, enc
     return names
 
 
-def _parse(body: bytes, sep: str, names: list[str] | None, on_invalid: Callable | None, block_size: int) -> pa.Table:
+def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None, block_size: int) -> pa.Table:
     """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes."""
     convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names} if names else None,
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
     parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid)
     while True:
         try:
-            return pacsv.read_csv(io.BytesIO(body), read_options=pacsv.ReadOptions(block_size=block_size,
+            return pacsv.read_csv(pa.BufferReader(pa.py_buffer(body)), read_options=pacsv.ReadOptions(block_size=block_size,
                                                                                     use_threads=False),
                                   parse_options=parse, convert_options=convert)
         except pa.ArrowInvalid as e:
