@@ -80,7 +80,10 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items = rejects.add_rows(ITEMS, items.assign(_first=first), items["item_id"].duplicated(keep="first"),
                              lambda bad: "duplicate-item: item_id " + _q(bad["item_id"]) + " already at row "
                              + bad["_first"].astype(str) + " (the first row is kept)")
-    refs = pd.Series([_image_ref(v, root) for v in items["image"].tolist()], index=items.index, dtype=object)
+    images = items["image"].astype(object)
+    refs = images.copy()
+    odd = ~_plain_relative(items["image"])  # only these need normalising (or are rejected)
+    refs[odd] = [_image_ref(v, root) for v in images[odd].tolist()]
     bad = refs.map(lambda r: isinstance(r, ValueError)).to_numpy(dtype=bool)
     gone = items[bad]
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
@@ -89,6 +92,16 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items["text"] = [_join_text(t, d) for t, d in zip(items["title"].tolist(), items["description"].tolist())]
     rejected = pd.Series(_where(gone["_src"], gone["_row"]).to_numpy(), index=gone["item_id"].to_numpy())
     return items, rejected
+
+
+def _plain_relative(values: pd.Series) -> np.ndarray:
+    """(N,) bool: a non-empty relative path that ``os.path.normpath`` leaves as it is (no "//", no "."
+    or ".." segment, no leading or trailing "/"), so :func:`_image_ref` would return it unchanged."""
+    v = values.astype("str")
+    odd = (v == "") | (v == ".") | v.str.startswith("/") | v.str.startswith("./") | v.str.endswith("/")
+    odd |= v.str.endswith("/.") | v.str.contains("//", regex=False) | v.str.contains("/./", regex=False)
+    odd |= v.str.contains("..", regex=False)
+    return ~odd.to_numpy(dtype=bool)
 
 
 def _image_ref(value: str, root: Path) -> str | None | ValueError:
