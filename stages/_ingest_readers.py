@@ -297,7 +297,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
         raise InputDataError(f"{what} {path} is empty (no header line); put the data in it")
     h = int(np.argmax(~blank))
     header_bytes = data[rec.start[h]:rec.end[h]]
-    names = _header_names(header_bytes, sep, path, what, rec.first_line[h], encoding)
+    raw_names, names = _header_names(header_bytes, sep, path, what, rec.first_line[h], encoding)
     if len(names) == 1:  # with one column a line of spaces is a (blank) value, as pyarrow reads it
         blank = _blank(data, rec, strip=False)
     if rec.unclosed and h == len(rec.start) - 1:
@@ -328,7 +328,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
 
     body = memoryview(data)[rec.start[h]:body_end]  # no copy
     longest = int((rec.end - rec.start).max()) + 2
-    table = _parse(body, sep, names, on_invalid, block_size=max(1 << 22, 2 * longest))
+    table = _parse(body, sep, raw_names, on_invalid, block_size=max(1 << 22, 2 * longest))
     if table.num_rows + len(invalid) != len(data_idx):  # pyarrow split records otherwise (a stray quote)
         raise InputDataError(f"{what} {path}: quoting is inconsistent (pyarrow read {table.num_rows + len(invalid)} "
                              f"records, line breaks outside quotes give {len(data_idx)}); a field holding a \" must be "
@@ -373,22 +373,26 @@ def _binary_to_strings(col: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray]:
     return text.to_pandas(), np.zeros(len(text), dtype=bool)
 
 
-def _header_names(header: bytes, sep: str, path: Path, what: str, line: int, encoding: str) -> list[str]:
+def _header_names(header: bytes, sep: str, path: Path, what: str, line: int,
+                  encoding: str) -> tuple[list[str], list[str]]:
+    """The header's column names as written and stripped; raises if it does not decode or repeats one."""
     try:
         header.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputDataError(f"{what} {path}: the header (line {line}) is not {encoding} text (byte "
                              f"0x{header[e.start]:02x} at offset {e.start}); save the file as {encoding} or set "
                              "ingest.encoding to the file's encoding") from e
-    names = [n.strip() for n in _parse(header + b"\n", sep, None, None, block_size=len(header) + 2).column_names]
+    raw = _parse(header + b"\n", sep, None, None, block_size=len(header) + 2).column_names
+    names = [n.strip() for n in raw]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputDataError(f"{what} {path}: the header (line {line}) repeats column(s) {dup}; "
                              "give every column a distinct name")
-    return names
+    return raw, names
 
 
-def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None, block_size: int) -> pa.Table:
+def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None,
+           block_size: int) -> pa.Table:
     """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes."""
     convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names} if names else None,
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
