@@ -134,7 +134,7 @@ def read_bytes(kind: str, source: str, options: FetchOptions) -> bytes:
 
 @dataclass(frozen=True)
 class FetchOptions:
-    timeout_s: float  # wall-clock deadline for one image: connect, every redirect, headers and body
+    timeout_s: float  # wall-clock deadline for one image: name lookup, connect, every redirect, headers and body
     max_bytes: int  # bodies over this are refused
     max_redirects: int = 5  # redirects followed per image (each hop re-checked)
     allow_private: bool = False  # fetch from loopback / private / link-local / reserved addresses
@@ -175,9 +175,29 @@ def fetch_url(url: str, options: FetchOptions) -> bytes:
                       "(encode.http_max_redirects)")
 
 
-def _checked_address(host: str, port: int, allow_private: bool, url: str) -> tuple[Any, ...]:
-    """The first address of ``host`` (getaddrinfo), refused if any address is not public."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+def _resolve(host: str, port: int, deadline: float) -> list[tuple[Any, ...]]:
+    """``socket.getaddrinfo`` within the deadline (it runs on a daemon thread that may outlive it)."""
+    out: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            out.append(e)
+
+    thread = threading.Thread(target=lookup, daemon=True, name="encode-dns")
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    if not out:
+        raise TimeoutError
+    if isinstance(out[0], OSError):
+        raise out[0]
+    return out[0]
+
+
+def _checked_address(host: str, port: int, allow_private: bool, url: str, deadline: float) -> tuple[Any, ...]:
+    """The first address of ``host``, refused if any of its addresses is not public."""
+    infos = _resolve(host, port, deadline)
     if not infos:
         raise SourceError("fetch_error", f"{url}: {host} has no address")
     if not allow_private:
@@ -200,7 +220,7 @@ def _get_once(parts: urllib.parse.SplitResult, deadline: float,
     if not host:
         raise SourceError("fetch_error", f"{url}: no host")
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    family, socktype, proto, _, address = _checked_address(host, port, options.allow_private, url)
+    family, socktype, proto, _, address = _checked_address(host, port, options.allow_private, url, deadline)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError

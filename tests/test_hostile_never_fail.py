@@ -178,6 +178,25 @@ def test_a_dripping_server_is_cut_off_at_the_deadline(tmp_path, clip, server):
     assert _Hostile.sent["/drip-body.png"] < 200 and _Hostile.sent["/drip-headers.png"] < 200
 
 
+def test_a_host_name_that_never_resolves_times_out(tmp_path, clip, server, monkeypatch):
+    import socket
+
+    resolve = socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.invalid":
+            time.sleep(30)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    rows = [{"item_id": "dns", "title": "dns", "image": "http://slow.invalid/x.png"},
+            {"item_id": "good", "title": "good", "image": f"{server}/good.png"}]
+    write_items(tmp_path / "w", rows, tmp_path)
+    statuses = encode_in_thread(tmp_path, clip, limit_s=20, remote_images=True, http_allow_private=True,
+                                http_timeout_s=1.0)
+    assert statuses == ["timeout", "ok"]
+
+
 def test_redirects_are_followed_only_to_http_and_only_so_far(tmp_path, clip, server):
     _remote(tmp_path, server, ["to-good", "to-ftp", "loop"])
     statuses = encode_in_thread(tmp_path, clip, remote_images=True, http_allow_private=True, http_max_redirects=3)
