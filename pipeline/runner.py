@@ -31,6 +31,7 @@ from .store import ArtifactStore, sha256_file
 from .workdir import MANIFEST, read_manifest
 
 UP_TO_DATE, STALE, NEVER_RUN = "up-to-date", "stale", "never-run"
+FORCED = "forced"  # manifest status while a --force run is under way: the stage stays stale until it completes
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Runner:
                check_upstream: bool, memo: dict[str, StageState]) -> StageState:
         if entry is None:
             return StageState(NEVER_RUN, "no record in the manifest")
+        if entry.get("status") == FORCED:
+            return StageState(STALE, f"a --force run started at {entry.get('started')} did not complete")
         if entry.get("status") != "ok":
             return StageState(STALE, f"last run failed: {entry.get('error', 'unknown error')}")
         if check_upstream:
@@ -196,7 +199,7 @@ class Runner:
                     ran.append(stage.name)
                     continue
                 self.console.print(f"[bold cyan]▶ {stage.name}[/] ({reason})")
-                self._run_one(stage, parts, resume_hint)
+                self._run_one(stage, parts, resume_hint, forced=force)
                 ran.append(stage.name)
         if not ran:
             self.console.print(f"[green]Nothing to do:[/] all {len(selected)} selected stage(s) are up to date.")
@@ -226,12 +229,14 @@ class Runner:
         self._save_entry(stage.name, entry)
         return True
 
-    def _run_one(self, stage: StageSpec, parts: dict[str, Any], resume_hint: str) -> None:
+    def _run_one(self, stage: StageSpec, parts: dict[str, Any], resume_hint: str, forced: bool = False) -> None:
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         ctx = StageContext(store=self.store, config=self.config.view(stage.config_keys, stage.name),
                            console=self.console)
         base = {"fingerprint": self.fingerprint(parts), "parts": parts, "started": started.isoformat()}
+        if forced:  # a killed forced run must not leave the old record standing as up to date
+            self._save_entry(stage.name, {**base, "status": FORCED})
         try:
             result = stage.run(ctx)
         except BaseException as e:

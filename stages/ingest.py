@@ -28,7 +28,7 @@ from ..pipeline.errors import InputDataError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import vectors_to_arrow
 from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
-                            global_temporal_split)
+                            global_temporal_split, index_in)
 from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._ingest_readers import Rejects
 
@@ -65,8 +65,8 @@ def run(ctx: StageContext) -> StageResult:
     if catalog.user_order is not None:
         given = pd.Index(catalog.user_order)
         users = given[given.isin(users)]
-    user_idx = users.get_indexer(inter["user_id"]).astype(np.int64)
-    item_idx = pd.Index(items["item_id"]).get_indexer(inter["item_id"]).astype(np.int64)
+    user_idx = index_in(inter["user_id"], users)
+    item_idx = index_in(inter["item_id"], items["item_id"])
     ts = inter["ts"].to_numpy()
     split = inter["split"].to_numpy() if cfg.split in ("given", "global-temporal") else assign_split(
         user_idx, ts, cfg.split, cfg.split_ratios, cfg.seed)

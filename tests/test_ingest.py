@@ -269,6 +269,14 @@ def test_unknown_items_and_empty_ids_are_rejected(tmp_path):
     assert result.counts["users"] == 2 and result.counts["interactions_rejected"] == 2
 
 
+def test_csv_values_are_kept_as_written(tmp_path):
+    (tmp_path / "items.csv").write_text('item_id , title ,code\n007, Lamp ,0.50\n"8","a ""b"", c",NULL\n')
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\nu1,007\nu1,8\n")
+    _, store, _ = run(tmp_path, items="items.csv", interactions="interactions.csv")
+    items = table(store, "items.parquet")
+    assert items[["item_id", "title", "code"]].values.tolist() == [["007", "Lamp", "0.50"], ["8", 'a "b", c', "NULL"]]
+
+
 def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     keys = catalog(tmp_path)
     text = (tmp_path / "interactions.csv").read_text()
@@ -278,7 +286,7 @@ def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     rej = rejects(store).set_index("row")["reason"]
     assert rej[7] == "malformed: 3 fields, the header has 4"
     assert rej[8] == "malformed: 5 fields, the header has 4"
-    assert rej[9].startswith("malformed: 3 fields") and "spans lines 9-10" in rej[9]  # the quote swallows line 10
+    assert rej[9].startswith("malformed: a quote opened on line 9 is never closed") and "spans lines 9-10" in rej[9]
     assert result.counts["interactions_read"] == 8
 
 
