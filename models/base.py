@@ -49,6 +49,13 @@ class Backbone(nn.Module):
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """Called once before each training epoch (e.g. FREEDOM's edge pruning). Default: nothing."""
 
+    def content_pathway(self) -> nn.Module | None:
+        """The module that embeds new items from their features alone, or None (no cold-start pathway).
+
+        It must load and run on its own (serving builds it without the rest of the model).
+        """
+        return None
+
     def hparams(self) -> dict[str, Any]:
         """The plain constructor arguments (no tensors), for the checkpoint's JSON."""
         raise NotImplementedError

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
-from .graph import emb_norm, layer_mean, user_item_graph
-from .losses import check_features, cosine_alignment, dropout
+from .graph import check_features, emb_norm, layer_mean, user_item_graph
+from .losses import cosine_alignment, dropout
 
 
 class BM3(Backbone):
@@ -75,7 +75,7 @@ class BM3(Backbone):
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"BM3 dropout must be in [0, 1), got {dropout}")
-        feats = check_features(features, num_items, "BM3", modality_hook)
+        feats = dict(sorted(check_features(features, num_items, "BM3", modality_hook).items()))  # by name: image, text
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.layers, self.dropout = embedding_dim, layers, dropout
         self.reg_weight, self.cl_weight, self.trainable_features = reg_weight, cl_weight, trainable_features

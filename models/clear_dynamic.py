@@ -49,7 +49,8 @@ class DynamicClear(nn.Module):
         """Recompute the shared directions from ``{"image": (N, dv), "text": (N, dt)}`` (no gradient)."""
         ev, et = _pair(embeddings)
         uk, wk, _ = shared_directions(ev, et, self.options)
-        self.visual_dirs, self.text_dirs = uk.detach().clone(), wk.detach().clone()  # (dv, k), (dt, k)
+        # (dv, k), (dt, k), contiguous as a loaded state is, so that reloaded scores are bit-identical
+        self.visual_dirs, self.text_dirs = uk.detach().contiguous().clone(), wk.detach().contiguous().clone()
         self.visual_mean, self.text_mean = ev.detach().mean(0), et.detach().mean(0)  # (dv,), (dt,)
 
     def forward(self, embeddings: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..pipeline.errors import EncoderUnavailableError
+from .errors import EncoderUnavailableError
 from .images import DEFAULT_MAX_PIXELS, IMAGE_FAILURES, ImageDecodeError, safe_open_image
 
 __all__ = [
@@ -52,12 +52,16 @@ __all__ = [
     "ImageDecodeError",
     "MINILM_NAMES",
     "apply_text_template",
+    "cap_text",
     "load_image_encoder",
     "load_text_encoder",
     "safe_open_image",
     "template_fields",
 ]
 
+# a text is cut to (the model's window in tokens) x CHARS_PER_TOKEN characters before tokenizing, so
+# a tokenizer never walks a text far beyond what the model keeps (no word-piece is that long)
+CHARS_PER_TOKEN = 32
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers:all-MiniLM-L6-v2")
 _OFFLINE_HINT = (
     "nothing is downloaded at run time: use a local folder (local-dir:PATH for open_clip, a "
@@ -94,6 +98,25 @@ def apply_text_template(template: str, fields: Mapping[str, Any]) -> str:
     if names and not any(values.values()):
         return ""
     return " ".join(template.format_map(values).split())
+
+
+def cap_text(template: str, fields: Mapping[str, Any], max_chars: int) -> tuple[str, bool]:
+    """:func:`apply_text_template` cut to ``max_chars`` characters: ``(text, truncated)``.
+
+    Each field is cut to ``2 * max_chars`` characters before the template splits it into words,
+    so a huge field costs no more than a long one.
+    """
+    cut = False
+    capped: dict[str, Any] = {}
+    for name in template_fields(template):
+        value = fields.get(name)
+        if value is not None and len(value := str(value)) > 2 * max_chars:
+            value, cut = value[: 2 * max_chars], True
+        capped[name] = value
+    text = apply_text_template(template, capped)
+    if len(text) > max_chars:
+        text, cut = text[:max_chars].rstrip(), True
+    return text, cut
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -296,12 +319,14 @@ class ClipTextEncoder:
         self.device = torch.device(device)
         self.normalize = normalize
         length = getattr(tokenizer, "context_length", None)
-        self.preprocess_desc = f"open_clip {type(tokenizer).__name__}(context_length={length}), truncation"
+        self.window_chars = (length or 77) * CHARS_PER_TOKEN
+        self.preprocess_desc = (f"open_clip {type(tokenizer).__name__}(context_length={length}), "
+                                f"text cut to {self.window_chars} chars, truncation")
         self.weights_sha256 = _weights_sha256(model)
         self.dim = int(self.encode(["x"]).shape[1])
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))  # (B, context_length) int64
+        return self.tokenizer([t[: self.window_chars] for t in texts])  # (B, context_length) int64
 
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -322,13 +347,15 @@ class SentenceTextEncoder:
         self.device = torch.device(device)
         self.normalize = normalize
         modules = " -> ".join(type(m).__name__ for m in model)
-        self.preprocess_desc = f"sentence-transformers {modules}, max_seq_length={model.max_seq_length}, truncation"
+        self.window_chars = (model.max_seq_length or 512) * CHARS_PER_TOKEN
+        self.preprocess_desc = (f"sentence-transformers {modules}, max_seq_length={model.max_seq_length}, "
+                                f"text cut to {self.window_chars} chars, truncation")
         self.weights_sha256 = _weights_sha256(model)
         self.dim = int(self.encode(["x"]).shape[1])
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         prep = getattr(self.model, "preprocess", None) or self.model.tokenize
-        return prep(list(texts))  # input_ids / attention_mask ...: (B, L)
+        return prep([t[: self.window_chars] for t in texts])  # input_ids / attention_mask ...: (B, L)
 
     def encode_tokens(self, features: Mapping[str, Any]) -> np.ndarray:
         feats = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}

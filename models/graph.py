@@ -11,13 +11,21 @@
 - :func:`prune_edges`: FREEDOM's degree-sensitive edge pruning.
 - :func:`knn_edges` / :func:`item_item_graph`: the cosine kNN item-item graph of FREEDOM,
   built in row blocks so memory stays ``O(block * num_items)``.
-- :func:`bpr_loss`, :func:`emb_norm`: the BPR loss and the batch embedding regulariser.
+- :func:`knn_cosine` / :func:`sym_normalize` / :func:`max_union` / :func:`propagate_edges`:
+  the weighted (cosine-valued) kNN graphs of LATTICE, MGCN and SMORE, their
+  ``D^-1/2 S D^-1/2`` normalisation, SMORE's max-pooled union and an edge-list product that
+  is differentiable in the edge values.
+- :func:`self_loop_rw_graph` / :func:`user_item_block`: LATTICE's ``D^-1 (A + I)`` and the
+  normalised user -> item block ``R`` of MGCN / SMORE.
+- :func:`check_features`: the validated ``{modality: (I, d_m)}`` input of a feature backbone.
+- :func:`bpr_loss`, :func:`emb_norm`, :func:`half_sq_norm`, :func:`info_nce`: the BPR loss,
+  the batch embedding regularisers and the InfoNCE contrast of MGCN / SMORE.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,12 +151,19 @@ def knn_edges(features: Tensor, k: int, block: int = 2048) -> tuple[Tensor, Tens
     ``features`` is (N, d). Rows with zero norm (items without a vector) get a single self loop
     and are never anyone's neighbour. Computed in blocks of ``block`` rows.
     """
+    rows, cols, _ = _knn_topk(features, k, block)
+    return rows, cols
+
+
+@torch.no_grad()
+def _knn_topk(features: Tensor, k: int, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`knn_edges` plus each edge's cosine similarity (1.0 on self loops) -> 3 x (E,)."""
     n = features.shape[0]
     norms = features.norm(dim=1)  # (N,)
     valid = norms > 0
     inv = 1.0 / norms.clamp_min(1e-12)  # (N,); no normalised copy of the features is made
     k_eff = max(1, min(k, int(valid.sum())))
-    rows_out, cols_out = [], []
+    rows_out, cols_out, vals_out = [], [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
         sim = features[start:stop] @ features.T  # (b, N) dot products -> cosine below
@@ -156,13 +171,15 @@ def knn_edges(features: Tensor, k: int, block: int = 2048) -> tuple[Tensor, Tens
         sim[:, ~valid] = float("-inf")
         idx = torch.arange(start, stop, device=features.device)
         sim[idx - start, idx] = torch.where(valid[start:stop], 2.0, 0.0)  # self first (ties broken to self)
-        nbr = sim.topk(k_eff, dim=1).indices  # (b, k)
+        top = sim.topk(k_eff, dim=1)  # (b, k)
         ok = valid[start:stop]
         rows_out.append(idx[ok].repeat_interleave(k_eff))
-        cols_out.append(nbr[ok].reshape(-1))
+        cols_out.append(top.indices[ok].reshape(-1))
+        vals_out.append(top.values[ok].reshape(-1).clamp_max(1.0))  # the self loop's 2.0 -> its cosine 1.0
         rows_out.append(idx[~ok])
         cols_out.append(idx[~ok])
-    return torch.cat(rows_out), torch.cat(cols_out)
+        vals_out.append(torch.ones(int((~ok).sum()), device=features.device))
+    return torch.cat(rows_out), torch.cat(cols_out), torch.cat(vals_out)
 
 
 def knn_graph(features: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,6 +209,100 @@ def item_item_graph(
     return g.indices()[0], g.indices()[1], g.values()
 
 
+def check_features(
+    features: Mapping[str, Tensor] | None, num_items: int, model: str, hook: object | None = None
+) -> dict[str, Tensor]:
+    """Validated float32 copies of a backbone's ``{modality: (I, d_m)}`` features, in the given order.
+
+    Raises ValueError for no modality, a wrong shape or a modality hook with fewer than two modalities.
+    """
+    if not features:
+        raise ValueError(f"{model} needs the features of at least one modality; got none")
+    out = {}
+    for name, x in features.items():
+        if not name or "." in name:
+            raise ValueError(f"modality name {name!r} must be non-empty and contain no '.'")
+        if x.ndim != 2 or x.shape[0] != num_items:
+            raise ValueError(f"{model}: features[{name!r}] has shape {tuple(x.shape)}, expected ({num_items}, d)")
+        out[name] = x.detach().to(torch.float32)
+    if hook is not None and len(out) < 2:
+        raise ValueError(f"{model}: a modality hook (CLEAR dynamic mode) needs two modalities; got {list(out)}")
+    return out
+
+
+def knn_cosine(features: Tensor, k: int, block: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+    """Cosine kNN graph of (N, d) ``features`` with the similarities as weights -> (rows, cols, values), (E,) each.
+
+    The edges of :func:`knn_edges` (``k`` per row, itself included; a zero row gets one self loop
+    of weight 1). The reference's ``topk(cos_sim)`` kept as a weighted graph. When ``features``
+    requires grad the values are recomputed from it (``cos(x_r, x_c)`` per edge), so they are
+    differentiable as in the reference's dense ``scatter(topk)``; the neighbour choice is not.
+    """
+    rows, cols, vals = _knn_topk(features.detach(), k, block)
+    if features.requires_grad:
+        norms = features.norm(dim=1, keepdim=True)  # (N, 1)
+        unit = features / norms.clamp_min(1e-12)  # (N, d)
+        cos = (unit[rows] * unit[cols]).sum(1)  # (E,)
+        vals = torch.where(norms[rows, 0] > 0, cos, torch.ones_like(cos))  # a zero row's self loop stays 1
+    return rows, cols, vals
+
+
+def sym_normalize(rows: Tensor, cols: Tensor, values: Tensor, n: int) -> Tensor:
+    """Edge values of ``D^-1/2 S D^-1/2`` with ``D`` the row sums of ``S`` (N, N) -> (E,); zero-sum rows get 0.
+
+    Differentiable in ``values``; duplicate ``(row, col)`` edges are summed as in a sparse matrix.
+    """
+    deg = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)  # (N,)
+    inv = torch.where(deg > 0, deg.clamp_min(1e-30).rsqrt(), torch.zeros_like(deg))
+    return inv[rows] * values * inv[cols]
+
+
+def propagate_edges(rows: Tensor, cols: Tensor, values: Tensor, x: Tensor, n: int) -> Tensor:
+    """``S x`` for an edge-list ``S`` (n, C) and dense (C, d) ``x`` -> (n, d), differentiable in ``values`` and ``x``."""
+    return x.new_zeros(n, x.shape[1]).index_add(0, rows, values.unsqueeze(1) * x[cols])
+
+
+def max_union(graphs: Sequence[tuple[Tensor, Tensor, Tensor]], n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Element-wise maximum of weighted (n, n) edge-list graphs over the union of their edges -> coalesced (rows, cols, values).
+
+    An edge missing from a graph counts as ``-inf`` there (SMORE's max-pooled fusion graph).
+    """
+    rows = torch.cat([g[0] for g in graphs])
+    cols = torch.cat([g[1] for g in graphs])
+    vals = torch.cat([g[2] for g in graphs])
+    key, inverse = torch.unique(rows * n + cols, return_inverse=True)
+    out = torch.full((key.numel(),), float("-inf"), dtype=vals.dtype, device=vals.device)
+    out = out.scatter_reduce(0, inverse, vals, reduce="amax")
+    return key // n, key % n, out
+
+
+def self_loop_rw_graph(users: Tensor, items: Tensor, num_users: int, num_items: int) -> Tensor:
+    """LATTICE's user-item adjacency ``D^-1 (A + I)`` (CSR, (U+I, U+I), users first; not symmetric).
+
+    ``A`` is the bipartite graph of the (E,) pairs (duplicates once), ``D`` the row sums of ``A + I``.
+    """
+    key = torch.unique(users * num_items + items)
+    users, items = key // num_items, key % num_items
+    n = num_users + num_items
+    nodes = torch.arange(n, device=users.device)
+    rows = torch.cat([users, items + num_users, nodes])
+    cols = torch.cat([items + num_users, users, nodes])
+    deg = torch.bincount(rows, minlength=n).to(torch.float32)  # >= 1 (the self loop)
+    return sparse_csr(rows, cols, (1.0 / deg)[rows], (n, n))
+
+
+def user_item_block(users: Tensor, items: Tensor, num_users: int, num_items: int) -> tuple[Tensor, Tensor]:
+    """The user -> item block ``R`` (U, I) of :func:`user_item_graph` and ``R^T`` (I, U), both CSR.
+
+    ``R[u, i] = 1 / sqrt(d_u d_i)``: MGCN / SMORE's ``e_u = R e_i``, their user side of an item view.
+    """
+    key = torch.unique(users * num_items + items)
+    users, items = key // num_items, key % num_items
+    vals = edge_norm(users, items, num_users, num_items)
+    r = sparse_csr(users, items, vals, (num_users, num_items))
+    return r, sparse_csr(items, users, vals, (num_items, num_users))
+
+
 def bpr_loss(pos: Tensor, neg: Tensor) -> Tensor:
     """BPR: ``mean(-log sigmoid(pos - neg))`` over (B,) scores."""
     return F.softplus(neg - pos).mean()
@@ -200,3 +311,24 @@ def bpr_loss(pos: Tensor, neg: Tensor) -> Tensor:
 def emb_norm(*embeddings: Tensor) -> Tensor:
     """Sum of the Frobenius norms of (B, d) batch embeddings divided by B (the reference's EmbLoss)."""
     return torch.stack([e.norm() for e in embeddings]).sum() / embeddings[-1].shape[0]
+
+
+def half_sq_norm(*embeddings: Tensor) -> Tensor:
+    """``sum_e ||e||^2 / 2`` over (B, d) batch embeddings, divided by B (LATTICE / MGCN / SMORE's regulariser)."""
+    return torch.stack([e.square().sum() for e in embeddings]).sum() / (2 * embeddings[-1].shape[0])
+
+
+def info_nce(view1: Tensor, view2: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of the rows ``index`` (B,) of two (N, d) views, the batch's rows as negatives.
+
+    ``mean_b -log softmax_j(cos(v1[index_b], v2[index_j]) / t)[b]``, computed over the batch's
+    ``n`` distinct rows: a row drawn ``c`` times is one column with ``log c`` added to its logit
+    and one row weighted ``c``, the same value as the (B, B) form in an (n, n) product.
+    """
+    rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)  # (n,), (B,), (n,)
+    a = F.normalize(view1[rows], dim=1)  # (n, d)
+    b = F.normalize(view2[rows], dim=1)
+    logits = a @ b.T / temperature  # (n, n)
+    weight = counts.to(logits.dtype)
+    per_row = torch.logsumexp(logits + weight.log()[None, :], dim=1) - logits.diagonal()  # (n,)
+    return (weight * per_row).sum() / index.numel()

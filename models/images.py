@@ -3,7 +3,8 @@
 Every image that reaches an image encoder goes through :func:`safe_open_image`, at encode
 time and at query time, so a catalog image and a query image are decoded the same way:
 
-1. empty input -> ``zero_byte``; a path that does not exist -> ``missing``;
+1. empty input -> ``zero_byte``; a path that does not exist -> ``missing``; a path that is not a
+   regular file (a FIFO, socket or device, which could block forever) is never read -> ``unreadable``;
 2. only the formats in :data:`ALLOWED_FORMATS` are parsed; bytes that carry none of their
    signatures -> ``unsupported_format``, bytes that carry one but do not parse -> ``corrupt``;
 3. the header's width x height is checked against ``max_pixels`` before any pixel is decoded,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -30,7 +32,7 @@ ALLOWED_FORMATS: tuple[str, ...] = tuple(f for f in _WANTED if f in Image.OPEN) 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 # the failure codes :class:`ImageDecodeError` carries
-IMAGE_FAILURES = ("missing", "zero_byte", "unsupported_format", "corrupt", "truncated", "decompression_bomb")
+IMAGE_FAILURES = ("missing", "unreadable", "zero_byte", "unsupported_format", "corrupt", "truncated", "decompression_bomb")
 
 
 class ImageDecodeError(ValueError):
@@ -46,16 +48,7 @@ def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT
 
     Raises :class:`ImageDecodeError` (with ``.code``) for every way an image can be unusable.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    else:
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except FileNotFoundError as e:
-            raise ImageDecodeError("missing", f"image file not found: {source}") from e
-        except IsADirectoryError as e:
-            raise ImageDecodeError("missing", f"image path is a folder, not a file: {source}") from e
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else read_image_file(source)
     if not data:
         raise ImageDecodeError("zero_byte", "image is empty (0 bytes)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -76,6 +69,40 @@ def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT
         except (ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError) as e:
             raise ImageDecodeError("corrupt", f"cannot decode {img.format} image: {type(e).__name__}: {e}") from e
     return _to_rgb(img)
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file. A FIFO, socket or device is never read (it could block forever):
+    it is opened non-blocking and refused after ``fstat``. Raises :class:`ImageDecodeError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise ImageDecodeError("missing", f"image file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ImageDecodeError("missing", f"image path is a folder, not a file: {path}") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ImageDecodeError("unreadable", f"cannot read {path}: {e}") from e
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageDecodeError("missing", f"image path is a folder, not a file: {path}")
+        if not stat.S_ISREG(mode):
+            raise ImageDecodeError("unreadable", f"{path} is not a regular file ({_file_kind(mode)}); it is not read")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise ImageDecodeError("unreadable", f"cannot read {path}: {e}") from e
+    if not data:
+        raise ImageDecodeError("zero_byte", f"image file is empty (0 bytes): {path}")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

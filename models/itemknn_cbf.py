@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Backbone
-from .graph import bpr_loss, sparse_csr
-from .losses import check_features
+from .graph import bpr_loss, check_features, sparse_csr
 
 
 class ItemKNNCBF(Backbone):
@@ -62,7 +61,7 @@ class ItemKNNCBF(Backbone):
         super().__init__()
         if knn_k < 1 or shrink < 0:
             raise ValueError(f"ItemKNN-CBF needs knn_k >= 1 and shrink >= 0, got knn_k={knn_k}, shrink={shrink}")
-        feats = check_features(features, num_items, "ItemKNN-CBF")
+        feats = dict(sorted(check_features(features, num_items, "ItemKNN-CBF").items()))  # by name: image, text
         self.num_users, self.num_items = num_users, num_items
         self.knn_k, self.shrink, self.modalities = knn_k, float(shrink), list(feats)
         x = torch.cat(list(feats.values()), dim=1)  # (I, sum d_m)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
-from .graph import bpr_loss, emb_norm, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
-from .losses import check_features, dropout, gumbel_softmax, info_nce
+from .graph import bpr_loss, check_features, emb_norm, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
+from .losses import dropout, gumbel_softmax, info_nce_candidates
 
 
 def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layers: int) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,7 @@ class LGMRec(Backbone):
         if hyper_layers < 1 or hyper_num < 1 or not 0 < keep_rate <= 1:
             raise ValueError(f"LGMRec needs hyper_layers >= 1, hyper_num >= 1 and keep_rate in (0, 1]; got "
                              f"{hyper_layers}, {hyper_num}, {keep_rate}")
-        feats = check_features(features, num_items, "LGMRec", modality_hook)
+        feats = dict(sorted(check_features(features, num_items, "LGMRec", modality_hook).items()))  # by name: image, text
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.ui_layers, self.mm_layers = embedding_dim, ui_layers, mm_layers
         self.hyper_layers, self.hyper_num, self.keep_rate, self.alpha = hyper_layers, hyper_num, keep_rate, alpha
@@ -174,7 +174,7 @@ class LGMRec(Backbone):
             ui, ni = torch.unique(pos_items, return_counts=True)
             for a, b in combinations(self.modalities, 2):
                 (ua, ia), (ub, ib) = hyper[a], hyper[b]
-                cl = info_nce(ua[uu], ub[uu], ub, self.tau, nu) + info_nce(ia[ui], ib[ui], ib, self.tau, ni)
+                cl = info_nce_candidates(ua[uu], ub[uu], ub, self.tau, nu) + info_nce_candidates(ia[ui], ib[ui], ib, self.tau, ni)
                 loss = loss + self.cl_weight * cl
         if self.reg_weight:
             loss = loss + self.reg_weight * emb_norm(u, p, n)

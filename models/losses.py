@@ -2,20 +2,19 @@
 
 - :func:`cosine_alignment`: ``1 - mean cos(online, target)`` with the target detached
   (BM3's bootstrap loss).
-- :func:`info_nce`: the sum-reduced InfoNCE of LGMRec's hypergraph contrast.
+- :func:`info_nce_candidates`: the sum-reduced InfoNCE of LGMRec's hypergraph contrast, every
+  row of a candidate table a negative (:func:`clearrec.models.graph.info_nce` is the in-batch
+  form of MGCN / SMORE).
 - :func:`dropout` / :func:`gumbel_softmax`: inverted dropout and the Gumbel-softmax drawn
   from an optional ``torch.Generator`` (the trainer's seeded one, handed to ``pre_epoch``),
   so a seeded run repeats exactly whatever else used the global RNG.
-- :func:`check_features`: the modality-name -> (I, d) feature mapping a backbone takes,
-  validated and in a fixed (sorted) order.
 
-BPR and the batch embedding regulariser are :func:`clearrec.models.graph.bpr_loss` and
-:func:`clearrec.models.graph.emb_norm`.
+BPR, the batch embedding regulariser and the feature-mapping check are
+:func:`clearrec.models.graph.bpr_loss`, :func:`clearrec.models.graph.emb_norm` and
+:func:`clearrec.models.graph.check_features`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ def cosine_alignment(online: Tensor, target: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
 
 
-def info_nce(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
+def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
     r"""``-sum_b n_b log( exp(c(a_b, p_b) / tau) / sum_j exp(c(a_b, x_j) / tau) )`` with ``c`` the cosine.
 
     ``anchor``, ``positive``: (B, d); ``candidates``: (N, d), the positives among them (LGMRec's
@@ -59,31 +58,3 @@ def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None
     """``softmax((logits + g) / tau)`` over the last dim, ``g ~ Gumbel(0, 1)`` (as ``F.gumbel_softmax``, soft)."""
     gumbels = -torch.empty(logits.shape, device=logits.device, dtype=logits.dtype).exponential_(generator=generator).log()
     return torch.softmax((logits + gumbels) / tau, dim=-1)
-
-
-def check_features(
-    features: Mapping[str, Tensor] | None, num_items: int, model: str, hook: object | None = None
-) -> dict[str, Tensor]:
-    """Modality name -> (I, d_m) float32 features, sorted by name; ``ValueError`` naming what is wrong.
-
-    Refused: no modality, a name that is empty or contains ``.`` (the names key the model's
-    per-modality modules), a wrong shape, NaN / infinite values, and a modality ``hook``
-    (CLEAR's dynamic mode) with fewer than two modalities. Sorted order makes the reference's
-    two-modality forms come out as ``image`` (its ``v_feat``) then ``text`` (its ``t_feat``)
-    whatever order the caller used.
-    """
-    if not features:
-        raise ValueError(f"{model} needs at least one modality's features (e.g. {{'image': ..., 'text': ...}}); got none")
-    out = {}
-    for name in sorted(features):
-        x = features[name]
-        if not name or "." in name:
-            raise ValueError(f"{model}: modality name {name!r} must be non-empty and contain no '.'")
-        if x.ndim != 2 or x.shape[0] != num_items:
-            raise ValueError(f"{model}: features[{name!r}] has shape {tuple(x.shape)}, expected ({num_items}, d)")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{model}: features[{name!r}] contains NaN or infinite values; fix the features first")
-        out[name] = x.detach().to(torch.float32)
-    if hook is not None and len(out) < 2:
-        raise ValueError(f"{model}: a modality hook (CLEAR dynamic mode) needs two modalities; got {list(out)}")
-    return out

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation, in one place: Recall, NDCG, Precision and MAP at K.
+"""Full-ranking evaluation, in one place: accuracy and catalog measures at K.
 
 Scores are ``user_vectors @ item_vectors.T``, computed in blocks of users so that at most
 ``max_block`` scores exist at once whatever the catalog size. A user's excluded items (their
@@ -10,9 +10,20 @@ of the top-K list and ``P`` the number of relevant items::
     precision@K = sum(hits) / K
     ndcg@K      = sum_j hits_j / log2(j + 1)  /  sum_{j <= min(P, K)} 1 / log2(j + 1)
     map@K       = sum_j precision@j * hits_j  /  min(P, K)
+    hit@K       = 1 if sum(hits) > 0 else 0
+    mrr@K       = 1 / (rank of the first hit), 0 without a hit in the top K
 
 averaged over the users with at least one relevant item (the definitions of the MMRec /
-RecBole evaluators).
+RecBole evaluators). Over the same users' top-K lists, with ``item_popularity`` given (e.g.
+each item's number of training interactions)::
+
+    coverage@K   = share of the catalog's items in at least one top-K list
+    popularity@K = mean, over every recommended slot, of the item's popularity percentile
+                   (share of catalog items strictly less popular; 0 = least popular tier)
+    gini@K       = Gini coefficient of how often each catalog item is recommended
+                   (0 = every item equally often, near 1 = a few items take every slot)
+
+coverage and gini need no popularity and are always computed.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-METRICS = ("recall", "ndcg", "precision", "map")
+METRICS = ("recall", "ndcg", "precision", "map", "hit", "mrr")  # per user, averaged
+CATALOG_METRICS = ("coverage", "popularity", "gini")  # over all top-K lists together
 
 
 @dataclass(frozen=True)
@@ -112,11 +124,14 @@ def ranking_metrics(
     exclude: ItemSets | None = None,
     ks: Sequence[int] = (5, 10, 20, 50),
     max_block: int = 1 << 23,
+    item_popularity: Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean ``recall|ndcg|precision|map@K`` over users with relevant items in ``truth``.
+    """Mean ``recall|ndcg|precision|map|hit|mrr@K`` over users with relevant items in ``truth``,
+    and ``coverage|gini@K`` (+ ``popularity@K`` with ``item_popularity``) of their top-K lists.
 
     ``user_vectors`` (U, d), ``item_vectors`` (I, d); ``exclude`` (same users) is masked from the
-    ranking. Returns e.g. ``{"recall@20": 0.07, ...}``; empty ``truth`` gives zeros.
+    ranking; ``item_popularity`` (I,) any count per item. Returns e.g. ``{"recall@20": 0.07, ...}``;
+    empty ``truth`` gives zeros.
     """
     ks = sorted({int(k) for k in ks})
     num_items = item_vectors.shape[0]
@@ -129,7 +144,8 @@ def ranking_metrics(
     discount = 1.0 / torch.log2(torch.arange(2, k_max + 2, device=device, dtype=f64))  # (K,)
     ideal = discount.cumsum(0)  # (K,) ideal DCG for 1..K relevant items
     ranks = torch.arange(1, k_max + 1, device=device, dtype=f64)  # (K,)
-    sums = torch.zeros(len(METRICS), len(ks), device=device, dtype=f64)  # (4, nk)
+    sums = torch.zeros(len(METRICS), len(ks), device=device, dtype=f64)  # (6, nk)
+    exposure = torch.zeros(len(ks), num_items + 1, device=device, dtype=f64)  # (nk, I + 1) last = empty slot
     step = _block_size(num_items, max_block)
     for start in range(0, users.numel(), step):
         block = users[start : start + step]
@@ -137,17 +153,49 @@ def ranking_metrics(
         top = s.topk(k_max, dim=1)
         relevant = torch.zeros_like(s, dtype=torch.bool)  # (b, I)
         relevant[truth.pairs(block)] = True
-        hits = (relevant.gather(1, top.indices) & torch.isfinite(top.values)).to(f64)  # (b, K)
+        filled = torch.isfinite(top.values)  # (b, K)
+        hits = (relevant.gather(1, top.indices) & filled).to(f64)  # (b, K)
         n_rel = truth.counts()[block].to(f64)[:, None]  # (b, 1)
         n_ideal = torch.minimum(n_rel, cutoff)  # (b, nk)
         cum_hits = hits.cumsum(1)[:, at]  # (b, nk) hits in the top K
         dcg = (hits * discount).cumsum(1)[:, at]
         ap = (hits.cumsum(1) / ranks * hits).cumsum(1)[:, at]
+        first_rr = (hits / ranks).cummax(1).values[:, at]  # (b, nk) 1 / rank of the first hit so far
         sums += torch.stack([
             (cum_hits / n_rel).sum(0),  # recall
             (dcg / ideal[n_ideal.long() - 1]).sum(0),  # ndcg
             (cum_hits / cutoff).sum(0),  # precision
             (ap / n_ideal).sum(0),  # map
+            (cum_hits > 0).to(f64).sum(0),  # hit
+            first_rr.sum(0),  # mrr
         ])
+        slot_item = torch.where(filled, top.indices, num_items)  # (b, K)
+        for j, k in enumerate(ks):
+            exposure[j].index_add_(0, slot_item[:, :k].reshape(-1), torch.ones(slot_item[:, :k].numel(),
+                                                                                device=device, dtype=f64))
     means = (sums / max(1, users.numel())).tolist()
-    return {f"{m}@{k}": means[i][j] for i, m in enumerate(METRICS) for j, k in enumerate(ks)}
+    out = {f"{m}@{k}": means[i][j] for i, m in enumerate(METRICS) for j, k in enumerate(ks)}
+    out.update(_catalog_metrics(exposure[:, :num_items], ks, item_popularity))
+    return out
+
+
+def popularity_percentiles(item_popularity: Tensor) -> Tensor:
+    """(I,) counts -> (I,) float64 share of items strictly less popular than each item, in [0, 1)."""
+    pop = item_popularity.to(torch.float64)
+    return torch.searchsorted(pop.sort().values, pop, side="left").to(torch.float64) / max(1, pop.numel())
+
+
+def _catalog_metrics(exposure: Tensor, ks: Sequence[int], item_popularity: Tensor | None) -> dict[str, float]:
+    """``coverage|gini|popularity@K`` from (nk, I) counts of how often each item is recommended."""
+    num_items = exposure.shape[1]
+    out: dict[str, float] = {}
+    pct = popularity_percentiles(item_popularity.to(exposure.device)) if item_popularity is not None else None
+    ascending = exposure.sort(dim=1).values  # (nk, I)
+    weight = 2.0 * torch.arange(1, num_items + 1, device=exposure.device, dtype=exposure.dtype) - num_items - 1
+    for j, k in enumerate(ks):
+        total = float(exposure[j].sum())
+        out[f"coverage@{k}"] = float((exposure[j] > 0).sum()) / max(1, num_items)
+        out[f"gini@{k}"] = float((weight * ascending[j]).sum()) / (num_items * total) if total else 0.0
+        if pct is not None:
+            out[f"popularity@{k}"] = float((exposure[j] * pct).sum()) / total if total else 0.0
+    return out

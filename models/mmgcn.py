@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
-from .graph import bpr_loss, sparse_csr, spmm, transpose_csr
-from .losses import check_features
+from .graph import bpr_loss, check_features, sparse_csr, spmm, transpose_csr
 
 
 def mean_adjacency(users: Tensor, items: Tensor, num_users: int, num_items: int) -> tuple[Tensor, Tensor]:
@@ -135,7 +134,7 @@ class MMGCN(Backbone):
         super().__init__()
         if layers < 1:
             raise ValueError(f"MMGCN needs layers >= 1, got {layers}")
-        feats = check_features(features, num_items, "MMGCN", modality_hook)
+        feats = dict(sorted(check_features(features, num_items, "MMGCN", modality_hook).items()))  # by name: image, text
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.layers, self.reg = embedding_dim, layers, reg
         self.latent = dict({"image": 256} if latent is None else latent)

@@ -6,8 +6,9 @@ One epoch = every training pair once, in a fresh random order, each with one neg
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
 masked); training stops after ``patience`` epochs without a better ``stop_metric``, the best
-epoch's weights are restored and ``test`` is evaluated with them. A model without trainable
-parameters (Pop, ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
+epoch's weights are restored and ``test`` is evaluated with them. The popularity measures
+count an item's training interactions. A model without trainable parameters (Pop,
+ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..pipeline.errors import TrainingError
+from .errors import TrainingError
 from .base import Backbone
 from .metrics import ItemSets, ranking_metrics
 
@@ -110,6 +111,7 @@ def fit(
     if users.numel() == 0:
         raise TrainingError("no training interactions; check that interactions.parquet has split == 'train' rows")
     train_d, valid_d = train.to(device), valid.to(device)
+    popularity = torch.bincount(train.items, minlength=model.num_items).to(device)  # (I,) training interactions
     optimizer = _adam(model, options.lr) if trainable else None
     history: list[EpochRecord] = []
     best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
@@ -136,7 +138,8 @@ def fit(
             total += value * idx.numel()
         t1 = time.perf_counter()
         user_vecs, item_vecs = model.vectors()
-        valid_metrics = ranking_metrics(user_vecs, item_vecs, valid_d, train_d, options.ks, options.max_block)
+        valid_metrics = ranking_metrics(user_vecs, item_vecs, valid_d, train_d, options.ks, options.max_block,
+                                        popularity)
         record = EpochRecord(epoch, total / users.numel(), valid_metrics, t1 - t0, time.perf_counter() - t1)
         history.append(record)
         if on_epoch is not None:
@@ -155,5 +158,6 @@ def fit(
     test_metrics: dict[str, float] = {}
     if test is not None:
         user_vecs, item_vecs = model.vectors()
-        test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block)
+        test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block,
+                                       popularity)
     return TrainResult(best_epoch, best_valid, test_metrics, history, stopped_early)

@@ -11,6 +11,57 @@ from .base import ModalityHook, Backbone
 from .graph import bpr_loss, emb_norm
 
 
+class ContentPathway(nn.Module):
+    r"""VBPR's content layer alone: a new item's vector :math:`[\, 0 \,;\, W [x^t ; x^v] + b \,]` from its features.
+
+    What serving needs to embed new items without the rest of the model. It holds the
+    backbone's own ``content`` layer and ``modality_hook`` (the same modules, so the same
+    state-dict keys: ``content.weight``, ``content.bias``, ``modality_hook.*``), and is saved
+    and loaded on its own.
+    """
+
+    def __init__(self, text_dim: int, image_dim: int, embedding_dim: int, modality_hook: nn.Module | None = None,
+                 content: nn.Linear | None = None):
+        super().__init__()
+        self.text_dim, self.image_dim, self.embedding_dim = text_dim, image_dim, embedding_dim
+        self.content = content if content is not None else nn.Linear(text_dim + image_dim, embedding_dim)
+        self.modality_hook = modality_hook
+
+    def modality_parts(self, features: Tensor) -> dict[str, Tensor]:
+        """(N, d_t + d_v) features -> ``{"image": W_v x_v, "text": W_t x_t}``, (N, d) each, bias not included."""
+        w, t = self.content.weight, self.text_dim  # (d, d_t + d_v)
+        return {"image": features[:, t:] @ w[:, t:].T, "text": features[:, :t] @ w[:, :t].T}
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
+        if self.modality_hook is None:
+            return self.content(features)
+        parts = self.modality_hook(self.modality_parts(features))
+        return parts["image"] + parts["text"] + self.content.bias
+
+    @torch.no_grad()
+    def item_vectors(self, image_features: Tensor | None = None, text_features: Tensor | None = None) -> Tensor:
+        """Vectors (N, 2d) of new items from their features alone (ID part zero).
+
+        Pass the modalities the model was trained with, (N, d_v) / (N, d_t), prepared like the
+        training features (same encoder, same CLEAR projection).
+        """
+        parts = []
+        for name, feats, dim in (("text", text_features, self.text_dim), ("image", image_features, self.image_dim)):
+            if dim == 0:
+                continue
+            if feats is None or feats.ndim != 2 or feats.shape[1] != dim:
+                got = None if feats is None else tuple(feats.shape)
+                raise ValueError(f"{name}_features must be (N, {dim}) as in training, got {got}")
+            parts.append(feats.to(self.content.weight.device, torch.float32))
+        content = self(torch.cat(parts, dim=1))  # the hook projects with its saved directions
+        return torch.cat([torch.zeros_like(content), content], dim=1)
+
+    def settings(self) -> dict[str, int]:
+        """The constructor's sizes (the hook's settings are saved by whoever built it)."""
+        return {"text_dim": self.text_dim, "image_dim": self.image_dim, "embedding_dim": self.embedding_dim}
+
+
 class VBPR(Backbone):
     r"""VBPR (He & McAuley, "VBPR: Visual Bayesian Personalized Ranking from Implicit Feedback",
     AAAI 2016), in the multimodal form of the benchmark implementations.
@@ -74,24 +125,19 @@ class VBPR(Backbone):
         nn.init.xavier_normal_(self.content.weight)
         nn.init.zeros_(self.content.bias)
 
-    def _modality_parts(self, features: Tensor) -> dict[str, Tensor]:
-        """(N, d_t + d_v) features -> ``{"image": W_v x_v, "text": W_t x_t}``, (N, d) each, bias not included."""
-        w = self.content.weight  # (d, d_t + d_v)
-        return {"image": features[:, self.text_dim :] @ w[:, self.text_dim :].T,
-                "text": features[:, : self.text_dim] @ w[:, : self.text_dim].T}
+    def content_pathway(self) -> ContentPathway:
+        """The content layer (and modality hook) as a module of its own, sharing these weights."""
+        return ContentPathway(self.text_dim, self.image_dim, self.embedding_dim, self.modality_hook, self.content)
 
     def _content(self, features: Tensor) -> Tensor:
         """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
-        if self.modality_hook is None:
-            return self.content(features)
-        parts = self.modality_hook(self._modality_parts(features))
-        return parts["image"] + parts["text"] + self.content.bias
+        return self.content_pathway()(features)
 
     @torch.no_grad()
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """CLEAR's dynamic mode: refit the hook's directions on the current modality parts."""
         if self.modality_hook is not None:
-            self.modality_hook.refit(self._modality_parts(self.features))
+            self.modality_hook.refit(self.content_pathway().modality_parts(self.features))
 
     def forward(self) -> tuple[Tensor, Tensor]:
         return self.user_embedding, torch.cat([self.item_embedding, self._content(self.features)], dim=1)
@@ -112,23 +158,9 @@ class VBPR(Backbone):
             loss = loss + self.reg * emb_norm(u, p, n)
         return loss
 
-    @torch.no_grad()
     def content_item_vectors(self, image_features: Tensor | None = None, text_features: Tensor | None = None) -> Tensor:
-        """Vectors (N, 2d) of new items from their features alone (ID part zero): the cold-start pathway.
-
-        Pass the modalities the model was trained with, (N, d_v) / (N, d_t), prepared like the
-        training features (same encoder, same CLEAR projection).
-        """
-        parts = []
-        for name, feats, dim in (("text", text_features, self.text_dim), ("image", image_features, self.image_dim)):
-            if dim == 0:
-                continue
-            if feats is None or feats.ndim != 2 or feats.shape[1] != dim:
-                got = None if feats is None else tuple(feats.shape)
-                raise ValueError(f"{name}_features must be (N, {dim}) as in training, got {got}")
-            parts.append(feats.to(self.features.device, torch.float32))
-        content = self._content(torch.cat(parts, dim=1))  # the hook projects with its saved directions
-        return torch.cat([torch.zeros_like(content), content], dim=1)
+        """Vectors (N, 2d) of new items from their features alone: :meth:`ContentPathway.item_vectors`."""
+        return self.content_pathway().item_vectors(image_features, text_features)
 
     def hparams(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,9 @@
 - :class:`LoadedIndex`: one FAISS index deserialised from bytes whose SHA-256 was checked,
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
-- :class:`QueryEncoder`: the catalog's encoders and CLEAR projector, for queries and new items;
+- :class:`QueryEncoder`: the catalog's encoders, CLEAR projector, fill vectors and content
+  layout, for queries and new items;
+- :func:`load_content_pathway`: the trained backbone's content layer alone (VBPR), for new items;
 - :class:`RWLock`: many readers or one writer.
 """
 
@@ -23,10 +25,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..models import ann
+from ..models.content import ContentLayout
 from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from .store import ArtifactStore, arrow_to_vectors
-
-INFO = "index/index_info.json"
+from .workdir import (
+    CONTENT_PATHWAY,
+    FILL,
+    INDEX_INFO,
+    INTERACTIONS,
+    ITEMS,
+    MODEL_JSON,
+    PROJECTOR,
+    PROJECTOR_JSON,
+    USER_VECTORS,
+    stage_outputs,
+)
 
 
 class LoadedIndex:
@@ -56,15 +69,15 @@ class LoadedIndex:
 
 def verified_info(store: ArtifactStore) -> dict[str, Any]:
     """``index/index_info.json``, whose checksum must match the manifest's (when it has one)."""
-    if not store.exists(INFO):
-        raise ArtifactError(f"{store.path(INFO)} not found: build the index with 'clearrec run' "
+    if not store.exists(INDEX_INFO):
+        raise ArtifactError(f"{store.path(INDEX_INFO)} not found: build the index with 'clearrec run' "
                             "(or 'clearrec run --only index')")
-    recorded = manifest_outputs(store)
-    data = verified_bytes(store, INFO, recorded.get(INFO))
+    recorded = stage_outputs(store, "index")
+    data = verified_bytes(store, INDEX_INFO, recorded.get(INDEX_INFO))
     try:
         info = json.loads(data)
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{store.path(INFO)} is not valid JSON; rebuild with "
+        raise ArtifactError(f"{store.path(INDEX_INFO)} is not valid JSON; rebuild with "
                             "'clearrec run --force --only index'") from e
     for entry in (info.get("items"), info.get("content")):
         for key, sha_key in (("file", "sha256"), ("ids_file", "ids_sha256")):
@@ -72,16 +85,6 @@ def verified_info(store: ArtifactStore) -> dict[str, Any]:
                 raise IntegrityError(f"{entry[key]}: index_info.json and manifest.json record different "
                                      "checksums; rebuild with 'clearrec run --force --only index'")
     return info
-
-
-def manifest_outputs(store: ArtifactStore, stage: str = "index") -> dict[str, str]:
-    """Checksums the runner recorded for a stage's outputs (empty without a record)."""
-    if not store.exists("manifest.json"):
-        return {}
-    entry = store.read_json("manifest.json").get("stages", {}).get(stage, {})
-    if entry.get("status") != "ok":
-        return {}
-    return {name: rec["sha256"] for name, rec in entry.get("outputs", {}).items()}
 
 
 def verified_bytes(store: ArtifactStore, name: str, expected: str | None, stage: str = "index") -> bytes:
@@ -99,20 +102,20 @@ def verified_bytes(store: ArtifactStore, name: str, expected: str | None, stage:
 
 
 def read_titles(store: ArtifactStore) -> dict[str, str]:
-    table = store.read_parquet("items.parquet", columns=["item_id", "title"], required=["item_id", "title"])
+    table = store.read_parquet(ITEMS, columns=["item_id", "title"], required=["item_id", "title"])
     return {i: (t or "") for i, t in zip(table["item_id"].to_pylist(), table["title"].to_pylist())}
 
 
 def read_users(store: ArtifactStore) -> tuple[dict[str, int], np.ndarray]:
-    table = store.read_parquet("model/user_vectors.parquet", required=["user_idx", "user_id", "vector"])
+    table = store.read_parquet(USER_VECTORS, required=["user_idx", "user_id", "vector"])
     vectors, _ = arrow_to_vectors(table["vector"])  # (U, d)
     return {u: r for r, u in enumerate(table["user_id"].to_pylist())}, vectors
 
 
 def read_seen(store: ArtifactStore, items: LoadedIndex) -> dict[int, np.ndarray]:
     """user row (in user_vectors) -> sorted rows of the items index the user interacted with."""
-    users = store.read_parquet("model/user_vectors.parquet", columns=["user_idx"])["user_idx"].to_numpy()
-    inter = store.read_parquet("interactions.parquet", columns=["user_idx", "item_idx"],
+    users = store.read_parquet(USER_VECTORS, columns=["user_idx"])["user_idx"].to_numpy()
+    inter = store.read_parquet(INTERACTIONS, columns=["user_idx", "item_idx"],
                                required=["user_idx", "item_idx"])
     u, i = inter["user_idx"].to_numpy(), inter["item_idx"].to_numpy()
     row_of_item = np.full(int(max(items.item_idx.max(initial=-1), i.max(initial=-1))) + 1, -1, dtype=np.int64)
@@ -133,12 +136,15 @@ class QueryEncoder:
     """Query text / images and new catalog rows -> content-index vectors.
 
     Per modality: the catalog's encoder (loaded on first use) -> the saved CLEAR projector
-    (only if the catalog's features were projected) -> L2 normalisation -> its block.
+    (only if the catalog's features were projected) -> its block of the content layout the
+    index was built with (``index_info.json``). ``blocks``: per modality, how its queries are
+    encoded (encoder identity, weights, template, missing policy, projector).
     """
 
-    def __init__(self, store: ArtifactStore, blocks: dict[str, dict[str, Any]], encoders: Mapping[str, Any],
-                 max_pixels: int, device: str):
-        self.store, self.blocks, self.max_pixels, self.device = store, blocks, max_pixels, device
+    def __init__(self, store: ArtifactStore, layout: ContentLayout | None, blocks: dict[str, dict[str, Any]],
+                 encoders: Mapping[str, Any], max_pixels: int, device: str):
+        self.store, self.layout, self.blocks = store, layout, blocks
+        self.max_pixels, self.device = max_pixels, device
         self._encoders: dict[str, Any] = {}
         for modality, enc in encoders.items():
             self._encoders[modality] = self._checked(modality, enc)
@@ -193,8 +199,8 @@ class QueryEncoder:
                 from ..models.clear import ClearProjector
 
                 sha = next(b["projector"] for b in self.blocks.values() if b["clear_enabled"])
-                tensors = load_tensors(verified_bytes(self.store, "clear/projector.safetensors", sha, "project"))
-                self._projector = ClearProjector.from_state(tensors, self.store.read_json("clear/projector.json"))
+                tensors = load_tensors(verified_bytes(self.store, PROJECTOR, sha, "project"))
+                self._projector = ClearProjector.from_state(tensors, self.store.read_json(PROJECTOR_JSON))
             return self._projector
 
     def project(self, modality: str, raw: np.ndarray) -> np.ndarray:
@@ -217,12 +223,10 @@ class QueryEncoder:
         """``fn(*args)`` on the encoder thread."""
         return self._worker.submit(fn, *args).result()
 
-    def query(self, modality: str, payload: Any, dim: int) -> np.ndarray:
-        """One text / image query -> (1, dim): its block L2-normalised, zeros elsewhere."""
-        b = self.block(modality)
-        q = np.zeros((1, dim), dtype=np.float32)
-        q[:, b["start"] : b["start"] + b["dim"]] = l2n(self.project(modality, self.encode(modality, [payload])))
-        return q
+    def query(self, modality: str, payload: Any) -> np.ndarray:
+        """One text / image query -> (1, D): a content row with its block alone (zeros elsewhere)."""
+        self.block(modality)
+        return self.layout.rows({modality: self.project(modality, self.encode(modality, [payload]))})
 
     def item_features(self, rows: list[dict[str, Any]], catalog_root: Path | None) -> dict[str, np.ndarray]:
         """New rows -> projected (B, d) per modality; a missing modality is filled as the catalog's was."""
@@ -249,23 +253,22 @@ class QueryEncoder:
         return out
 
     def fill(self, modality: str) -> np.ndarray:
-        """The vector the catalog's missing rows got (mean of the projected valid vectors), (d,)."""
+        """The vector the project stage gave the catalog's items without one (``clear/fill.safetensors``), (d,)."""
+        with self._load_lock:
+            if not self._fill:
+                from safetensors.numpy import load as load_tensors
+
+                sha = stage_outputs(self.store, "project").get(FILL)
+                if not self.store.exists(FILL):
+                    raise ArtifactError(f"{self.store.path(FILL)} not found; rerun 'clearrec run --from project'")
+                self._fill = load_tensors(verified_bytes(self.store, FILL, sha, "project"))
         if modality not in self._fill:
-            name = self.block(modality)["source"]
-            table = self.store.read_parquet(name, columns=["vector", "filled"])
-            x, valid = arrow_to_vectors(table["vector"])
-            keep = valid & ~table["filled"].to_numpy(zero_copy_only=False).astype(bool)
-            self._fill[modality] = x[keep].mean(axis=0) if keep.any() else np.zeros(x.shape[1], np.float32)
+            raise ArtifactError(f"{FILL} has no {modality} vector; rerun 'clearrec run --from project'")
         return self._fill[modality]
 
-    def content(self, features: dict[str, np.ndarray], dim: int) -> np.ndarray:
-        """Projected per-modality features -> content-index rows (B, dim)."""
-        n = len(next(iter(features.values())))
-        out = np.zeros((n, dim), dtype=np.float32)
-        for modality, x in features.items():
-            b = self.blocks[modality]
-            out[:, b["start"] : b["start"] + b["dim"]] = l2n(x)
-        return out
+    def content(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Projected per-modality features -> content-index rows (B, D)."""
+        return self.layout.rows(features)
 
 
 def image_payload(image: Any, catalog_root: Path | None) -> bytes | str | None:
@@ -286,9 +289,27 @@ def image_payload(image: Any, catalog_root: Path | None) -> bytes | str | None:
     return str(path)
 
 
-def l2n(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x, dtype=np.float32), where=norm > 0)
+def load_content_pathway(store: ArtifactStore) -> Any:
+    """The trained backbone's content pathway alone (VBPR's content layer and CLEAR hook), or None.
+
+    Read from ``model/content.safetensors`` (checksum-verified against the manifest) and the
+    settings in ``model/model.json``; the rest of the model and its training data are not needed.
+    """
+    meta = store.read_json(MODEL_JSON) if store.exists(MODEL_JSON) else {}
+    settings = meta.get("content_pathway")
+    if not settings:
+        return None
+    from safetensors.torch import load as load_tensors
+
+    from ..models.clear import ClearOptions
+    from ..models.clear_dynamic import DynamicClear
+    from ..models.vbpr import ContentPathway
+
+    data = verified_bytes(store, CONTENT_PATHWAY, stage_outputs(store, "train").get(CONTENT_PATHWAY), "train")
+    hook = DynamicClear(ClearOptions.from_json(meta["clear_dynamic"])) if meta.get("clear_dynamic") else None
+    pathway = ContentPathway(settings["text_dim"], settings["image_dim"], settings["embedding_dim"], hook)
+    pathway.load_state_dict(load_tensors(data))
+    return pathway.eval()
 
 
 def torch_from(x: np.ndarray) -> Any:

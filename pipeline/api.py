@@ -16,7 +16,8 @@ runner recorded one), and each FAISS file and id mapping is read into memory, ha
 deserialised only when its SHA-256 matches the one recorded at build time
 (:class:`IntegrityError` otherwise), so the bytes that were checked are the bytes loaded.
 
-Queries and the content index: content rows are ``concat(l2n(image_clear), l2n(text_clear))``.
+Queries and the content index: content rows follow the layout recorded in ``index_info.json``
+(:class:`clearrec.models.content.ContentLayout`: ``concat(l2n(image_clear), l2n(text_clear))``).
 A text query goes through the catalog's own text encoder (identity from the features
 metadata) and the saved CLEAR projector, is L2-normalised, and fills the text block only
 (zeros in the image block), so its score is the text cosine alone; image queries mirror it.
@@ -43,20 +44,21 @@ import numpy as np
 
 from ..models import ann
 from ..models.images import DEFAULT_MAX_PIXELS
+from ..models.content import ContentLayout
 from ._serving import (
     LoadedIndex,
     QueryEncoder,
     RWLock,
-    manifest_outputs,
+    load_content_pathway,
     read_seen,
     read_titles,
     read_users,
     torch_from,
-    verified_bytes,
     verified_info,
 )
 from .errors import ArtifactError, ClearrecError
 from .store import ArtifactStore
+from .workdir import ITEMS, MODEL_JSON
 from .threads import omp_threads
 
 MAX_K = 1000
@@ -91,6 +93,13 @@ class AddedItems:
     notes: list[str] = field(default_factory=list)  # why something was not inserted
 
 
+def _suggest(key: str, known: Mapping[str, Any]) -> str:
+    """``"; did you mean 'U0001'?"`` when an id differs from a known one by letter case only, else ``""``."""
+    folded = str(key).casefold()
+    match = next((k for k in known if k.casefold() == folded), None)
+    return f"; did you mean {match!r}?" if match is not None else ""
+
+
 def open_workdir(workdir: str | Path, **kwargs: Any) -> "Recommender":
     """Open a work directory whose ``index`` stage has run (keyword arguments: :class:`Recommender`)."""
     return Recommender(workdir, **kwargs)
@@ -122,11 +131,12 @@ class Recommender:
         self.items = LoadedIndex(self.store, self.info["items"])
         self.content = LoadedIndex(self.store, self.info["content"]) if self.info.get("content") else None
         self._blocks = {b["modality"]: b for b in self.info["content"]["blocks"]} if self.content else {}
+        layout = ContentLayout.from_json(self.info["content"]) if self.content else None
         self._titles = read_titles(self.store)
         self._user_row, self._user_vectors = read_users(self.store)
         self._seen = read_seen(self.store, self.items)
-        self._queries = QueryEncoder(self.store, self._blocks, encoders or {}, max_image_pixels, device)
-        self._model, self._model_lock = None, threading.Lock()
+        self._queries = QueryEncoder(self.store, layout, self._blocks, encoders or {}, max_image_pixels, device)
+        self._pathway, self._pathway_lock = None, threading.Lock()
 
     # ---- queries ---------------------------------------------------------------------
     def recommend(self, user_id: str, k: int = 20, exclude_seen: bool = True,
@@ -136,7 +146,7 @@ class Recommender:
         row = self._user_row.get(str(user_id))
         if row is None:
             raise UnknownIdError(f"unknown user {user_id!r}: not in model/user_vectors.parquet "
-                                 "(users need at least one training interaction)")
+                                 f"(users need at least one training interaction){_suggest(user_id, self._user_row)}")
         seen = self._seen.get(row, _EMPTY) if exclude_seen else _EMPTY
         q = self._user_vectors[row : row + 1]  # (1, d)
         with self._lock.read():
@@ -157,7 +167,8 @@ class Recommender:
             if row is None:
                 known = str(item_id) in self._titles or str(item_id) in self.items.row_of
                 raise UnknownIdError(f"item {item_id!r} has no content vector" if known else
-                                     f"unknown item {item_id!r}: not in the {index.name} index")
+                                     f"unknown item {item_id!r}: not in the {index.name} index"
+                                     f"{_suggest(item_id, index.row_of)}")
             q = index.index.reconstruct(row)[None, :]  # (1, d)
             return self._hits(index, q, k, {row}, ef_search, nprobe)
 
@@ -167,7 +178,8 @@ class Recommender:
         _check_k(k)
         if not isinstance(text, str) or not text.strip():
             raise ValueError("search_text needs a non-empty string")
-        q = self._queries.query("text", text, self._content_dim())  # (1, D)
+        self._require_content()
+        q = self._queries.query("text", text)  # (1, D)
         with self._lock.read():
             return self._hits(self.content, q, k, set(), ef_search, nprobe)
 
@@ -176,7 +188,8 @@ class Recommender:
         """Items whose projected image is nearest to ``image`` (a file path or the file's bytes)."""
         _check_k(k)
         data = image if isinstance(image, (bytes, bytearray)) else _read_file(Path(image))
-        q = self._queries.query("image", bytes(data), self._content_dim())  # (1, D)
+        self._require_content()
+        q = self._queries.query("image", bytes(data))  # (1, D)
         with self._lock.read():
             return self._hits(self.content, q, k, set(), ef_search, nprobe)
 
@@ -196,7 +209,7 @@ class Recommender:
             raise ArtifactError("no content index in this work directory (index.content = false or no "
                                 "features); new items cannot be encoded")
         features = self._queries.item_features(rows, self._catalog_root())  # modality -> (B, d)
-        content = self._queries.content(features, self._content_dim())  # (B, D)
+        content = self._queries.content(features)  # (B, D)
         cf, notes = self._cf_vectors(features)
         with self._lock.write():
             self._check_new(ids)  # again: another add_items may have taken an id meanwhile
@@ -239,40 +252,32 @@ class Recommender:
 
     # ---- internals -------------------------------------------------------------------
     def _catalog_root(self) -> Path | None:
-        root = self.store.parquet_metadata("items.parquet").get("catalog_root")
+        root = self.store.parquet_metadata(ITEMS).get("catalog_root")
         return Path(root) if root else None
 
     def _cf_vectors(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray | None, list[str]]:
         """Item vectors of new items through the backbone's content pathway, or None and why not."""
-        meta = self.store.read_json("model/model.json") if self.store.exists("model/model.json") else {}
-        backbone = meta.get("backbone", "unknown")
-        from ..models.registry import BACKBONES
-
-        if not hasattr(BACKBONES.get(backbone), "content_item_vectors"):
+        pathway = self._content_pathway()
+        if pathway is None:
+            backbone = self.store.read_json(MODEL_JSON).get("backbone", "unknown") if self.store.exists(MODEL_JSON) \
+                else "unknown"
             return None, [f"backbone {backbone!r} has no content pathway: the new items are in the content index "
                           "(similar, search_text, search_image) but not in recommend() until the model is retrained"]
-        model = self._trained_model()
         x = {m: torch_from(features[m]) for m in features}
-        vectors = self._queries.run(model.content_item_vectors, x.get("image"), x.get("text"))  # (B, 2d)
+        vectors = self._queries.run(pathway.item_vectors, x.get("image"), x.get("text"))  # (B, 2d)
         return vectors.numpy(), []
 
-    def _trained_model(self) -> Any:
-        """The trained backbone (for its content pathway), loaded once, checked against the manifest."""
-        with self._model_lock:
-            if self._model is None:
-                from ..stages.train import load_model
+    def _content_pathway(self) -> Any:
+        """The trained backbone's content layer alone (loaded once, checked against the manifest), or None."""
+        with self._pathway_lock:
+            if self._pathway is None:
+                self._pathway = load_content_pathway(self.store) or False
+            return self._pathway or None
 
-                recorded = manifest_outputs(self.store, "train")
-                if "model/model.safetensors" in recorded:
-                    verified_bytes(self.store, "model/model.safetensors", recorded["model/model.safetensors"], "train")
-                self._model = load_model(self.store)
-            return self._model
-
-    def _content_dim(self) -> int:
+    def _require_content(self) -> None:
         if self.content is None:
             raise ArtifactError("this work directory has no content index; text / image search needs "
                                 "index.content = true and features from the encode stage")
-        return self.content.index.d
 
     def _hits(self, index: "LoadedIndex", q: np.ndarray, k: int, exclude: set[int],
               ef_search: int | None, nprobe: int | None) -> list[Hit]:

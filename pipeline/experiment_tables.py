@@ -10,6 +10,15 @@ import numpy as np
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")  # test metrics in every table
 SELECT_METRIC = "recall@20"  # valid metric that selects epochs, grid points and sweep settings
+VERDICT_HEADER = "verdict (2 SE rule)"
+P_HEADER = "paired t-test p"
+NOISE_EXPLAINED = (
+    "The verdict and the p-value answer different questions and can disagree: the verdict compares the change of "
+    "the means with the spread of each side across seeds, while the paired t-test looks only at the per-seed "
+    "differences, so with few seeds a small change that every seed repeats can get a small p yet stay within noise, "
+    "and a large change that one seed contradicts can be beyond noise yet get a large p (with n seeds the t-test has "
+    "only n - 1 degrees of freedom)."
+)
 
 
 def fmt_ms(mean: float | None, std: float | None) -> str:
@@ -18,18 +27,40 @@ def fmt_ms(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
 
 
-def fmt_delta(d: dict[str, Any]) -> str:
+def fmt_change(d: dict[str, Any]) -> str:
+    """The relative change (absolute when the baseline is 0), e.g. ``+12.9%``."""
     if d["diff"] is None:
         return "n/a"
-    rel = f"{d['rel'] * 100:+.1f}%" if d["rel"] is not None else f"{d['diff']:+.4f}"
-    verdict = {True: "beyond noise", False: "within noise", None: "noise unknown"}[d["exceeds_noise"]]
-    p = f", p={d['p_paired']:.2f}" if d["p_paired"] is not None else ""
-    return f"{rel} ({verdict}{p})"
+    return f"{d['rel'] * 100:+.1f}%" if d["rel"] is not None else f"{d['diff']:+.4f}"
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+def fmt_verdict(d: dict[str, Any]) -> str:
+    if d["diff"] is None:
+        return "n/a"
+    return {True: "beyond noise", False: "within noise", None: "unknown (one seed)"}[d["exceeds_noise"]]
+
+
+def fmt_p(d: dict[str, Any]) -> str:
+    return f"{d['p_paired']:.2f}" if d.get("p_paired") is not None else "n/a"
+
+
+def delta_cells(d: dict[str, Any]) -> list[str]:
+    """[change, verdict, p] of one noise check."""
+    return [fmt_change(d), fmt_verdict(d), fmt_p(d)]
+
+
+def noise_rule_text(result: dict[str, Any]) -> str:
+    """The rule, stated once above a table of changes, and why its verdict can differ from the p-value."""
+    return f"Noise rule: {result.get('noise_rule', '')} {NOISE_EXPLAINED}"
+
+
+def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (the one writer of them): ``|`` in a cell is escaped, line breaks become spaces."""
+    def cell(c: Any) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -38,7 +69,7 @@ def _metric_header() -> list[str]:
 
 
 def compare_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the comparison table (one row per backbone x CLEAR, then a change row)."""
+    """Header and rows of the comparison table: one row per backbone x CLEAR (test mean ± std over seeds)."""
     headers = ["backbone", "CLEAR", "seeds", *_metric_header(), f"valid {SELECT_METRIC}", "selected grid point"]
     rows = []
     for b in result["backbones"]:
@@ -48,22 +79,54 @@ def compare_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             vs = f"{r['valid_select']:.4f}" if r["valid_select"] is not None else "n/a"
             rows.append([b, r["clear"], f"{r['n']}{failed}",
                          *(fmt_ms(r["mean"][m], r["std"][m]) for m in TABLE_METRICS), vs, grid])
-        for d in (d for d in result["deltas"] if d["backbone"] == b):
-            rows.append([b, "change on vs off", "", *(fmt_delta(d[m]) for m in TABLE_METRICS), "", ""])
     return headers, rows
 
 
+def change_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The change on vs off per backbone and metric: change, verdict and p-value in their own columns."""
+    headers = ["backbone", "metric", "CLEAR off", "CLEAR on", "change on vs off", VERDICT_HEADER, P_HEADER]
+    rows = []
+    for d in result["deltas"]:
+        for m in TABLE_METRICS:
+            x = d[m]
+            rows.append([d["backbone"], m, _fmt(x["off"]), _fmt(x["on"]), *delta_cells(x)])
+    return headers, rows
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:.4f}" if v is not None else "n/a"
+
+
 def ablation_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    headers = ["variant", "what", "seeds", *_metric_header(), f"change vs off ({TABLE_METRICS[1]})"]
+    m = TABLE_METRICS[1]
+    headers = ["variant", "what", "seeds", *_metric_header(), f"change vs off ({m})", VERDICT_HEADER, P_HEADER]
     rows = []
     deltas = {(d["ablation"], d["vs"]): d for d in result["deltas"]}
     for r in result["rows"]:
         if r["status"] != "ok":
-            rows.append([r["ablation"], r["what"], "0", *(["not run"] * len(TABLE_METRICS)), r["error"]])
+            rows.append([r["ablation"], r["what"], "0", *(["not run"] * len(TABLE_METRICS)), r["error"], "", ""])
             continue
         d = deltas.get((r["ablation"], "off"))
-        rows.append([r["ablation"], r["what"], str(r["n"]), *(fmt_ms(r["mean"][m], r["std"][m]) for m in TABLE_METRICS),
-                     fmt_delta(d[TABLE_METRICS[1]]) if d else "-"])
+        rows.append([r["ablation"], r["what"], str(r["n"]), *(fmt_ms(r["mean"][k], r["std"][k]) for k in TABLE_METRICS),
+                     *(delta_cells(d[m]) if d else ["-", "", ""])])
+    return headers, rows
+
+
+def random_control_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Hard projection (shared top-k directions) vs the random-directions control, per metric."""
+    headers = ["metric", "change hard vs random", VERDICT_HEADER, P_HEADER]
+    rows = [[m, *delta_cells(d[m])] for d in result["deltas"] if d["vs"] == "random" for m in TABLE_METRICS]
+    return headers, rows
+
+
+def sweep_choice_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Test metrics of the setting chosen on valid next to CLEAR off; one row per metric."""
+    c = next(c for c in result["cells"] if c["row"] == result["chosen"]["row"]
+             and c["strength"] == result["chosen"]["strength"])
+    off = result["off"]
+    headers = ["metric", "chosen, test", "CLEAR off, test", "change", VERDICT_HEADER, P_HEADER]
+    rows = [[m, fmt_ms(c["mean"][m], c["std"][m]), fmt_ms(off["mean"][m], off["std"][m]),
+             *delta_cells(result["chosen_vs_off"][m])] for m in TABLE_METRICS]
     return headers, rows
 
 
@@ -94,26 +157,27 @@ def _provenance(result: dict[str, Any]) -> str:
 
 def compare_markdown(result: dict[str, Any]) -> str:
     h, rows = compare_table(result)
-    return (f"# CLEAR off vs on\n\n{_provenance(result)}\nNoise rule: {result['noise_rule']}\n\n"
-            f"{_md_table(h, rows)}\n\n{_failures(result)}")
+    ch, crows = change_table(result)
+    return (f"# CLEAR off vs on\n\n{_provenance(result)}\nTest metrics, mean ± std over seeds:\n\n"
+            f"{markdown_table(h, rows)}\n\n## Change on vs off\n\n{noise_rule_text(result)}\n\n"
+            f"{markdown_table(ch, crows)}\n\n{_failures(result)}")
 
 
 def ablations_markdown(result: dict[str, Any]) -> str:
     h, rows = ablation_table(result)
     k = f"ratio={result['ratio']}" if result.get("ratio") else f"k={result['k']}"
-    extra = [d for d in result["deltas"] if d["vs"] == "random"]
     lines = [f"# CLEAR ablations ({result['backbone']}, {k})\n", _provenance(result),
-             f"Noise rule: {result['noise_rule']}\n", _md_table(h, rows), ""]
-    for d in extra:
-        lines.append("Shared top-k directions (hard) vs the random-directions control: "
-                     + ", ".join(f"{m} {fmt_delta(d[m])}" for m in TABLE_METRICS) + "\n")
+             noise_rule_text(result) + "\n", markdown_table(h, rows), ""]
+    rh, rrows = random_control_table(result)
+    if rrows:
+        lines += ["Shared top-k directions (hard) vs the random-directions control:\n", markdown_table(rh, rrows), ""]
     return "\n".join(lines) + _failures(result)
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:
     h, rows = sweep_table(result)
     lines = [f"# CLEAR sweep ({result['backbone']}): valid {SELECT_METRIC}\n", _provenance(result),
-             _md_table(h, rows), ""]
+             markdown_table(h, rows), ""]
     off = result["off"]
     lines.append(f"CLEAR off: valid {SELECT_METRIC} "
                  + (f"{off['valid_select']:.4f}" if off["valid_select"] is not None else "n/a") + "\n")
@@ -122,10 +186,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
                  and c["strength"] == result["chosen"]["strength"])
         ks = f" (k used: {', '.join(map(str, c['k_used']))})" if c["k_used"] else ""
         lines.append(f"Chosen on valid: {c['row']}, lambda={c['strength']}{ks}.\n")
-        lines.append(_md_table(["", *_metric_header()],
-                               [["chosen, test", *(fmt_ms(c["mean"][m], c["std"][m]) for m in TABLE_METRICS)],
-                                ["CLEAR off, test", *(fmt_ms(off["mean"][m], off["std"][m]) for m in TABLE_METRICS)],
-                                ["change", *(fmt_delta(result["chosen_vs_off"][m]) for m in TABLE_METRICS)]]))
+        lines.append(noise_rule_text(result) + "\n")
+        lines.append(markdown_table(*sweep_choice_table(result)))
         lines.append(f"\n![valid {SELECT_METRIC} heatmap](sweep_heatmap.png)\n")
     return "\n".join(lines) + "\n" + _failures(result)
 

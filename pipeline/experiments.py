@@ -2,11 +2,12 @@
 
 One base work directory runs the stages up to ``encode`` once. Every variant (a backbone, a
 seed, CLEAR on or off, a CLEAR setting, a grid point) is a run directory
-``<out>/runs/<name>-<hash of its overrides>/`` that hard-links the base outputs and copies their manifest entries, so
-the runner sees ingest / encode as up to date there and runs only ``project`` and ``train``
-under the variant's config overrides. A stage whose fingerprint equals one already computed in
-another run directory (e.g. the same CLEAR setting for two seeds) is adopted by linking that
-run's outputs instead of recomputing them. Rerunning an experiment resumes: finished runs are
+``<out>/runs/<name>-<hash of its overrides>/`` that adopts the base run's stages through the
+runner (:meth:`Runner.adopt`: outputs hard-linked, manifest entries recorded), so the runner
+sees ingest / encode as up to date there and runs only ``project`` and ``train`` under the
+variant's config overrides. A stage whose fingerprint equals one already computed in another
+run directory (e.g. the same CLEAR setting for two seeds) is adopted the same way instead of
+recomputed. Rerunning an experiment resumes: finished runs are
 skipped by the runner.
 
 Three experiments, each written as ``<name>.json`` + ``<name>.md`` in the output folder:
@@ -28,7 +29,6 @@ import json
 import math
 import os
 import platform
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,9 +47,10 @@ from .experiment_tables import (
     heatmap,
     sweep_markdown,
 )
-from .runner import MANIFEST, UP_TO_DATE, Runner, select_stages
+from .runner import UP_TO_DATE, Runner, select_stages
 from .stage import StageSpec
 from .store import ArtifactStore
+from .workdir import MANIFEST, METRICS, PROJECTOR_JSON, read_manifest
 
 FEATURELESS = frozenset({"lightgcn"})  # backbones that ignore item features: CLEAR cannot change them
 NOISE_RULE = (
@@ -163,7 +164,7 @@ class Harness:
         self.command = command
         self._donors: dict[tuple[str, str], Path] = {}  # (stage, fingerprint) -> run dir that has it
         for manifest in sorted((self.out.root / "runs").glob(f"*/{MANIFEST}")):
-            for name, entry in self._manifest(manifest.parent).items():
+            for name, entry in _entries(manifest.parent).items():
                 if entry.get("status") == "ok" and "fingerprint" in entry:
                     self._donors.setdefault((name, entry["fingerprint"]), manifest.parent)
 
@@ -171,7 +172,7 @@ class Harness:
     def prepare_base(self) -> None:
         """Run (or skip, if up to date) the base stages once in the base work directory."""
         Runner(self.stages, self.config, self.base.root, console=self.console).run(self.base_stages)
-        entries = self._manifest(self.base.root)
+        entries = _entries(self.base.root)
         for s in self.base_stages:
             if entries.get(s.name, {}).get("status") != "ok":
                 raise ClearrecError(f"base stage {s.name} has no successful run in {self.base.root}")
@@ -182,14 +183,16 @@ class Harness:
                                "run_dir": f"runs/{variant.dirname}"}
         cfg = self.config.with_overrides(variant.overrides)
         run_dir = self.out.root / "runs" / variant.dirname
-        self._seed_run_dir(run_dir)
         runner = Runner(self.stages, cfg, run_dir, console=self.console)
+        for stage in self.base_stages:  # the base run's encoded catalog, shared by every variant
+            runner.adopt(stage, self.base.root, same_fingerprint=False)
         try:
             for stage in (s for s in self.run_stages if s.name not in variant.skip):
                 parts = runner.fingerprint_parts(stage)
                 fp = runner.fingerprint(parts)
-                if runner.stage_state(stage, parts, check_upstream=False).state != UP_TO_DATE:
-                    self._adopt(stage, fp, run_dir)
+                donor = self._donors.get((stage.name, fp))
+                if donor is not None and runner.stage_state(stage, parts, check_upstream=False).state != UP_TO_DATE:
+                    runner.adopt(stage, donor)  # another variant already ran it with this fingerprint
                 runner.run([stage], resume_hint=f"clearrec run --workdir {run_dir}")
                 self._donors[(stage.name, runner.fingerprint(runner.fingerprint_parts(stage)))] = run_dir
         except ClearrecError as e:
@@ -203,75 +206,15 @@ class Harness:
             records.append(self.run_variant(v))
         return records
 
-    def _seed_run_dir(self, run_dir: Path) -> None:
-        """Link the base stages' outputs into ``run_dir`` and copy their manifest entries."""
-        run_dir.mkdir(parents=True, exist_ok=True)
-        base_entries = self._manifest(self.base.root)
-        names = [s.name for s in self.base_stages]
-        self._link_outputs(self.base.root, run_dir, [base_entries[n] for n in names])
-        data = self._manifest_data(run_dir)
-        data["stages"].update({n: base_entries[n] for n in names})
-        order = [s.name for s in self.stages]
-        data["stages"] = {n: data["stages"][n] for n in order if n in data["stages"]}
-        ArtifactStore(run_dir).write_json(MANIFEST, data)
-
-    def _adopt(self, stage: StageSpec, fingerprint: str, run_dir: Path) -> None:
-        """If another run directory already ran ``stage`` with this fingerprint, link its outputs."""
-        donor = self._donors.get((stage.name, fingerprint))
-        if donor is None or donor == run_dir:
-            return
-        entry = self._manifest(donor).get(stage.name)
-        if not entry or entry.get("fingerprint") != fingerprint or entry.get("status") != "ok":
-            return
-        store = ArtifactStore(donor)
-        if any(not store.exists(n) or store.checksum(n) != r["sha256"] for n, r in entry["outputs"].items()):
-            return
-        self._link_outputs(donor, run_dir, [entry])
-        data = self._manifest_data(run_dir)
-        data["stages"][stage.name] = entry
-        order = [s.name for s in self.stages]
-        data["stages"] = {n: data["stages"][n] for n in order if n in data["stages"]}
-        ArtifactStore(run_dir).write_json(MANIFEST, data)
-
-    @staticmethod
-    def _link_outputs(src_root: Path, dst_root: Path, entries: Sequence[dict[str, Any]]) -> None:
-        src, dst = ArtifactStore(src_root), ArtifactStore(dst_root)
-        for entry in entries:
-            for name in entry.get("outputs", {}):
-                a, b = src.path(name), dst.path(name)
-                if b.exists() and os.path.samefile(a, b):
-                    continue
-                b.parent.mkdir(parents=True, exist_ok=True)
-                tmp = b.with_name(f".{b.name}.link")
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(a, tmp)
-                except OSError:  # another filesystem: copy instead
-                    shutil.copy2(a, tmp)
-                os.replace(tmp, b)
-
-    @staticmethod
-    def _manifest_data(root: Path) -> dict[str, Any]:
-        p = root / MANIFEST
-        try:
-            data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = {}  # unreadable: every stage counts as never run
-        data.setdefault("stages", {})
-        return data
-
-    def _manifest(self, root: Path) -> dict[str, Any]:
-        return self._manifest_data(root)["stages"]
-
     def _read_results(self, run_dir: Path) -> dict[str, Any]:
         store = ArtifactStore(run_dir)
-        metrics = store.read_json("model/metrics.json")
-        entries = self._manifest(run_dir)
+        metrics = store.read_json(METRICS)
+        entries = _entries(run_dir)
         res: dict[str, Any] = {"valid": metrics.get("valid", {}), "test": metrics.get("test", {}),
                                "best_epoch": metrics.get("best_epoch"),
                                "seconds": {s.name: entries.get(s.name, {}).get("seconds") for s in self.run_stages}}
-        if store.exists("clear/projector.json"):
-            proj = store.read_json("clear/projector.json")
+        if store.exists(PROJECTOR_JSON):
+            proj = store.read_json(PROJECTOR_JSON)
             res["clear_k"], res["clear_strength"] = proj.get("k"), proj.get("strength")
         return res
 
@@ -434,3 +377,11 @@ def select_point(point_runs: Sequence[Sequence[dict[str, Any]]]) -> tuple[int, l
     means = [aggregate(rs)["valid_select"] for rs in point_runs]
     scored = [(m, i) for i, m in enumerate(means) if m is not None]
     return (max(scored)[1] if scored else 0), means
+
+
+def _entries(root: Path) -> dict[str, Any]:
+    """The manifest's stage entries of the work directory ``root`` (none when it is unreadable)."""
+    try:
+        return read_manifest(ArtifactStore(root))["stages"]
+    except ClearrecError:
+        return {}

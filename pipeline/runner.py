@@ -12,6 +12,8 @@ import difflib
 import fcntl
 import hashlib
 import json
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +28,10 @@ from .config import Config
 from .errors import ArtifactError, ClearrecError, ConfigError, StageError
 from .stage import StageContext, StageSpec
 from .store import ArtifactStore, sha256_file
+from .workdir import MANIFEST, read_manifest
 
-MANIFEST = "manifest.json"
 UP_TO_DATE, STALE, NEVER_RUN = "up-to-date", "stale", "never-run"
+FORCED = "forced"  # manifest status while a --force run is under way: the stage stays stale until it completes
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,11 @@ class Runner:
 
     # ---- manifest --------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
-        if not self.store.exists(MANIFEST):
-            return {"stages": {}}
         try:
-            data = self.store.read_json(MANIFEST)
+            return read_manifest(self.store)
         except ArtifactError:
             self.console.print(f"[yellow]warning:[/] {self.store.path(MANIFEST)} is unreadable; treating every stage as never run")
             return {"stages": {}}
-        data.setdefault("stages", {})
-        return data
 
     def _save_entry(self, name: str, entry: dict[str, Any]) -> None:
         from .. import __version__
@@ -129,6 +128,8 @@ class Runner:
                check_upstream: bool, memo: dict[str, StageState]) -> StageState:
         if entry is None:
             return StageState(NEVER_RUN, "no record in the manifest")
+        if entry.get("status") == FORCED:
+            return StageState(STALE, f"a --force run started at {entry.get('started')} did not complete")
         if entry.get("status") != "ok":
             return StageState(STALE, f"last run failed: {entry.get('error', 'unknown error')}")
         if check_upstream:
@@ -166,33 +167,76 @@ class Runner:
     # ---- running ---------------------------------------------------------------------
     def run(self, selected: Sequence[StageSpec] | None = None, force: bool = False, dry_run: bool = False,
             resume_hint: str = "clearrec run") -> list[str]:
-        """Run ``selected`` stages (default all) in order; returns the names of stages that ran."""
+        """Run ``selected`` stages (default all) in order; returns the names of stages that ran.
+
+        With ``dry_run`` nothing runs; the names returned are the stages that would run, and
+        those downstream of them that a real run checks again once their inputs are rewritten.
+        """
         selected = list(selected) if selected is not None else self.stages
         ran: list[str] = []
+        pending: dict[str, str] = {}  # dry run: output -> the stage that would rewrite it
         with self._lock():
             for stage in selected:
                 parts = self.fingerprint_parts(stage)  # taken before the stage runs
                 state = self.stage_state(stage, parts, check_upstream=False)
                 if state.state == UP_TO_DATE and not force:
+                    changing = [name for name in stage.inputs if name in pending]
+                    if dry_run and changing:
+                        # a real run re-checks this stage after its upstream ran: it reruns if the
+                        # new input differs, so a dry run cannot say "skipped"
+                        producer = pending[changing[0]]
+                        self.console.print(f"[cyan]may run[/]   {stage.name:<8} (checked after {producer} runs: "
+                                           f"reruns if {', '.join(changing)} change)")
+                        pending.update({out: stage.name for out in stage.outputs})
+                        ran.append(stage.name)
+                        continue
                     self.console.print(f"[dim]· {stage.name:<8} up to date, skipped[/]")
                     continue
                 reason = "--force" if force else state.reason
                 if dry_run:
                     self.console.print(f"[cyan]would run[/] {stage.name:<8} ({reason})")
+                    pending.update({out: stage.name for out in stage.outputs})
                     ran.append(stage.name)
                     continue
                 self.console.print(f"[bold cyan]▶ {stage.name}[/] ({reason})")
-                self._run_one(stage, parts, resume_hint)
+                self._run_one(stage, parts, resume_hint, forced=force)
                 ran.append(stage.name)
         if not ran:
             self.console.print(f"[green]Nothing to do:[/] all {len(selected)} selected stage(s) are up to date.")
         return ran
 
-    def _run_one(self, stage: StageSpec, parts: dict[str, Any], resume_hint: str) -> None:
+    def adopt(self, stage: StageSpec, donor: str | Path, same_fingerprint: bool = True) -> bool:
+        """Take ``stage``'s finished run from the work directory ``donor``: link its outputs here, record its entry.
+
+        Adopted only if the donor's run succeeded and its outputs still have their recorded
+        checksums, and (``same_fingerprint``) if its fingerprint is the one ``stage`` has here
+        now, i.e. running it here would produce the same outputs. Returns whether it was adopted.
+        """
+        src = ArtifactStore(donor)
+        try:
+            entry = read_manifest(src)["stages"].get(stage.name)
+        except ArtifactError:
+            return False
+        if not entry or entry.get("status") != "ok" or src.root.resolve() == self.store.root.resolve():
+            return False
+        if same_fingerprint and entry.get("fingerprint") != self.fingerprint(self.fingerprint_parts(stage)):
+            return False
+        outputs = entry.get("outputs", {})
+        if any(not src.exists(n) or src.checksum(n) != rec["sha256"] for n, rec in outputs.items()):
+            return False
+        for name in outputs:
+            _link(src.path(name), self.store.path(name))
+        self._save_entry(stage.name, entry)
+        return True
+
+    def _run_one(self, stage: StageSpec, parts: dict[str, Any], resume_hint: str, forced: bool = False) -> None:
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        ctx = StageContext(store=self.store, config=self.config, console=self.console)
+        ctx = StageContext(store=self.store, config=self.config.view(stage.config_keys, stage.name),
+                           console=self.console)
         base = {"fingerprint": self.fingerprint(parts), "parts": parts, "started": started.isoformat()}
+        if forced:  # a killed forced run must not leave the old record standing as up to date
+            self._save_entry(stage.name, {**base, "status": FORCED})
         try:
             result = stage.run(ctx)
         except BaseException as e:
@@ -237,6 +281,20 @@ class Runner:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` at ``dst`` (a copy across filesystems), replacing ``dst`` atomically."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

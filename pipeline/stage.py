@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, ConfigView
 from .store import ArtifactStore
 
 _CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}  # (stage module, declared modules) -> version
@@ -20,10 +20,11 @@ _CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}  # (stage module, de
 
 @dataclass
 class StageContext:
-    """What a stage's ``run`` gets: the store, the whole config, and a console."""
+    """What a stage's ``run`` gets: the store, the config (as run by the runner: a :class:`ConfigView` of
+    the keys the stage declares), and a console."""
 
     store: ArtifactStore
-    config: Config
+    config: Config | ConfigView
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
     def log(self, message: str) -> None:

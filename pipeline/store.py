@@ -26,6 +26,7 @@ from .errors import ArtifactError, IntegrityError
 META_KEY = b"clearrec"
 _UMASK = os.umask(0o022)  # read the process umask (set it back at once) so artifacts get normal permissions
 os.umask(_UMASK)
+ARTIFACT_MODE = 0o666 & ~_UMASK  # every artifact's permission bits (0644 under the usual umask 022)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -78,12 +79,14 @@ class ArtifactStore:
         dest = self.path(name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would
         os.close(fd)
         tmp_path = Path(tmp)
         try:
             yield tmp_path
             with open(tmp_path, "rb+") as f:
+                # one rule for every artifact: the mode open() would give (mkstemp makes 0600, and a writer
+                # such as safetensors may recreate the file), set after the writer is done
+                os.fchmod(f.fileno(), ARTIFACT_MODE)
                 os.fsync(f.fileno())
             os.replace(tmp_path, dest)
         finally:
@@ -180,6 +183,16 @@ class ArtifactStore:
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except Exception as e:  # safetensors raises its own SafetensorError / OSError
             raise ArtifactError(f"{p} is not a readable safetensors file ({e}); rerun its stage with --force") from e
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` with symlinks resolved, or None when it leaves ``root`` (the one containment check).
+
+    The check compares resolved path components (``Path.is_relative_to``), not string prefixes,
+    so ``/data/catalog-evil`` is not inside ``/data/catalog``.
+    """
+    candidate = (root / relative).resolve()
+    return candidate if candidate.is_relative_to(root.resolve()) else None
 
 
 def check_schema(

@@ -3,8 +3,8 @@
 ::
 
     features/.cache/<modality>/<encoder key>/
-        <stem>.parquet  one shard: item_idx, item_id, content_sha256, status, error, vector, vector_from
-        <stem>.done     completion marker (JSON counts incl. the Parquet's size), written after the Parquet
+        <stem>.parquet  one shard: item_idx, item_id, content_sha256, status, error, vector, vector_from, truncated
+        <stem>.done     completion marker (JSON counts incl. the Parquet's size and SHA-256), written after it
 
 ``<encoder key>`` hashes the encoder identity, its weights, preprocessing, normalisation, the
 source of ``models/encoders.py`` + ``models/images.py`` and the versions of torch, open_clip,
@@ -14,7 +14,9 @@ of its items (item_idx, item_id and a content key: the text's hash, a file's pat
 mtime, or the URL), so an unchanged shard of an earlier or killed run is reused as is. A
 shard that does run looks every item's content hash up in the shards outside the current
 plan (``vector_from`` then names the shard holding the vector), so items already encoded
-under another position are not encoded again.
+under another position are not encoded again. A shard is trusted only when its file has the
+size and SHA-256 its marker records; one that does not (a flipped byte) is redone, counted in
+``shards_bad``, and never used as a source of cached vectors.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..pipeline.errors import ArtifactError
-from ..pipeline.store import META_KEY, ArtifactStore, arrow_to_vectors, vectors_to_arrow
+from ..pipeline.store import META_KEY, ArtifactStore, arrow_to_vectors, sha256_file, vectors_to_arrow
 from ._encode_shards import CACHEABLE, Lookup
 from ._encode_sources import Rows, item_key
 
@@ -98,6 +100,8 @@ class ShardCache:
         self.dir = f"{CACHE_ROOT}/{modality}/{key}"
         self.path = store.path(self.dir)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._verified: dict[str, bool] = {}
+        self.bad: set[str] = set()  # stems whose marker exists but whose file fails its size / checksum
         for tmp in self.path.glob(".*.tmp"):  # left by a killed run (the runner's lock excludes a live one)
             tmp.unlink()
 
@@ -108,12 +112,25 @@ class ShardCache:
         return f"{self.dir}/{stem}.done"
 
     def complete(self, stem: str) -> bool:
-        """The marker exists and the shard file has the size it records."""
+        """The marker exists and the shard file has the size and SHA-256 it records (checked once)."""
+        if stem not in self._verified:
+            self._verified[stem] = self._check(stem)
+        return self._verified[stem]
+
+    def _check(self, stem: str) -> bool:
         marker, data = self.store.path(self.marker(stem)), self.store.path(self.file(stem))
         try:
-            return data.stat().st_size == json.loads(marker.read_text())["bytes"]
+            record = json.loads(marker.read_text())
+            size, digest = record["bytes"], record["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
-            return False
+            return False  # no marker (an unfinished shard), or one without a checksum
+        try:
+            good = data.stat().st_size == size and sha256_file(data) == digest
+        except OSError:
+            good = False
+        if not good:
+            self.bad.add(stem)
+        return good
 
     def stems(self) -> list[str]:
         return sorted(p.stem for p in self.path.glob("*.done") if self.complete(p.stem))
@@ -161,7 +178,7 @@ def assemble(store: ArtifactStore, name: str, cache: ShardCache, plan: list[Shar
     """Stream the plan's shards into ``name`` (one row per item); returns (status counts, stems used)."""
     schema = pa.schema([("item_idx", pa.int64()), ("item_id", pa.string()),
                         ("vector", pa.list_(pa.float32(), dim)), ("status", pa.string()), ("error", pa.string()),
-                        ("content_sha256", pa.string())],
+                        ("content_sha256", pa.string()), ("truncated", pa.bool_())],
                        metadata={META_KEY: json.dumps(metadata, sort_keys=True).encode()})
     group_rows = min(max(1024, ROW_GROUP_BYTES // (4 * dim)), 65536)
     counts: dict[str, int] = {}
@@ -188,7 +205,8 @@ def assemble(store: ArtifactStore, name: str, cache: ShardCache, plan: list[Shar
                 counts[s] = counts.get(s, 0) + 1
             buffered.append(pa.table({"item_idx": t.column("item_idx"), "item_id": t.column("item_id"),
                                       "vector": vectors_to_arrow(vectors, valid), "status": t.column("status"),
-                                      "error": t.column("error"), "content_sha256": t.column("content_sha256")},
+                                      "error": t.column("error"), "content_sha256": t.column("content_sha256"),
+                                      "truncated": t.column("truncated")},
                                      schema=schema))
             if sum(b.num_rows for b in buffered) >= group_rows:
                 _write(writer, buffered)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import torch
 
 from ..models.encoders import ImageDecodeError, safe_open_image
-from ..pipeline.store import ArtifactStore, vectors_to_arrow
-from ._encode_sources import SourceError, read_bytes
+from ..pipeline.store import ArtifactStore, sha256_file, vectors_to_arrow
+from ._encode_sources import FetchOptions, SourceError, read_bytes
 
 # outcomes that depend only on the content bytes and the encoder settings, so they are cached by content hash
 CACHEABLE = ("ok", "corrupt", "truncated", "unsupported_format", "decompression_bomb", "preprocess_error")
@@ -38,6 +38,8 @@ class WorkerOptions:
     max_pixels: int
     http_timeout_s: float
     http_max_bytes: int
+    http_max_redirects: int
+    http_allow_private: bool
 
 
 class Prepared(NamedTuple):
@@ -80,6 +82,8 @@ class ShardWorker:
         threads = options.num_workers if options.modality == "image" else 0
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="encode-read") if threads else None
         self.window = max(2 * options.batch_size, 4 * threads)
+        self.fetch = FetchOptions(options.http_timeout_s, options.http_max_bytes, options.http_max_redirects,
+                                  options.http_allow_private)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -94,7 +98,7 @@ class ShardWorker:
             data = source.encode("utf-8")
         else:
             try:
-                data = read_bytes(kind, source, self.opts.http_timeout_s, self.opts.http_max_bytes)
+                data = read_bytes(kind, source, self.fetch)
             except SourceError as e:
                 return Prepared(e.code, str(e), None, None, None)
         digest = hashlib.sha256(data).digest()
@@ -204,8 +208,9 @@ class ShardWorker:
             "error": pa.array(shard.error, pa.string()),
             "vector": vectors_to_arrow(shard.vectors, shard.valid),
             "vector_from": pa.array(shard.vector_from, pa.string()),
+            "truncated": pa.array(task["truncated"], pa.bool_()),
         })
         path = self.store.write_parquet(task["file"], table)
-        counts = {**shard.counts, "bytes": path.stat().st_size}
+        counts = {**shard.counts, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         self.store.write_json(task["marker"], counts)
         return {"name": task["name"], **counts}

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from ..pipeline.errors import InputDataError
 from ._ingest_readers import Rejects
 
 SPLITS = ("train", "valid", "test")
+TIMED_SPLITS = ("temporal", "global-temporal", "leave-one-out")  # split policies that order by timestamp
 SPLIT_ALIASES = {"train": 0, "training": 0, "0": 0, "valid": 1, "val": 1, "validation": 1, "dev": 1, "1": 1,
                  "test": 2, "testing": 2, "2": 2}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -31,7 +35,40 @@ def _q(values: pd.Series) -> pd.Series:
 
 def _where(src: pd.Series, row: pd.Series) -> pd.Series:
     """ "file.csv row N" per row."""
-    return src.map({s: Path(s).name for s in src.unique()}) + " row " + row.astype(str)
+    src = src.astype(object)
+    return src.map({s: Path(s).name for s in src.unique()}).astype("str") + " row " + row.astype("str")
+
+
+# ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------
+def _arrow(values: pd.Series | pd.Index | np.ndarray) -> pa.Array:
+    arr = pa.array(values.to_numpy() if isinstance(values, pd.Index) else values, type=pa.string(), from_pandas=True)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def isin(values: pd.Series, allowed: pd.Series | pd.Index) -> np.ndarray:
+    """(N,) bool: ``values[i]`` is one of ``allowed`` (strings)."""
+    return pc.is_in(_arrow(values), value_set=_arrow(allowed)).to_numpy(zero_copy_only=False)
+
+
+def index_in(values: pd.Series, index: pd.Series | pd.Index) -> np.ndarray:
+    """(N,) int64 position of each value in ``index`` (unique strings), -1 when absent."""
+    found = pc.index_in(_arrow(values), value_set=_arrow(index))
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def codes(values: pd.Series) -> np.ndarray:
+    """(N,) int64 code per string, numbered in order of first appearance (like ``pd.factorize``)."""
+    return _arrow(values).dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def to_float(values: pd.Series) -> np.ndarray:
+    """Strings -> (N,) float64, NaN for "" and for text that is not a number."""
+    arr = _arrow(values)
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    try:
+        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:  # some value is not a number: parse value by value
+        return pd.to_numeric(pd.Series(arr.to_pandas(), dtype=object), errors="coerce").to_numpy(np.float64)
 
 
 # ---- items --------------------------------------------------------------------------------
@@ -45,7 +82,10 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items = rejects.add_rows(ITEMS, items.assign(_first=first), items["item_id"].duplicated(keep="first"),
                              lambda bad: "duplicate-item: item_id " + _q(bad["item_id"]) + " already at row "
                              + bad["_first"].astype(str) + " (the first row is kept)")
-    refs = pd.Series([_image_ref(v, root) for v in items["image"].tolist()], index=items.index, dtype=object)
+    images = items["image"].astype(object)
+    refs = images.copy()
+    odd = ~_plain_relative(items["image"])  # only these need normalising (or are rejected)
+    refs[odd] = [_image_ref(v, root) for v in images[odd].tolist()]
     bad = refs.map(lambda r: isinstance(r, ValueError)).to_numpy(dtype=bool)
     gone = items[bad]
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
@@ -54,6 +94,16 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items["text"] = [_join_text(t, d) for t, d in zip(items["title"].tolist(), items["description"].tolist())]
     rejected = pd.Series(_where(gone["_src"], gone["_row"]).to_numpy(), index=gone["item_id"].to_numpy())
     return items, rejected
+
+
+def _plain_relative(values: pd.Series) -> np.ndarray:
+    """(N,) bool: a non-empty relative path that ``os.path.normpath`` leaves as it is (no "//", no "."
+    or ".." segment, no leading or trailing "/"), so :func:`_image_ref` would return it unchanged."""
+    v = values.astype("str")
+    odd = (v == "") | (v == ".") | v.str.startswith("/") | v.str.startswith("./") | v.str.endswith("/")
+    odd |= v.str.endswith("/.") | v.str.contains("//", regex=False) | v.str.contains("/./", regex=False)
+    odd |= v.str.contains("..", regex=False)
+    return ~odd.to_numpy(dtype=bool)
 
 
 def _image_ref(value: str, root: Path) -> str | None | ValueError:
@@ -85,7 +135,7 @@ def _join_text(title: str, description: str) -> str:
 def parse_timestamps(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (float64 unix seconds with NaN for empty, bool mask of unparseable values)."""
     empty = (values == "").to_numpy()
-    num = np.array(pd.to_numeric(values.where(~empty), errors="coerce"), dtype=np.float64)  # a writable copy
+    num = np.array(to_float(values), dtype=np.float64)  # a writable copy
     todo = np.isnan(num) & ~empty
     if todo.any():
         dates = pd.to_datetime(values[todo], errors="coerce", utc=True, format="ISO8601")
@@ -107,7 +157,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     ts, bad = parse_timestamps(inter["timestamp"])
     inter = rejects.add_rows(INTER, inter.assign(ts=ts), bad, lambda rows: "bad-timestamp: "
                              + _q(rows["timestamp"]) + " is neither unix seconds nor an ISO-8601 date")
-    rating = pd.to_numeric(inter["rating"].where(inter["rating"] != ""), errors="coerce").to_numpy(np.float64)
+    rating = to_float(inter["rating"])
     bad = (inter["rating"] != "").to_numpy() & ~np.isfinite(rating)
     inter = rejects.add_rows(INTER, inter.assign(rating_f=rating), bad,
                              lambda rows: "bad-rating: " + _q(rows["rating"]) + " is not a number")
@@ -117,26 +167,28 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
                                  + _q(rows["split"]) + " is not train / valid / test (or val, 0 / 1 / 2)")
     else:
         inter = inter.assign(split_code=-1)
-    known = inter["item_id"].isin(items["item_id"]).to_numpy()
-    was = inter["item_id"].map(rejected_items)
+    known = isin(inter["item_id"], items["item_id"])
+    pos = index_in(inter["item_id"], rejected_items.index)  # -1 picks the None appended
+    was = pd.Series(np.append(rejected_items.to_numpy(dtype=object), None)[pos], index=inter.index, dtype=object)
     inter = rejects.add_rows(INTER, inter.assign(_was=was), ~known & was.notna().to_numpy(), lambda rows:
                              "rejected-item: item_id " + _q(rows["item_id"]) + " was rejected (items "
                              + rows["_was"].astype(str) + ")")
-    known = inter["item_id"].isin(items["item_id"])
+    known = isin(inter["item_id"], items["item_id"])
     inter = rejects.add_rows(INTER, inter, ~known, lambda rows: "unknown-item: item_id " + _q(rows["item_id"])
                              + " is not among the items read; add it to the items file (or fix its rejected "
                              "row there) or remove this row")
     if min_rating is not None:
         inter = rejects.add_rows(INTER, inter, inter["rating_f"] < min_rating, lambda rows: "below-min-rating: "
                                  + "rating " + rows["rating_f"].astype(str) + f" < ingest.min_rating = {min_rating}")
-    if split_policy == "temporal":
+    if split_policy in TIMED_SPLITS:
         inter = rejects.add_rows(INTER, inter, inter["ts"].isna(),
-                                 "no-timestamp: split = 'temporal' needs a timestamp on every interaction")
-    dup = inter.duplicated(["user_id", "item_id"], keep="first")
+                                 f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
+    u, i = codes(inter["user_id"]), codes(inter["item_id"])
+    _, first_of, key = np.unique(u * (int(i.max(initial=0)) + 1) + i, return_index=True, return_inverse=True)
+    first_at = first_of[key.reshape(-1)]  # (N,) position of the first row with the same (user, item)
+    dup = first_at != np.arange(len(inter))
     if dup.any():
-        grouped = inter.groupby(["user_id", "item_id"], sort=False)
-        first = inter.assign(_first_src=grouped["_src"].transform("first"),
-                             _first_row=grouped["_row"].transform("first"))
+        first = inter.assign(_first_src=inter["_src"].to_numpy()[first_at], _first_row=inter["_row"].to_numpy()[first_at])
         inter = rejects.add_rows(INTER, first, dup, lambda rows: "duplicate-interaction: user " + _q(rows["user_id"])
                                  + " and item " + _q(rows["item_id"]) + " already at "
                                  + _where(rows["_first_src"], rows["_first_row"]) + " (the first is kept)")
@@ -150,8 +202,8 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
                 need_train: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Iterated k-core on users and items (until no count changes); with ``need_train`` also drop the
     valid/test rows of users left without a train row. Returns (interactions, items) kept."""
-    u, _ = pd.factorize(inter["user_id"])
-    i = pd.Index(items["item_id"]).get_indexer(inter["item_id"])
+    u = codes(inter["user_id"])
+    i = index_in(inter["item_id"], items["item_id"])
     n_u, n_i = int(u.max()) + 1 if len(u) else 0, len(items)
     train = (inter["split"] == 0).to_numpy()
     alive = np.ones(len(inter), dtype=bool)
@@ -227,10 +279,12 @@ def split_sizes(n: np.ndarray, ratios: tuple[float, float, float]) -> tuple[np.n
 
 def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[float, float, float],
                  seed: int) -> np.ndarray:
-    """Split code per row (0 train, 1 valid, 2 test) for ``policy`` "random" or "temporal".
+    """Split code per row (0 train, 1 valid, 2 test) for ``policy`` "random", "temporal" or "leave-one-out".
 
-    random: each user's rows in a seeded random order; temporal: newest first (ties: later row
-    newer). The first n_test of that order go to test, the next n_valid to valid.
+    random: each user's rows in a seeded random order; temporal and leave-one-out: newest first
+    (ties: later row newer). The first n_test of that order go to test, the next n_valid to valid:
+    ``split_sizes`` of ``ratios``, or for leave-one-out one test row (users with 2+ rows) and one
+    valid row (users with 3+ rows).
     """
     n = len(user)
     if policy == "random":
@@ -242,8 +296,37 @@ def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[fl
     counts = np.bincount(user)
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))
     rank = np.arange(n) - start[sorted_user]  # position within the user's ordering
-    n_valid, n_test = split_sizes(counts, ratios)
+    if policy == "leave-one-out":
+        n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+    else:
+        n_valid, n_test = split_sizes(counts, ratios)
     code = np.zeros(n, dtype=np.int8)
     code[order[rank < n_test[sorted_user]]] = 2
     code[order[(rank >= n_test[sorted_user]) & (rank < (n_test + n_valid)[sorted_user])]] = 1
     return code
+
+
+def global_temporal_split(ts: np.ndarray, ratios: tuple[float, float, float]) -> tuple[np.ndarray, dict[str, int]]:
+    """One pair of cut-off times for every user: (split code per row, {"valid_from", "test_from"}).
+
+    The newest ``round(N * ratios[2])`` rows set the test cut-off and the ``round(N * ratios[1])``
+    before them the valid cut-off; every row at or after a cut-off time is in that split (rows
+    sharing the cut-off's timestamp go to the later split), so each split is one time interval and
+    nothing in train is newer than anything in valid or test. ``ts`` (N,) unix seconds, no NaN.
+    """
+    n = len(ts)
+    ordered = np.sort(ts)
+    n_test = int(np.floor(n * ratios[2] + 0.5))
+    n_valid = int(np.floor(n * ratios[1] + 0.5))
+    test_from = ordered[n - n_test] if n_test else np.inf
+    valid_from = ordered[n - n_test - n_valid] if n_valid else test_from
+    code = np.zeros(n, dtype=np.int8)
+    code[ts >= valid_from] = 1
+    code[ts >= test_from] = 2
+    if not (code == 0).any():
+        raise InputDataError(
+            f"split = 'global-temporal': every interaction is at or after the valid cut-off "
+            f"(unix time {int(valid_from)}), so train would be empty; the timestamps are (nearly) all equal; "
+            "use split = 'temporal' (per user) or 'random'")
+    cutoffs = {name: int(t) for name, t in (("valid_from", valid_from), ("test_from", test_from)) if np.isfinite(t)}
+    return code, cutoffs

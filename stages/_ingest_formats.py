@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..pipeline.config import Config
 from ..pipeline.errors import InputDataError
-from ._ingest_readers import RawTable, Rejects, read_table, require_columns
+from ._ingest_readers import RawTable, Rejects, check_types, read_table, require_columns
 
 ITEM_FIELDS = ("item_id", "title", "description", "image")
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "rating", "split")
@@ -79,8 +79,11 @@ def _load_table(config: Config, rejects: Rejects, log: Callable[[str], None]) ->
     require_columns(items_raw, {"item_id": cols.item_id, "title": cols.title}, "items file")
     inter_raw = read_table(config.resolve(cfg.interactions), enc, rejects, "interactions")
     require_columns(inter_raw, {"user_id": cols.user_id, "item_id": cols.item_id}, "interactions file")
-    items = _canonical(items_raw, {f: getattr(cols, f) for f in ITEM_FIELDS}, keep_extra=True)
+    items_map = {f: getattr(cols, f) for f in ITEM_FIELDS}
+    check_types(items_raw, items_map, "items file")
+    items = _canonical(items_raw, items_map, keep_extra=True)
     inter_map = {f: getattr(cols, f) for f in INTERACTION_FIELDS}
+    check_types(inter_raw, inter_map, "interactions file")
     present = {f for f in ("timestamp", "rating", "split") if inter_map[f] in inter_raw.columns}
     missing = sorted({"timestamp", "rating"} - present)
     if missing:

@@ -10,12 +10,10 @@ Problems with a whole file (missing, unreadable, empty, a required column absent
 from __future__ import annotations
 
 import codecs
-import csv
 import difflib
-import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..pipeline.errors import InputDataError
@@ -60,7 +59,7 @@ class Rejects:
         if not mask.any():
             return frame
         bad = frame[mask]
-        why = reason if isinstance(reason, str) else np.asarray(reason(bad), dtype=object)
+        why = reason if isinstance(reason, str) else pd.Series(reason(bad)).astype("str").array  # Arrow strings
         self.add(kind, bad["_src"].to_numpy(), bad["_row"].to_numpy(), why)
         return frame[~mask]
 
@@ -83,13 +82,14 @@ class Rejects:
 
     def to_arrow(self) -> pa.Table:
         df = self.frame()
-        return pa.table({"source": pa.array(df["source"].astype(str).tolist(), pa.string()),
+        return pa.table({"source": pa.array(df["source"].astype(object).astype("str"), pa.string()),
                          "row": pa.array(df["row"].to_numpy(np.int64), pa.int64()),
-                         "reason": pa.array(df["reason"].astype(str).tolist(), pa.string())})
+                         "reason": pa.array(df["reason"].astype("str"), pa.string())})
 
     def by_code(self) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
-        codes = pd.Series([str(r).partition(":")[0] for r in self.frame()["reason"]], dtype=object)
+        reasons = pa.array(self.frame()["reason"].astype(str), type=pa.string())
+        codes = pc.struct_field(pc.extract_regex(reasons, r"^(?P<code>[^:]*)"), [0]).to_pandas()
         return {str(k): int(v) for k, v in codes.value_counts().items()}
 
 
@@ -100,6 +100,7 @@ class RawTable:
     path: Path
     frame: pd.DataFrame  # raw columns (object dtype, stripped strings) + "_src" + "_row"
     n_read: int  # records read, including those rejected while parsing
+    types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet column types (empty for text files)
 
     @property
     def columns(self) -> list[str]:
@@ -117,23 +118,25 @@ def read_table(path: Path, encoding: str, rejects: Rejects, kind: str) -> RawTab
         hint = "it is a folder, not a file" if path.is_dir() else "no such file"
         raise InputDataError(f"{what} {path} cannot be read: {hint}. Check the path in the [ingest] section "
                              "(relative paths are relative to the config file's folder).")
+    types: dict[str, pa.DataType] = {}
     if suffix in PARQUET_SUFFIXES:
         records, rows, n_read = _read_parquet(path, what)
+        types = {f.name: f.type for f in pq.read_schema(path)}
     else:
-        text = _read_text(path, encoding, what)
+        data = _read_bytes(path, encoding, what)
         if suffix in JSONL_SUFFIXES:
-            records, rows, n_read = _read_jsonl(path, text, encoding, rejects.add_bad(kind, path))
+            records, rows, n_read = _read_jsonl(path, data, encoding, rejects.add_bad(kind, path), what)
         else:
-            records, rows, n_read = _read_delimited(path, text, TEXT_SUFFIXES[suffix], encoding,
+            records, rows, n_read = _read_delimited(path, data, TEXT_SUFFIXES[suffix], encoding,
                                                     rejects.add_bad(kind, path), what)
     if n_read == 0:
         raise InputDataError(f"{what} {path} has no data rows; put at least one record in it "
                              "(CSV/TSV: a header line and then one line per record)")
-    records["_src"] = str(path)
+    records["_src"] = pd.Categorical.from_codes(np.zeros(len(records), dtype=np.int8), [str(path)])  # one value
     records["_row"] = np.asarray(rows, dtype=np.int64)
     if suffix in PARQUET_SUFFIXES:
         records = _reject_undecodable(records, rejects, kind)
-    return RawTable(path=path, frame=records.reset_index(drop=True), n_read=n_read)
+    return RawTable(path=path, frame=records.reset_index(drop=True), n_read=n_read, types=types)
 
 
 def require_columns(table: RawTable, wanted: Mapping[str, str], what: str, fix: str | None = None) -> None:
@@ -152,19 +155,62 @@ def require_columns(table: RawTable, wanted: Mapping[str, str], what: str, fix: 
                                  f"its columns are {have}.{hint} {todo}")
 
 
-def _read_text(path: Path, encoding: str, what: str) -> str:
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+# what each of our columns may be in a Parquet file: (test, description)
+COLUMN_TYPES: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "item_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+    "user_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+    "title": (_is_text, "strings"),
+    "description": (_is_text, "strings"),
+    "image": (_is_text, "strings (paths or URLs)"),
+    "timestamp": (lambda t: _is_text(t) or _is_number(t) or pa.types.is_timestamp(t) or pa.types.is_date(t),
+                  "unix seconds, timestamps, dates or strings"),
+    "rating": (lambda t: _is_text(t) or _is_number(t), "numbers or strings"),
+    "split": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+}
+
+
+def check_types(table: RawTable, wanted: Mapping[str, str], what: str) -> None:
+    """Raise naming the file, column and type when a Parquet column of ours has a type that would
+    be stringified into something else (a float id "1.0", a list title "[...]", a numeric path)."""
+    for ours, theirs in wanted.items():
+        t = table.types.get(theirs)
+        test, allowed = COLUMN_TYPES[ours]
+        if t is not None and not test(t):
+            raise InputDataError(f"{what} {table.path}: column {theirs!r} (the {ours} column) has type {t}; it must "
+                                 f"hold {allowed}. Convert the column (e.g. pandas: df[{theirs!r}].astype(str)) "
+                                 "and write the file again")
+
+
+def _read_bytes(path: Path, encoding: str, what: str) -> bytes:
+    """The file's bytes as UTF-8 (a byte-order mark dropped); bytes that do not decode in ``encoding``
+    survive as invalid UTF-8, so that their rows are rejected. Raises for an empty or binary file."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InputDataError(f"{what} {path} cannot be read ({e.strerror or e}); check its permissions") from e
     if not data.strip():
-        raise InputDataError(f"{what} {path} is empty (0 records); put the data in it or point [ingest] at the "
+        raise InputDataError(f"{what} {path} is empty (0 records); put the data in it or point \\[ingest] at the "
                              "right file")
-    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding  # drop a UTF-8 byte-order mark
-    try:
-        return data.decode(codec)
-    except UnicodeDecodeError:
-        return data.decode(codec, errors="surrogateescape")  # bad bytes survive as \udcXX; their rows are rejected
+    if codecs.lookup(encoding).name == "utf-8":
+        data = data.removeprefix(codecs.BOM_UTF8)
+    else:
+        data = data.decode(encoding, errors="surrogateescape").encode("utf-8", errors="surrogateescape")
+    nul = data.find(b"\x00", 0, 8192)
+    if nul >= 0:
+        raise InputDataError(f"{what} {path} is not {encoding} text: it holds a NUL byte at offset {nul}, as binary "
+                             "files do; export the data as CSV / TSV / JSONL text, or set ingest.encoding if it is "
+                             "UTF-16 or UTF-32")
+    return data
 
 
 def _undecodable_reason(fields: Sequence[str], names: Sequence[str | None], encoding: str) -> str | None:
@@ -178,57 +224,206 @@ def _undecodable_reason(fields: Sequence[str], names: Sequence[str | None], enco
     return None
 
 
-def _read_delimited(path: Path, text: str, sep: str, encoding: str, reject: Callable[[list[int], list[str]], None],
+@dataclass
+class _Records:
+    """Where the records of a delimited file are: one per line break outside quotes (RFC 4180)."""
+
+    start: np.ndarray  # (R,) byte offset of each record
+    end: np.ndarray  # (R,) byte offset of its end (its line break, or the end of the file)
+    first_line: np.ndarray  # (R,) 1-based line of its first byte
+    last_line: np.ndarray  # (R,) 1-based line of its last byte
+    unclosed: bool  # the last record ends inside an open quote
+
+
+def _records(data: bytes, sep: str) -> _Records:
+    """Split ``data`` into records: a line break ends one unless it lies inside a quoted field.
+
+    As in pyarrow's parser, a quote opens a quoted field only at the start of a field (after a
+    separator or a line break); inside one, a doubled quote is a literal quote and a single quote
+    closes it; elsewhere a quote is a literal character. Only the quotes are walked in Python.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    quotes = np.flatnonzero(buf == 34)
+    prev = buf[np.maximum(quotes - 1, 0)]
+    opener = (quotes == 0) | (prev == ord(sep)) | (prev == 10) | (prev == 13)
+    spans: list[int] = []  # open, close, open, close, ... positions of quoted fields
+    inside, skip = False, -1
+    qs, ops = quotes.tolist(), opener.tolist()
+    for i, q in enumerate(qs):
+        if q == skip:
+            continue
+        if not inside:
+            if ops[i]:
+                inside = True
+                spans.append(q)
+        elif i + 1 < len(qs) and qs[i + 1] == q + 1:
+            skip = q + 1  # a doubled quote inside a quoted field
+        else:
+            inside = False
+            spans.append(q)
+    if inside:
+        spans.append(len(data))
+    ends = newlines[np.searchsorted(np.asarray(spans, dtype=np.int64), newlines) % 2 == 0]
+    start = np.concatenate(([0], ends + 1))
+    end = np.concatenate((ends, [len(data)]))
+    if start[-1] >= len(data):  # the file ends with a line break
+        start, end = start[:-1], end[:-1]
+    first = np.searchsorted(newlines, start) + 1
+    last = np.searchsorted(newlines, np.maximum(end - 1, start)) + 1
+    return _Records(start, end, first, last, unclosed=inside)
+
+
+def _blank(data: bytes, rec: _Records, strip: bool) -> np.ndarray:
+    """(R,) bool: the record is an empty line ("" or "\\r"), or with ``strip`` only whitespace."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    length = rec.end - rec.start
+    first = buf[np.minimum(rec.start, len(buf) - 1)]
+    blank = (length == 0) | ((length == 1) & (first == 13))
+    if strip:  # look closer only at records that start with whitespace
+        for r in np.flatnonzero(~blank & np.isin(first, list(b" \t\r\x0b\x0c"))):
+            blank[r] = not data[rec.start[r]:rec.end[r]].strip()
+    return blank
+
+
+def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Callable[[list[int], list[str]], None],
                     what: str) -> tuple[pd.DataFrame, list[int], int]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
-    header: list[str] | None = None
-    kept: list[list[str]] = []
-    rows: list[int] = []
+    """Parse with ``pyarrow.csv`` (quoting, embedded line breaks, no field size limit). Each record's
+    line number comes from :func:`_records`; a record with the wrong number of fields, an unclosed
+    quote or bytes that are not ``encoding`` text is rejected alone."""
+    rec = _records(data, sep)
+    blank = _blank(data, rec, strip=True)
+    if blank.all():
+        raise InputDataError(f"{what} {path} is empty (no header line); put the data in it")
+    h = int(np.argmax(~blank))
+    header_bytes = data[rec.start[h]:rec.end[h]]
+    raw_names, names = _header_names(header_bytes, sep, path, what, rec.first_line[h], encoding)
+    if len(names) == 1:  # with one column a line of spaces is a (blank) value, as pyarrow reads it
+        blank = _blank(data, rec, strip=False)
+    if rec.unclosed and h == len(rec.start) - 1:
+        raise InputDataError(f"{what} {path}: the header (line {rec.first_line[h]}) opens a quote that is never "
+                             "closed; fix the header line")
+    data_idx = np.flatnonzero(~blank[h + 1:]) + h + 1  # records after the header that are not blank lines
+    if len(data_idx) == 0 and rec.end[h] == len(data):  # the header runs to the end: no line break at all
+        raise InputDataError(f"{what} {path} is a single line of {len(header_bytes):,} bytes with no line break, so "
+                             f"it has a header and no data rows; a {'tab' if sep == chr(9) else repr(sep)}-separated "
+                             "file needs one line per record after the header")
     bad_rows: list[int] = []
     bad_why: list[str] = []
-    n_read = 0
-    check_bytes = _UNDECODABLE.search(text) is not None
-    last_line = 0
-    while True:
-        start = last_line + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            last_line = reader.line_num
-            n_read += 1
-            bad_rows.append(start)
-            bad_why.append(f"malformed: {e}")
-            continue
-        last_line = reader.line_num
-        if len(record) <= 1 and not "".join(record).strip():
-            continue  # a blank line is not a record
-        if header is None:
-            header = [h.strip() for h in record]
-            dup = sorted({h for h in header if header.count(h) > 1})
-            if dup:
-                raise InputDataError(f"{what} {path}: the header (line {start}) repeats column(s) {dup}; "
-                                     "give every column a distinct name")
-            continue
-        n_read += 1
-        if len(record) != len(header):
-            span = f" (the record spans lines {start}-{last_line}: an unclosed quote?)" if last_line > start else ""
-            bad_rows.append(start)
-            bad_why.append(f"malformed: {len(record)} fields, the header has {len(header)}{span}")
-            continue
-        if check_bytes:
-            why = _undecodable_reason(record, header, encoding)
-            if why:
-                bad_rows.append(start)
-                bad_why.append(why)
-                continue
-        kept.append([field.strip() for field in record])
-        rows.append(start)
-    if header is None:
-        raise InputDataError(f"{what} {path} is empty (no header line); put the data in it")
+    n_read = len(data_idx)
+    body_end = len(data)
+    if rec.unclosed and len(data_idx):  # the last record runs to the end of the file inside a quote
+        last = int(data_idx[-1])
+        bad_rows.append(int(rec.first_line[last]))
+        bad_why.append(f"malformed: a quote opened on line {rec.first_line[last]} is never closed (the record "
+                       f"spans lines {rec.first_line[last]}-{rec.last_line[last]}, to the end of the file)")
+        body_end = int(rec.start[last])
+        data_idx = data_idx[:-1]
+    invalid: list[tuple[int, int, str]] = []  # (fields, expected, text) per record pyarrow could not use, in order
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        if row.text.strip():  # a line of spaces is a blank line, not a record
+            invalid.append((row.actual_columns, row.expected_columns, row.text))
+        return "skip"
+
+    body = memoryview(data)[rec.start[h]:body_end]  # no copy
+    longest = int((rec.end - rec.start).max()) + 2
+    table = _parse(body, sep, raw_names, on_invalid, block_size=max(1 << 22, 2 * longest))
+    if table.num_rows + len(invalid) != len(data_idx):  # pyarrow split records otherwise (a stray quote)
+        raise InputDataError(f"{what} {path}: quoting is inconsistent (pyarrow read {table.num_rows + len(invalid)} "
+                             f"records, line breaks outside quotes give {len(data_idx)}); a field holding a \" must be "
+                             "quoted with the quote doubled (\"5\"\" tall\")")
+    ok = np.ones(len(data_idx), dtype=bool)
+    if invalid:
+        bad = _invalid_positions(data, rec, data_idx, [t for _, _, t in invalid], sep, len(names))
+        if len(bad) != len(invalid):
+            raise InputDataError(f"{what} {path}: cannot tell which records have the wrong number of fields; "
+                                 "check its quoting")
+        ok[bad] = False
+        for j, (fields, expected, _) in zip(bad, invalid):
+            r = int(data_idx[j])
+            span = (f" (the record spans lines {rec.first_line[r]}-{rec.last_line[r]}: an unclosed quote?)"
+                    if rec.last_line[r] > rec.first_line[r] else "")
+            bad_rows.append(int(rec.first_line[r]))
+            bad_why.append(f"malformed: {fields} fields, the header has {expected}{span}")
+    rows = rec.first_line[data_idx[ok]]
+    columns, undecodable = {}, np.zeros(table.num_rows, dtype=bool)
+    for name, col in zip(names, table.columns):
+        values, bad_bytes = _binary_to_strings(col)
+        columns[name] = values
+        undecodable |= bad_bytes
+    frame = pd.DataFrame(columns) if columns else pd.DataFrame(index=range(table.num_rows))
+    if undecodable.any():
+        for i in np.flatnonzero(undecodable):
+            bad_rows.append(int(rows[i]))
+            bad_why.append(_undecodable_reason([frame[n].iat[i] for n in names], names, encoding) or "")
+        frame = frame[~undecodable]
+        rows = rows[~undecodable]
     reject(bad_rows, bad_why)
-    return pd.DataFrame(kept, columns=header, dtype=object), rows, n_read
+    return frame, rows.tolist(), n_read
+
+
+def _binary_to_strings(col: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray]:
+    """Bytes -> (stripped strings, Arrow-backed; mask of rows holding bytes that are not UTF-8)."""
+    try:
+        text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+    except pa.ArrowInvalid:  # some value is not UTF-8: decode leniently, row by row
+        values = [v.decode("utf-8", errors="surrogateescape").strip() for v in col.to_pylist()]
+        return pd.Series(values, dtype=object), np.array([bool(_UNDECODABLE.search(v)) for v in values])
+    return text.to_pandas(), np.zeros(len(text), dtype=bool)
+
+
+def _header_names(header: bytes, sep: str, path: Path, what: str, line: int,
+                  encoding: str) -> tuple[list[str], list[str]]:
+    """The header's column names as written and stripped; raises if it does not decode or repeats one."""
+    try:
+        header.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputDataError(f"{what} {path}: the header (line {line}) is not {encoding} text (byte "
+                             f"0x{header[e.start]:02x} at offset {e.start}); save the file as {encoding} or set "
+                             "ingest.encoding to the file's encoding") from e
+    raw = _parse(header + b"\n", sep, None, None, block_size=len(header) + 2).column_names
+    names = [n.strip() for n in raw]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputDataError(f"{what} {path}: the header (line {line}) repeats column(s) {dup}; "
+                             "give every column a distinct name")
+    return raw, names
+
+
+def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None,
+           block_size: int) -> pa.Table:
+    """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes."""
+    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names} if names else None,
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid)
+    while True:
+        try:
+            return pacsv.read_csv(pa.BufferReader(pa.py_buffer(body)), read_options=pacsv.ReadOptions(block_size=block_size,
+                                                                                    use_threads=False),
+                                  parse_options=parse, convert_options=convert)
+        except pa.ArrowInvalid as e:
+            if "straddl" not in str(e) or block_size > len(body):
+                raise
+            block_size = len(body) + 2  # a record longer than a block: read the file as one block
+
+
+def _invalid_positions(data: bytes, rec: _Records, data_idx: np.ndarray, texts: list[str], sep: str,
+                       n_fields: int) -> np.ndarray:
+    """Positions (into ``data_idx``) of the records pyarrow rejected, matched in file order by their
+    text (or, for text pyarrow could not show as it is, by their count of separators)."""
+    out: list[int] = []
+    j = 0
+    for text in texts:
+        want = text.encode("utf-8", errors="surrogateescape")
+        while j < len(data_idx):
+            r = data_idx[j]
+            raw = data[rec.start[r]:rec.end[r]].removesuffix(b"\r")
+            j += 1
+            if raw == want or (raw.count(sep.encode()) + 1 != n_fields and b'"' not in raw):
+                out.append(j - 1)
+                break
+    return np.asarray(out, dtype=np.int64)
 
 
 def _jsonl_value(value: object) -> str:
@@ -243,8 +438,12 @@ def _jsonl_value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
-def _read_jsonl(path: Path, text: str, encoding: str,
-                reject: Callable[[list[int], list[str]], None]) -> tuple[pd.DataFrame, list[int], int]:
+def _read_jsonl(path: Path, data: bytes, encoding: str, reject: Callable[[list[int], list[str]], None],
+                what: str) -> tuple[pd.DataFrame, list[int], int]:
+    if data.lstrip().startswith(b"["):
+        raise InputDataError(f"{what} {path} holds a JSON array, not JSON Lines: a .jsonl file has one JSON object "
+                             "per line. Convert it (e.g. jq -c '.[]' file.json > file.jsonl) or save it as Parquet")
+    text = data.decode("utf-8", errors="surrogateescape")  # bad bytes survive as \udcXX; their rows are rejected
     kept: list[dict[str, str]] = []
     rows: list[int] = []
     bad_rows: list[int] = []

@@ -12,17 +12,8 @@ from ..models.diagnostics import Moments, cross_modal_report, energy_curve, scor
 from ..pipeline.config import Config
 from ..pipeline.errors import ArtifactError, InputDataError
 from ..pipeline.store import ArtifactStore, arrow_to_vectors
-from ._project_io import (
-    CLEAR_FEATURES,
-    FEATURES,
-    MODALITIES,
-    PROJECTOR_JSON,
-    Source,
-    iter_aligned,
-    open_features,
-    sample_rows,
-    train_items,
-)
+from ..pipeline.workdir import MODALITIES, PROJECTOR_JSON, clear_features, features
+from ._project_io import Source, iter_aligned, open_features, sample_rows, train_items
 
 OVERLAP_CURVE_KS = (1, 5, 10, 20, 50)  # K values of the overlap curve (those below the sample size)
 
@@ -101,8 +92,8 @@ def _pct(before: float, after: float) -> str:
     return "n/a" if before == 0 else f"{(after - before) / before:+.0%}"
 
 
-def diagnose(store: ArtifactStore, config: Config, overlap_k: int | None = None,
-             items: int | None = None) -> dict[str, Any]:
+def measure_files(store: ArtifactStore, config: Config, overlap_k: int | None = None,
+                  items: int | None = None) -> dict[str, Any]:
     """Diagnostics measured from the features before and after (``features/*.parquet`` vs ``*_clear``).
 
     Unlike the stage, which derives the projected spectrum from the projector, this streams
@@ -111,12 +102,12 @@ def diagnose(store: ArtifactStore, config: Config, overlap_k: int | None = None,
     cfg = config.project
     overlap_k = overlap_k or cfg.overlap_k
     items = items or cfg.diagnostics_items
-    for name in [*FEATURES.values(), *CLEAR_FEATURES.values()]:
+    for name in [*map(features, MODALITIES), *map(clear_features, MODALITIES)]:
         if not store.exists(name):
             raise ArtifactError(f"{name} not found in {store.root}: diagnose needs both modalities before and "
                                 "after the project stage; run 'clearrec run --to project' first")
-    sources = [open_features(store, FEATURES[m], m) for m in MODALITIES]
-    sources += [open_features(store, CLEAR_FEATURES[m], m) for m in MODALITIES]
+    sources = [open_features(store, features(m), m) for m in MODALITIES]
+    sources += [open_features(store, clear_features(m), m) for m in MODALITIES]
     info = store.read_json(PROJECTOR_JSON) if store.exists(PROJECTOR_JSON) else {}
     train = train_items(store) if cfg.fit_on == "train" else None
     n = sources[0].file.metadata.num_rows

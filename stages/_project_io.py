@@ -16,14 +16,8 @@ import pyarrow.parquet as pq
 
 from ..pipeline.errors import ArtifactError
 from ..pipeline.store import ArtifactStore, check_schema
+from ..pipeline.workdir import INTERACTIONS
 
-MODALITIES = ("image", "text")
-FEATURES = {m: f"features/{m}.parquet" for m in MODALITIES}
-CLEAR_FEATURES = {m: f"features/{m}_clear.parquet" for m in MODALITIES}
-INTERACTIONS = "interactions.parquet"
-PROJECTOR = "clear/projector.safetensors"
-PROJECTOR_JSON = "clear/projector.json"
-DIAGNOSTICS = "clear/diagnostics.json"
 READ_BUFFER = 8 << 20  # bytes: column chunks are streamed through this buffer, not read whole
 
 

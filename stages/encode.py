@@ -1,6 +1,7 @@
 """Stage ``encode``: items.parquet -> features/image.parquet + features/text.parquet.
 
-One row per item (item_idx, item_id, vector, status, error, content_sha256); an item that
+One row per item (item_idx, item_id, vector, status, error, content_sha256, truncated: the
+text was cut to ``encode.max_text_chars``); an item that
 cannot be encoded gets a failure status and a null vector, never a failed run. Work is cut
 into shards written atomically with completion markers (resumable after a kill) and cached
 by content hash + encoder (a rerun encodes only new or changed content); see
@@ -17,22 +18,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ..models.encoders import load_image_encoder, load_text_encoder, template_fields
 from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore
-from ..pipeline.threads import torch_threads
+from ..pipeline.threads import select_device, torch_threads
 from ._encode_cache import Shard, ShardCache, assemble, encoder_key, iter_rows, shard_stem
 from ._encode_shards import ShardWorker, WorkerOptions
 from ._encode_sources import image_rows, text_rows
 
 MODALITIES = ("image", "text")
-FEATURE_COLUMNS = ("item_idx", "item_id", "vector", "status", "error", "content_sha256")
-WORK_KEYS = ("encoded", "cached", "duplicates", "shards_run", "shards_reused")
+FEATURE_COLUMNS = ("item_idx", "item_id", "vector", "status", "error", "content_sha256", "truncated")
+WORK_KEYS = ("encoded", "cached", "duplicates", "shards_run", "shards_reused", "shards_bad")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -41,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ArtifactError(f"items.parquet not found in {ctx.store.root}; run 'clearrec run --to encode' first")
     specs = {m: resolve_spec(getattr(cfg, f"{m}_encoder"), ctx.config) for m in MODALITIES}
     # in Ray mode the driver's copy only checks availability and gives identity / dim / weights hash
-    device = "cpu" if cfg.backend == "ray" else _device(cfg.device)
+    device = "cpu" if cfg.backend == "ray" else select_device(cfg.device, "encode.device")
     encoded = [m for m in MODALITIES if specs[m] not in ("none", "imported")]
     fields = _template_fields(cfg.text_template, ctx.store) if "text" in encoded else []
     encoders: dict[str, Any] = {}
@@ -76,7 +77,7 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
     cfg, store = ctx.config.encode, ctx.store
     if modality == "text":
         columns = ["item_idx", "item_id", *[f for f in fields if f not in ("item_idx", "item_id")]]
-        make_rows = partial(text_rows, template=cfg.text_template, fields=fields)
+        make_rows = partial(text_rows, template=cfg.text_template, fields=fields, max_chars=cfg.max_text_chars)
     else:
         root = store.parquet_metadata("items.parquet").get("catalog_root")
         if not root:
@@ -101,9 +102,14 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
 
     options = WorkerOptions(workdir=str(store.root), modality=modality, batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
-                            http_timeout_s=cfg.http_timeout_s, http_max_bytes=cfg.http_max_bytes)
+                            http_timeout_s=cfg.http_timeout_s, http_max_bytes=cfg.http_max_bytes,
+                            http_max_redirects=cfg.http_max_redirects, http_allow_private=cfg.http_allow_private)
     stats = dict.fromkeys(WORK_KEYS, 0)
     stats["shards_reused"] = len(reuse)
+    stats["shards_bad"] = len(cache.bad)
+    if cache.bad:
+        ctx.log(f"[yellow]warning:[/] {len(cache.bad)} cached {modality} shard(s) do not match the checksum in "
+                f"their marker (damaged on disk); they are not used, and those in this plan are encoded again")
     with ctx.progress(total=sum(s.rows for s in plan), desc=f"encode {modality}", unit="item") as bar:
         for shard in plan:
             if shard.stem in reuse:
@@ -141,7 +147,9 @@ def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
             f"encode.{modality}_encoder = \"imported\" but {store.path(source)} does not exist; it is written by "
             f"ingest.format = \"mmrec\" when the dataset folder has {modality}_feat.npy. Choose a real encoder."
         )
-    table = store.read_parquet(source, required=FEATURE_COLUMNS)
+    table = store.read_parquet(source, required=FEATURE_COLUMNS[:-1])
+    if "truncated" not in table.column_names:  # imported vectors come from no text of ours
+        table = table.append_column("truncated", pa.array(np.zeros(table.num_rows, dtype=bool)))
     n_items = store.parquet_file("items.parquet").metadata.num_rows
     idx = table.column("item_idx").to_numpy()
     if not np.array_equal(idx, np.arange(n_items)):
@@ -212,14 +220,6 @@ def _template_fields(template: str, store: ArtifactStore) -> list[str]:
         raise ConfigError(f"encode.text_template {template!r} must use columns of items.parquet in braces; "
                           f"unknown: {missing}; available: {columns}")
     return fields
-
-
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"encode.device = {device!r} but CUDA is not available; use \"auto\" or \"cpu\"")
-    return device
 
 
 SPEC = StageSpec(

@@ -3,10 +3,12 @@
 - ``index/items.faiss``: the model's final item vectors, inner product, so that a user's
   top-k by ``dot(user_vector, item_vector)`` is a nearest-neighbour query. Tuned and measured
   with a sample of the model's own user vectors as queries.
-- ``index/content.faiss``: per item, ``concat(l2n(image_clear), l2n(text_clear))`` (a missing
-  modality is a zero block). A full query scores ``cos_image + cos_text``; a text-only (image-
-  only) query is zero in the other block, so it scores the text (image) cosine alone. Tuned on
-  all three query shapes at once (item content vectors, full and each block alone).
+- ``index/content.faiss``: per item, the content row of :class:`clearrec.models.content.ContentLayout`
+  over the projected features (``concat(l2n(image_clear), l2n(text_clear))``, a missing modality
+  a zero block); the layout is written into ``index_info.json`` for serving. A full query scores
+  ``cos_image + cos_text``; a text-only (image-only) query is zero in the other block, so it
+  scores the text (image) cosine alone. Tuned on all three query shapes at once (item content
+  vectors, full and each block alone).
 
 Beside each: ``index/<name>_ids.parquet`` (row -> item_idx, item_id) and one
 ``index/index_info.json`` (type, knob, sizes, build time, held-out recall@K vs exact, checksums).
@@ -25,25 +27,36 @@ import numpy as np
 import pyarrow as pa
 
 from ..models import ann
+from ..models.content import ContentLayout
 from ..pipeline.config.index import IndexConfig
 from ..pipeline.errors import ArtifactError, ConfigError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors
+from ..pipeline.workdir import (
+    INDEX_INFO,
+    ITEM_VECTORS,
+    ITEMS,
+    MODALITIES,
+    USER_VECTORS,
+    clear_features,
+    features,
+    index_file,
+    index_ids,
+)
 
-INFO = "index/index_info.json"
-FEATURES = {"image": "features/image_clear.parquet", "text": "features/text_clear.parquet"}  # block order
+FEATURES = {m: clear_features(m) for m in MODALITIES}  # block order
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg: IndexConfig = ctx.config.index
     store = ctx.store
     rng = np.random.default_rng(cfg.seed)
-    items = store.read_parquet("items.parquet", columns=["item_idx", "item_id"],
+    items = store.read_parquet(ITEMS, columns=["item_idx", "item_id"],
                                required={"item_idx": pa.int64(), "item_id": pa.string()})
     catalog = dict(zip(items["item_idx"].to_pylist(), items["item_id"].to_pylist()))
 
     idx, ids, vectors = _item_vectors(store, catalog)  # (N,), (N,), (N, d)
-    users, _ = arrow_to_vectors(store.read_parquet("model/user_vectors.parquet", columns=["vector"],
+    users, _ = arrow_to_vectors(store.read_parquet(USER_VECTORS, columns=["vector"],
                                                    required=["user_idx", "vector"])["vector"])
     source = users if len(users) >= 2 else vectors
     queries = source[rng.choice(len(source), min(cfg.tune_queries, len(source)), replace=False)]  # (Q, d)
@@ -52,30 +65,31 @@ def run(ctx: StageContext) -> StageResult:
             f"{'user' if source is users else 'item'} vectors as tuning / held-out queries")
     info: dict[str, Any] = {"recall_k": cfg.recall_k, "recall_target": cfg.recall_target,
                             "items": _build(ctx, "items", idx, ids, vectors, {"user": tune_q}, {"user": eval_q})}
-    info["items"]["queries"] = "model/user_vectors.parquet sample" if source is users else "item vectors sample"
-    outputs = ["index/items.faiss", "index/items_ids.parquet"]
+    info["items"]["queries"] = f"{USER_VECTORS} sample" if source is users else "item vectors sample"
+    outputs = [index_file("items"), index_ids("items")]
 
     content = _content_vectors(store) if cfg.content else None
     if content is None:
-        for name in ("index/content.faiss", "index/content_ids.parquet"):
+        for name in (index_file("content"), index_ids("content")):
             if store.exists(name):
                 store.path(name).unlink()
         info["content"] = None
         ctx.log("content index: skipped (" + ("index.content = false" if not cfg.content
                                                else "no features/*_clear.parquet") + ")")
     else:
-        c_idx, c_ids, c_vec, blocks = content
+        c_idx, c_ids, c_vec, layout, blocks = content
         pick = rng.choice(len(c_ids), min(cfg.tune_queries, len(c_ids)), replace=False)
         half = len(pick) // 2
         tune_sets, eval_sets = {}, {}
-        for shape, q in _query_shapes(c_vec, blocks).items():
+        for shape, q in _query_shapes(c_vec, layout).items():
             tune_sets[shape], eval_sets[shape] = q[pick[:half]], q[pick[half:]]
         ctx.log(f"content index: {len(c_ids)} items, blocks "
                 + ", ".join(f"{b['modality']}[{b['dim']}]" for b in blocks))
         info["content"] = _build(ctx, "content", c_idx, c_ids, c_vec, tune_sets, eval_sets)
+        info["content"].update(layout.to_json())
         info["content"]["blocks"] = blocks
         info["content"]["queries"] = "item content vectors sample: both blocks and each block alone"
-        outputs += ["index/content.faiss", "index/content_ids.parquet"]
+        outputs += [index_file("content"), index_ids("content")]
 
     for name in ("items", "content"):
         if info.get(name) and not info[name]["tuning"]["reached"]:
@@ -83,8 +97,8 @@ def run(ctx: StageContext) -> StageResult:
                     f"{info[name]['tuning']['recall']:.3f} at best, below index.recall_target = {cfg.recall_target}; "
                     "raise index.memory_budget_mb (IVF-PQ), or set index.factory (e.g. 'Flat' for exact search, "
                     "'HNSW64')")
-    store.write_json(INFO, info)
-    outputs.append(INFO)
+    store.write_json(INDEX_INFO, info)
+    outputs.append(INDEX_INFO)
     parts = [f"{n} {info[n]['factory']} ({info[n]['ntotal']} rows, recall@{cfg.recall_k} {info[n]['recall']:.3f})"
              for n in ("items", "content") if info.get(n)]
     return StageResult(outputs=outputs, counts={n: info[n]["ntotal"] for n in ("items", "content") if info.get(n)},
@@ -93,13 +107,13 @@ def run(ctx: StageContext) -> StageResult:
 
 def _item_vectors(store: ArtifactStore, catalog: dict[int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's item vectors sorted by item_idx, checked against items.parquet."""
-    table = store.read_parquet("model/item_vectors.parquet", required=["item_idx", "item_id", "vector"])
+    table = store.read_parquet(ITEM_VECTORS, required=["item_idx", "item_id", "vector"])
     order = np.argsort(table["item_idx"].to_numpy(), kind="stable")
     table = table.take(pa.array(order))
     idx = table["item_idx"].to_numpy().astype(np.int64)
     ids = np.array(table["item_id"].to_pylist(), dtype=object)
     vectors, valid = arrow_to_vectors(table["vector"])
-    where = "model/item_vectors.parquet"
+    where = ITEM_VECTORS
     if not valid.all():
         raise ArtifactError(f"{where} has {int((~valid).sum())} null vectors; rerun 'clearrec run --from train'")
     if len(np.unique(idx)) != len(idx):
@@ -113,49 +127,54 @@ def _item_vectors(store: ArtifactStore, catalog: dict[int, str]) -> tuple[np.nda
 
 
 def _content_vectors(store: ArtifactStore):
-    """``(item_idx, item_id, vectors (N, sum d), blocks)`` over items with any content, or None."""
+    """``(item_idx, item_id, rows (N, D), layout, blocks)`` over items with any content, or None.
+
+    ``blocks`` is the layout's block list with what serving needs per block: how a query of
+    that modality is encoded (the raw features' metadata) and projected.
+    """
     present = {m: name for m, name in FEATURES.items() if store.exists(name)}
     if not present:
         return None
-    parts, blocks, start = {}, [], 0
+    parts, blocks = {}, []
     for modality, name in present.items():
         table = store.read_parquet(name, columns=["item_idx", "item_id", "vector"],
                                    required=["item_idx", "item_id", "vector"])
         x, valid = arrow_to_vectors(table["vector"])  # (N, d)
-        x = _l2n(x)
         meta = store.parquet_metadata(name)
-        raw = f"features/{modality}.parquet"  # its metadata says how a query must be encoded
+        raw = features(modality)  # its metadata says how a query must be encoded
         raw_meta = store.parquet_metadata(raw) if store.exists(raw) else meta
         parts[modality] = (table["item_idx"].to_numpy(), table["item_id"].to_pylist(), x, valid)
-        blocks.append({"modality": modality, "start": start, "dim": int(x.shape[1]), "source": name,
+        blocks.append({"modality": modality, "dim": int(x.shape[1]), "source": name,
                        "encoder": meta.get("encoder"), "encoder_normalized": bool(raw_meta.get("normalized")),
                        "weights_sha256": raw_meta.get("weights_sha256"),
                        "text_template": raw_meta.get("text_template"), "missing": meta.get("missing"),
                        "projector": meta.get("projector"), "clear_enabled": bool(meta.get("clear_enabled"))})
-        start += x.shape[1]
+    layout = ContentLayout({b["modality"]: b["dim"] for b in blocks})
+    for b in blocks:
+        b["start"] = layout.block(b["modality"]).start
     rows: dict[int, str] = {}
     for item_idx, item_id, _, valid in parts.values():
         rows.update({int(i): s for i, s, v in zip(item_idx, item_id, valid) if v})
     order = np.array(sorted(rows), dtype=np.int64)
     if len(order) == 0:
         return None
-    out = np.zeros((len(order), start), dtype=np.float32)  # (N, d_image + d_text)
-    for block in blocks:
-        item_idx, _, x, valid = parts[block["modality"]]
+    dense = {}
+    for modality, (item_idx, _, x, valid) in parts.items():
+        dense[modality] = np.zeros((len(order), x.shape[1]), dtype=np.float32)  # (N, d), zero: no vector
         pos = np.searchsorted(order, item_idx)
         keep = valid & (pos < len(order))
         keep[keep] &= order[pos[keep]] == item_idx[keep]
-        out[pos[keep], block["start"] : block["start"] + block["dim"]] = x[keep]
-    return order, np.array([rows[int(i)] for i in order], dtype=object), out, blocks
+        dense[modality][pos[keep]] = x[keep]
+    return order, np.array([rows[int(i)] for i in order], dtype=object), layout.rows(dense), layout, blocks
 
 
-def _query_shapes(x: np.ndarray, blocks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def _query_shapes(x: np.ndarray, layout: ContentLayout) -> dict[str, np.ndarray]:
     """Content queries as the API forms them: the whole vector, and each block alone (others zero)."""
-    shapes = {"both": x} if len(blocks) > 1 else {}
-    for b in blocks:
+    shapes = {"both": x} if len(layout.blocks) > 1 else {}
+    for b in layout.blocks:
         q = np.zeros_like(x)
-        q[:, b["start"] : b["start"] + b["dim"]] = x[:, b["start"] : b["start"] + b["dim"]]
-        shapes[b["modality"]] = q
+        q[:, b.start : b.start + b.dim] = x[:, b.start : b.start + b.dim]
+        shapes[b.modality] = q
     return shapes
 
 
@@ -188,7 +207,7 @@ def _build(ctx: StageContext, name: str, item_idx: np.ndarray, item_ids: np.ndar
             + (f" = {tuning.value}" if tuning.value is not None else "")
             + f", held-out recall@{k} " + ", ".join(f"{s} {r:.3f}" for s, r in recall_by.items()))
 
-    file, ids_file = f"index/{name}.faiss", f"index/{name}_ids.parquet"
+    file, ids_file = index_file(name), index_ids(name)
     with ctx.store.atomic(file) as tmp:
         faiss.write_index(index, str(tmp))
     ids_table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)),
@@ -219,19 +238,12 @@ def _build(ctx: StageContext, name: str, item_idx: np.ndarray, item_ids: np.ndar
     }
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
 SPEC = StageSpec(
     name="index",
     run=run,
-    inputs=("items.parquet", "model/item_vectors.parquet", "model/user_vectors.parquet",
-            "features/image_clear.parquet", "features/text_clear.parquet"),
-    outputs=("index/items.faiss", "index/items_ids.parquet", "index/content.faiss", "index/content_ids.parquet",
-             INFO),
+    inputs=(ITEMS, ITEM_VECTORS, USER_VECTORS, *FEATURES.values()),
+    outputs=(index_file("items"), index_ids("items"), index_file("content"), index_ids("content"), INDEX_INFO),
     config_keys=IndexConfig.build_keys(),
-    code=("clearrec.models.ann",),
+    code=("clearrec.models.ann", "clearrec.models.content"),
     description="FAISS indexes over the item vectors and the projected content, tuned to a recall target",
 )

@@ -2,7 +2,8 @@
 
 Reads one of three layouts (``[ingest] format``: table, mmrec, split-json; see
 ``_ingest_formats``), validates every row (``_ingest_clean``), applies the iterated k-core
-filter, splits each user's interactions into train / valid / test, and writes
+filter, splits the interactions into train / valid / test (per user, or at global cut-off
+times), and writes
 
 - ``items.parquet``: item_idx (dense), item_id, title, description, text, image, extra raw columns;
 - ``users.parquet``: user_idx (dense), user_id;
@@ -26,7 +27,8 @@ from ..pipeline.config import IngestConfig
 from ..pipeline.errors import InputDataError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import vectors_to_arrow
-from ._ingest_clean import SPLITS, assign_split, clean_interactions, clean_items, filter_core
+from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
+                            global_temporal_split, index_in)
 from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._ingest_readers import Rejects
 
@@ -45,6 +47,10 @@ def run(ctx: StageContext) -> StageResult:
     inter = clean_interactions(catalog.interactions, items, rejected_items, rejects,
                                split_policy=cfg.split, min_rating=cfg.min_rating)
     inter, items = filter_core(inter, items, rejects, k=cfg.kcore, need_train=cfg.split == "given")
+    cutoffs: dict[str, int] = {}
+    if cfg.split == "global-temporal" and not inter.empty:
+        code, cutoffs = global_temporal_split(inter["ts"].to_numpy(), cfg.split_ratios)
+        inter, items = filter_core(inter.assign(split=code), items, rejects, k=0, need_train=True)
     items = items.reset_index(drop=True)
     ctx.store.write_parquet("rejects.parquet", rejects.to_arrow())
     by_code = rejects.by_code()
@@ -59,15 +65,17 @@ def run(ctx: StageContext) -> StageResult:
     if catalog.user_order is not None:
         given = pd.Index(catalog.user_order)
         users = given[given.isin(users)]
-    user_idx = users.get_indexer(inter["user_id"]).astype(np.int64)
-    item_idx = pd.Index(items["item_id"]).get_indexer(inter["item_id"]).astype(np.int64)
+    user_idx = index_in(inter["user_id"], users)
+    item_idx = index_in(inter["item_id"], items["item_id"])
     ts = inter["ts"].to_numpy()
-    split = inter["split"].to_numpy() if cfg.split == "given" else assign_split(
+    split = inter["split"].to_numpy() if cfg.split in ("given", "global-temporal") else assign_split(
         user_idx, ts, cfg.split, cfg.split_ratios, cfg.seed)
     order = np.argsort(user_idx, kind="stable")
 
     counts = _counts(catalog, items, inter, rejects, n_users=len(users), split=split)
     counts["reject_reasons"] = by_code
+    if cutoffs:
+        counts["split_cutoffs"] = cutoffs
     _write_items(ctx, items, root, catalog)
     ctx.store.write_parquet("users.parquet", pa.table({
         "user_idx": pa.array(np.arange(len(users)), pa.int64()),
@@ -93,6 +101,10 @@ def run(ctx: StageContext) -> StageResult:
             f"+ {counts['interactions_rejected']:,} rejected")
     if len(rejects):
         ctx.log(f"rejected rows by reason: {_reasons(by_code)} (see rejects.parquet)")
+    if cutoffs:
+        ctx.log("global-temporal split: " + ", ".join(
+            f"{name.replace('_', ' ')} {pd.Timestamp(t, unit='s', tz='UTC'):%Y-%m-%d %H:%M:%S} UTC (unix {t})"
+            for name, t in cutoffs.items()))
     summary = (f"{len(items):,} items, {len(users):,} users, {len(inter):,} interactions "
                f"(train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,}), "
                f"{len(rejects):,} rows rejected")
@@ -100,8 +112,8 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _check_policy(cfg: IngestConfig, catalog: Catalog) -> None:
-    """split = "given" needs a split column, "temporal" a timestamp column."""
-    need = {"given": "split", "temporal": "timestamp"}.get(cfg.split)
+    """split = "given" needs a split column, the time-ordered splits a timestamp column."""
+    need = "timestamp" if cfg.split in TIMED_SPLITS else {"given": "split"}.get(cfg.split)
     if need is None or need in catalog.present:
         return
     files = ", ".join(k.split(": ", 1)[1] for k in catalog.read if k.startswith("interactions: "))

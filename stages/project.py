@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
@@ -28,25 +29,23 @@ import pyarrow.parquet as pq
 
 from ..models.clear import ClearOptions, ClearProjector
 from ..models.diagnostics import Moments
-from ..pipeline.errors import InputDataError
+from ..pipeline.config import Config
+from ..pipeline.errors import ConfigError, InputDataError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
-from . import _project_plots as plots
-from ._project_diagnostics import build_diagnostics, kept_share, summary_line
-from ._project_io import (
-    CLEAR_FEATURES,
+from ..pipeline.workdir import (
     DIAGNOSTICS,
-    FEATURES,
+    FILL,
     INTERACTIONS,
     MODALITIES,
     PROJECTOR,
     PROJECTOR_JSON,
-    Source,
-    iter_aligned,
-    open_features,
-    sample_rows,
-    train_items,
+    clear_features,
+    features,
 )
+from . import _project_plots as plots
+from ._project_diagnostics import build_diagnostics, kept_share, measure_files, summary_line
+from ._project_io import Source, iter_aligned, open_features, sample_rows, train_items
 
 
 @dataclass
@@ -64,15 +63,16 @@ class _Scan:
 
 def run(ctx: StageContext) -> StageResult:
     cfg, missing, store = ctx.config.project, ctx.config.encode.missing, ctx.store
-    present = [m for m in MODALITIES if store.exists(FEATURES[m])]
+    present = [m for m in MODALITIES if store.exists(features(m))]
     if not present:
         reason = "no feature files (both encoders are 'none'): nothing to project"
         ctx.log(f"CLEAR not applied: {reason}")
         store.write_json(PROJECTOR_JSON, {"enabled": cfg.enabled, "applied": False, "reason": reason,
-                                          "mode": cfg.mode, "k": 0, "strength": 0.0})
+                                          "mode": "off", "k": 0, "strength": 0.0})
         _remove_stale(store, [PROJECTOR_JSON])
         return StageResult(outputs=[PROJECTOR_JSON], counts={"items": 0}, summary=f"CLEAR not applied ({reason})")
-    sources = [open_features(store, FEATURES[m], m) for m in present]
+    sources = [open_features(store, features(m), m) for m in present]
+    mode = cfg.mode if cfg.enabled else "off"
     reason = None
     if not cfg.enabled:
         reason = "project.enabled = false"
@@ -80,11 +80,13 @@ def run(ctx: StageContext) -> StageResult:
         reason = "project.mode = 'dynamic': train projects the backbone's modality embeddings every epoch"
     elif len(present) < 2:
         other = "text" if present == ["image"] else "image"
-        reason = f"only {present[0]} features exist (no {FEATURES[other]}): CLEAR needs both modalities"
+        reason = f"only {present[0]} features exist (no {features(other)}): CLEAR needs both modalities"
+        mode = "off"
     if reason:
         ctx.log(f"CLEAR not applied: {reason}; passing {', '.join(present)} features through")
 
-    scan = _fit_pass(ctx, sources, missing, fit=reason is None)
+    options = _options(cfg)
+    scan = _fit_pass(ctx, sources, missing, options if reason is None else None)
     projector, sha, sample = scan.projector, None, None
     if projector is not None:
         tensors, meta = projector.state_dict()
@@ -92,30 +94,34 @@ def run(ctx: StageContext) -> StageResult:
         sha = store.checksum(PROJECTOR)
         sample = sample_rows(scan.fit_rows, cfg.diagnostics_items, cfg.seed)
     t0 = time.perf_counter()
-    moments, picked = _transform_pass(ctx, sources, scan, missing, sample, sha)
+    moments, picked, fill = _transform_pass(ctx, sources, scan, missing, sample, sha)
     transform_seconds = time.perf_counter() - t0
+    store.write_tensors(FILL, fill, metadata={"missing": missing})
 
-    written = [CLEAR_FEATURES[s.modality] for s in sources]
+    written = [clear_features(s.modality) for s in sources] + [FILL]
+    # what train and serving learn from this file: deterministic, and only settings that take effect
     info: dict[str, Any] = {
-        "enabled": cfg.enabled, "applied": projector is not None, "reason": reason, "mode": cfg.mode,
-        "options": {"fit_on": cfg.fit_on, "missing": missing, **_options(cfg)},
+        "enabled": cfg.enabled, "applied": projector is not None, "reason": reason, "mode": mode,
+        "missing": missing,
         "inputs": {s.modality: {"dim": s.dim, "encoder": s.meta.get("encoder"), "rows": scan.n_rows} for s in sources},
-        "fit_seconds": round(scan.seconds, 3), "transform_seconds": round(transform_seconds, 3),
         "counts": scan.counts,
     }
-    counts: dict[str, Any] = {"items": scan.n_rows, **scan.counts}
+    counts: dict[str, Any] = {"items": scan.n_rows, **scan.counts, "fit_seconds": round(scan.seconds, 3),
+                              "transform_seconds": round(transform_seconds, 3)}
     if projector is None:
-        store.write_json(PROJECTOR_JSON, {**info, "k": 0, "strength": 0.0})
+        clear = {**options.to_json(), "k": None} if mode == "dynamic" else {"k": 0, "strength": 0.0}
+        store.write_json(PROJECTOR_JSON, {**info, **clear})
         _remove_stale(store, written + [PROJECTOR_JSON])
         return StageResult(outputs=written + [PROJECTOR_JSON], counts=counts,
                            summary=f"CLEAR not applied ({reason}); {len(present)} feature file(s) passed through")
 
-    store.write_json(PROJECTOR_JSON, {**meta, "sha256": sha, **info, "energy_topk": projector.energy_topk(),
+    store.write_json(PROJECTOR_JSON, {**meta, "sha256": sha, **info, "fit_on": cfg.fit_on,
+                                      "energy_topk": projector.energy_topk(),
                                       "energy_removed": projector.energy_removed()})
     variance = {m: kept_share(*moments[m]) for m in MODALITIES}
     diag = build_diagnostics(projector.spectrum(), projector.projected_spectrum(), projector.k_, picked,
-                             cfg.overlap_k, variance, n_fit=projector.n_fit_, strength=projector.options.strength,
-                             ratio=projector.options.ratio, directions=projector.options.directions)
+                             cfg.overlap_k, variance, n_fit=projector.n_fit_, strength=options.strength,
+                             ratio=options.ratio, directions=options.directions)
     store.write_json(DIAGNOSTICS, diag)
     pngs = plots.write_plots(store, "clear", diag)
     outputs = written + [PROJECTOR, PROJECTOR_JSON, DIAGNOSTICS, *pngs]
@@ -126,14 +132,28 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, counts=counts, summary=summary_line(diag))
 
 
+def diagnose(store: ArtifactStore, config: Config, target: ArtifactStore, overlap_k: int | None = None,
+             items: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``clearrec diagnose``: measure CLEAR from the written files; write diagnostics.json + PNGs to ``target``.
+
+    Unlike the stage, which derives the projected spectrum from the projector, this streams
+    ``features/*.parquet`` and ``*_clear.parquet`` and measures both cross-covariances.
+    """
+    diag = measure_files(store, config, overlap_k=overlap_k, items=items)
+    target.write_json("diagnostics.json", diag)
+    return diag, plots.write_plots(target, "", diag)
+
+
 # ---- the two passes ----------------------------------------------------------------------
-def _fit_pass(ctx: StageContext, sources: list[Source], missing: str, fit: bool) -> _Scan:
+def _fit_pass(ctx: StageContext, sources: list[Source], missing: str, options: ClearOptions | None) -> _Scan:
+    """Scan the features; with ``options``, also fit the projector on the fit items."""
     cfg = ctx.config.project
+    fit = options is not None
     t0 = time.perf_counter()
     n = sources[0].file.metadata.num_rows
     valid = {s.modality: np.zeros(n, dtype=bool) for s in sources}
     sums = {s.modality: np.zeros(s.dim, dtype=np.float64) for s in sources}
-    projector = _make_projector(cfg) if fit else None
+    projector = ClearProjector(options) if fit else None
     fit_rows = np.zeros(n, dtype=bool) if fit else None
     train = train_items(ctx.store) if fit and cfg.fit_on == "train" else None
     lo = 0
@@ -171,7 +191,11 @@ def _fit_pass(ctx: StageContext, sources: list[Source], missing: str, fit: bool)
             where = " in the train split" if cfg.fit_on == "train" else ""
             raise InputDataError(f"CLEAR needs at least 2 items with both an image and a text vector{where} to fit; "
                                  f"found {n_fit}. Check the encode stage's status columns, or set project.enabled = false")
-        projector.finalize()
+        try:
+            projector.finalize()
+        except ValueError as e:  # a setting the fitted dimensions cannot take (k too large)
+            raise ConfigError(f"project.k: {e} (image features have {sources[0].dim} dims, "
+                              f"text features {sources[1].dim})") from e
         ctx.log(f"CLEAR fit on {n_fit} items: k = {projector.k_}, top-k energy share {projector.energy_topk():.3f}")
     return _Scan(n, valid, fill, fit_rows, projector, time.perf_counter() - t0, counts)
 
@@ -179,8 +203,9 @@ def _fit_pass(ctx: StageContext, sources: list[Source], missing: str, fit: bool)
 def _transform_pass(
     ctx: StageContext, sources: list[Source], scan: _Scan, missing: str, sample: np.ndarray | None,
     sha: str | None,
-) -> tuple[dict[str, tuple[Moments, Moments]], dict[str, np.ndarray] | None]:
-    """Write the *_clear files; return per-modality (before, after) moments and the sample's vectors."""
+) -> tuple[dict[str, tuple[Moments, Moments]], dict[str, np.ndarray] | None, dict[str, np.ndarray]]:
+    """Write the *_clear files; return per-modality (before, after) moments, the sample's vectors and
+    the fill vectors (what an item without a vector of that modality got, projected as the others)."""
     store, cfg, proj = ctx.store, ctx.config.project, scan.projector
     moments = {s.modality: (Moments(scan.fill[s.modality]), Moments()) for s in sources}
     picked = None
@@ -190,7 +215,7 @@ def _transform_pass(
         in_sample = np.zeros(scan.n_rows, dtype=bool)
         in_sample[sample] = True
     transform = {"image": proj.transform_visual, "text": proj.transform_text} if proj else {}
-    applied = {"image": bool(proj and cfg.visual), "text": bool(proj and cfg.text)}
+    applied = {"image": bool(proj and proj.options.visual), "text": bool(proj and proj.options.text)}
     fill_out = {m: (transform[m](scan.fill[m][None])[0] if m in transform else scan.fill[m]) for m in scan.fill}
     n_filled = {m: int((~scan.valid[m]).sum()) if missing == "mean" else 0 for m in scan.valid}
     schemas = {s.modality: _output_schema(s, missing, applied[s.modality], sha, n_filled[s.modality])
@@ -218,18 +243,12 @@ def _transform_pass(
             cursor += 0 if take is None else len(take)
             bar.update(hi - lo)
             lo = hi
-    return moments, picked
+    return moments, picked, {m: np.ascontiguousarray(v, dtype=np.float32) for m, v in fill_out.items()}
 
 
-def _make_projector(cfg) -> ClearProjector:
-    return ClearProjector(ClearOptions(**{key: getattr(cfg, key) for key in OPTION_KEYS}))
-
-
-OPTION_KEYS = ("k", "ratio", "strength", "center", "project_centered", "visual", "text", "directions", "seed")
-
-
-def _options(cfg) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in OPTION_KEYS}
+def _options(cfg) -> ClearOptions:
+    """The ``[project]`` section's CLEAR settings as the one settings object."""
+    return ClearOptions(**{f.name: getattr(cfg, f.name) for f in dataclass_fields(ClearOptions)})
 
 # ---- writing -----------------------------------------------------------------------------
 class _writers:
@@ -243,7 +262,7 @@ class _writers:
     def __enter__(self) -> dict[str, pq.ParquetWriter]:
         try:
             for s in self.sources:
-                cm = self.store.atomic(CLEAR_FEATURES[s.modality])
+                cm = self.store.atomic(clear_features(s.modality))
                 tmp = cm.__enter__()
                 self._atomics.append(cm)
                 self.writers[s.modality] = pq.ParquetWriter(tmp, self.schemas[s.modality], compression="zstd")
@@ -293,9 +312,9 @@ def _remove_stale(store: ArtifactStore, keep: list[str]) -> None:
 SPEC = StageSpec(
     name="project",
     run=run,
-    inputs=(FEATURES["image"], FEATURES["text"], INTERACTIONS),
-    outputs=(PROJECTOR, PROJECTOR_JSON, DIAGNOSTICS, *plots.PLOT_NAMES, CLEAR_FEATURES["image"],
-             CLEAR_FEATURES["text"]),
+    inputs=(*(features(m) for m in MODALITIES), INTERACTIONS),
+    outputs=(PROJECTOR, PROJECTOR_JSON, FILL, DIAGNOSTICS, *plots.PLOT_NAMES,
+             *(clear_features(m) for m in MODALITIES)),
     config_keys=("project", "encode.missing"),
     code=("clearrec.models.clear", "clearrec.models.diagnostics", "clearrec.stages._project_io",
           "clearrec.stages._project_diagnostics", "clearrec.stages._project_plots"),

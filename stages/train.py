@@ -23,7 +23,9 @@ import torch
 from rich.table import Table
 
 from ..models import graph as graph_module
-from ..models.base import ModalityHook, Backbone
+from ..models.base import Backbone, ModalityHook
+from ..models.clear import ClearOptions
+from ..models.clear_dynamic import DynamicClear
 from ..models.metrics import METRICS, ItemSets
 from ..models.registry import backbone_class
 from ..models.trainer import EpochRecord, TrainOptions, TrainResult, fit
@@ -31,18 +33,27 @@ from ..pipeline.config import Config
 from ..pipeline.errors import ArtifactError, ConfigError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
-from ..pipeline.threads import torch_threads
-
-MODALITIES = ("image", "text")
-FEATURE_FILES = {m: f"features/{m}_clear.parquet" for m in MODALITIES}
-OUTPUTS = (
-    "model/model.safetensors",
-    "model/model.json",
-    "model/metrics.json",
-    "model/training_curve.png",
-    "model/item_vectors.parquet",
-    "model/user_vectors.parquet",
+from ..pipeline.threads import select_device, torch_threads
+from ..pipeline.workdir import (
+    CONTENT_PATHWAY,
+    GRAPH_CACHE,
+    INTERACTIONS,
+    ITEM_VECTORS,
+    ITEMS,
+    MODALITIES,
+    MODEL,
+    MODEL_JSON,
+    PROJECTOR_JSON,
+    TRAINING_CURVE,
+    USER_VECTORS,
+    USERS,
+    clear_features,
+    read_ids,
 )
+from ..pipeline.workdir import METRICS as METRICS_JSON
+
+FEATURE_FILES = {m: clear_features(m) for m in MODALITIES}
+OUTPUTS = (MODEL, MODEL_JSON, CONTENT_PATHWAY, METRICS_JSON, TRAINING_CURVE, ITEM_VECTORS, USER_VECTORS)
 
 
 @dataclass
@@ -64,22 +75,11 @@ class TrainData:
         return len(self.item_ids)
 
 
-def _ids(store: ArtifactStore, name: str, idx: str, id_col: str) -> list[str]:
-    t = store.read_parquet(name, columns=[idx, id_col], required=[idx, id_col])
-    order = np.asarray(t[idx].to_numpy(zero_copy_only=False), dtype=np.int64)
-    if order.size and (np.sort(order) != np.arange(order.size)).any():
-        raise ArtifactError(f"{name}: {idx} must be dense 0..{order.size - 1}; rerun ingest with --force")
-    ids = np.empty(order.size, dtype=object)
-    ids[order] = t[id_col].to_pylist()
-    return ids.tolist()
-
-
 def load_data(store: ArtifactStore) -> TrainData:
     """Read users, items, interactions and the projected features present in the work directory."""
-    user_ids = _ids(store, "users.parquet", "user_idx", "user_id")
-    item_ids = _ids(store, "items.parquet", "item_idx", "item_id")
+    user_ids, item_ids = read_ids(store, USERS), read_ids(store, ITEMS)
     nu, ni = len(user_ids), len(item_ids)
-    t = store.read_parquet("interactions.parquet", columns=["user_idx", "item_idx", "split"],
+    t = store.read_parquet(INTERACTIONS, columns=["user_idx", "item_idx", "split"],
                            required=["user_idx", "item_idx", "split"])
     users = torch.from_numpy(np.array(t["user_idx"].to_numpy(zero_copy_only=False), dtype=np.int64))
     items = torch.from_numpy(np.array(t["item_idx"].to_numpy(zero_copy_only=False), dtype=np.int64))
@@ -126,28 +126,16 @@ def load_data(store: ArtifactStore) -> TrainData:
     return TrainData(user_ids, item_ids, splits, features, info)
 
 
-DYNAMIC_KEYS = ("k", "ratio", "strength", "center", "project_centered", "visual", "text", "directions", "seed")
+def clear_settings(store: ArtifactStore) -> ClearOptions | None:
+    """CLEAR's dynamic-mode settings as the project stage recorded them, or None (CLEAR off or static).
 
-
-def _dynamic_hook(config: Config) -> ModalityHook | None:
-    """CLEAR's dynamic mode: a :class:`DynamicClear` the backbone refits once per epoch.
-
-    The shared directions are recomputed on the backbone's encoded modality embeddings at the
-    start of every epoch (SVD without gradient) and project them in every step of that epoch;
-    they are saved with the model, so serving projects new items with the same directions.
+    ``clear/projector.json`` is the project stage's output: train never reads ``project.*``
+    config keys, so a project setting that leaves that file unchanged never retrains.
     """
-    if not (config.get("project.enabled") and config.get("project.mode") == "dynamic"):
+    if not store.exists(PROJECTOR_JSON):
         return None
-    return _dynamic_clear({key: config.get(f"project.{key}") for key in DYNAMIC_KEYS})
-
-
-def _dynamic_clear(settings: dict[str, Any]) -> ModalityHook:
-    """A :class:`DynamicClear` from the ``project.*`` settings (as recorded in model.json)."""
-    from ..models.clear_dynamic import DynamicClear
-
-    from ..models.clear import ClearOptions
-
-    return DynamicClear(ClearOptions(**{key: settings[key] for key in DYNAMIC_KEYS}))
+    info = store.read_json(PROJECTOR_JSON)
+    return ClearOptions.from_json(info) if info.get("mode") == "dynamic" else None
 
 
 def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, image_weight: float) -> str:
@@ -160,7 +148,7 @@ def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, im
         "code": hashlib.sha256(code.encode()).hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return f"cache/item_graph-{digest}.safetensors"
+    return f"{GRAPH_CACHE}/item_graph-{digest}.safetensors"
 
 
 GRAPH_CACHE_KEEP = 3  # item-item graphs kept in cache/ (e.g. CLEAR on and off), the most recently used
@@ -176,21 +164,46 @@ def _prune_graph_cache(store: ArtifactStore, used: str) -> None:
             old.unlink(missing_ok=True)
 
 
-def build_model(
-    config: Config, data: TrainData, store: ArtifactStore | None = None, log: Callable[[str], None] = print
-) -> tuple[Backbone, dict[str, Any]]:
-    """The configured backbone, freshly initialised (seeded), on CPU; plus notes for model.json."""
+def build_backbone(name: str, settings: dict[str, Any], data: TrainData, hook: ModalityHook | None = None,
+                   item_graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Backbone:
+    """Backbone ``name`` over ``data`` with constructor ``settings`` (as model.json records them).
+
+    The one place a backbone is built, for training and for loading; a setting its constructor
+    does not take is an error, never dropped.
+    """
+    cls = backbone_class(name)
+    accepts = inspect.signature(cls).parameters
+    unknown = sorted(set(settings) - set(accepts))
+    if unknown:
+        raise ConfigError(f"backbone {name!r} takes no setting {', '.join(unknown)}; it takes "
+                          f"{', '.join(p for p in accepts if p not in ('num_users', 'num_items'))}")
+    kwargs: dict[str, Any] = {"num_users": data.num_users, "num_items": data.num_items, **settings}
+    if cls.uses_graph:
+        users, items = data.splits["train"].pairs(torch.arange(data.num_users))
+        kwargs["edge_index"] = torch.stack([users, items])
+    if cls.uses_features and "features" in accepts:  # a mapping modality name -> (I, d) features
+        kwargs["features"] = dict(data.features)
+    elif cls.uses_features:
+        kwargs["image_features"] = data.features.get("image")
+        kwargs["text_features"] = data.features.get("text")
+    if hook is not None:
+        kwargs["modality_hook"] = hook
+    if item_graph is not None:
+        kwargs["item_graph"] = item_graph
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"cannot build train.backbone = {name!r}: {e}") from e
+
+
+def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, store: ArtifactStore,
+               log: Callable[[str], None]) -> tuple[Backbone, dict[str, Any]]:
+    """The configured backbone, freshly initialised (seeded); plus notes for model.json."""
     cfg = config.train
     cls = backbone_class(cfg.backbone)
-    params = getattr(cfg, cfg.backbone).model_dump()
-    kwargs: dict[str, Any] = {"num_users": data.num_users, "num_items": data.num_items,
-                              "embedding_dim": cfg.embedding_size, **params}
-    notes: dict[str, Any] = {"clear_dynamic": None, "item_graph_cache": None}
-    accepts = inspect.signature(cls).parameters
-    if cls.uses_graph:
-        train = data.splits["train"]
-        users, items = train.pairs(torch.arange(data.num_users))
-        kwargs["edge_index"] = torch.stack([users, items])
+    settings = {"embedding_dim": cfg.embedding_size, **getattr(cfg, cfg.backbone).model_dump()}
+    notes: dict[str, Any] = {"settings": settings, "clear_dynamic": None, "item_graph_cache": None}
+    hook, item_graph = None, None
     if cls.uses_features:
         if not data.features:
             raise ConfigError(
@@ -203,46 +216,34 @@ def build_model(
             if m not in data.features:
                 log(f"{cfg.backbone}: no {m} features ({FEATURE_FILES[m]} absent); using the "
                     f"{' and '.join(data.features)} modality only")
-        kwargs["image_features"] = data.features.get("image")
-        kwargs["text_features"] = data.features.get("text")
-        hook = _dynamic_hook(config)
-        if hook is not None:
+        if clear is not None:
             if len(data.features) < 2:
                 raise ConfigError("project.mode = 'dynamic' needs both image and text features; "
                                   "set project.mode = 'static' or provide both modalities")
-            kwargs["modality_hook"] = hook
-            notes["clear_dynamic"] = {key: config.get(f"project.{key}") for key in DYNAMIC_KEYS}
-        if "item_graph" in accepts and store is not None:
-            name = _graph_cache_name(cls, data.feature_info, params["knn_k"], params["image_weight"])
-            notes["item_graph_cache"] = name
-            if store.exists(name):
-                t, _ = store.read_tensors(name)
-                kwargs["item_graph"] = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
-            else:
-                g = cls.build_item_graph(kwargs["image_features"], kwargs["text_features"],  # type: ignore[attr-defined]
-                                         params["knn_k"], params["image_weight"])
-                store.write_tensors(name, dict(zip(("rows", "cols", "values"), g)))
-                kwargs["item_graph"] = g
-            _prune_graph_cache(store, name)
+            hook = DynamicClear(clear)
+            notes["clear_dynamic"] = clear.to_json()
+        if "item_graph" in inspect.signature(cls).parameters:
+            item_graph, notes["item_graph_cache"] = _item_graph(store, cls, data, settings)
     elif data.features:
         log(f"{cfg.backbone} uses no features; {', '.join(FEATURE_FILES[m] for m in data.features)} ignored")
-    if not cls.uses_features and config.get("project.enabled") and config.get("project.mode") == "dynamic":
+    if not cls.uses_features and clear is not None:
         log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
-    kwargs = {k: v for k, v in kwargs.items() if k in accepts}
     torch.manual_seed(cfg.seed)
-    try:
-        model = cls(**kwargs)
-    except ValueError as e:
-        raise ConfigError(f"cannot build train.backbone = {cfg.backbone!r}: {e}") from e
-    return model, notes
+    return build_backbone(cfg.backbone, settings, data, hook, item_graph), notes
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but CUDA is not available; set train.device = 'cpu' or 'auto'")
-    return torch.device(name)
+def _item_graph(store: ArtifactStore, cls: type, data: TrainData, settings: dict[str, Any]):
+    """The frozen item-item graph from the cache (keyed by the features' checksums), built if absent."""
+    name = _graph_cache_name(cls, data.feature_info, settings["knn_k"], settings["image_weight"])
+    if store.exists(name):
+        t, _ = store.read_tensors(name)
+        graph = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
+    else:
+        graph = cls.build_item_graph(data.features.get("image"), data.features.get("text"),  # type: ignore[attr-defined]
+                                     settings["knn_k"], settings["image_weight"])
+        store.write_tensors(name, dict(zip(("rows", "cols", "values"), graph)))
+    _prune_graph_cache(store, name)
+    return graph, name
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -253,9 +254,9 @@ def run(ctx: StageContext) -> StageResult:
 def _run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.train
     store = ctx.store
-    device = _device(cfg.device)
+    device = select_device(cfg.device, "train.device")
     data = load_data(store)
-    model, notes = build_model(ctx.config, data, store, ctx.log)
+    model, notes = _new_model(ctx.config, data, clear_settings(store), store, ctx.log)
     model.to(device)
     ctx.log(
         f"train: {cfg.backbone} on {device}, {data.num_users} users x {data.num_items} items, "
@@ -304,11 +305,16 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
     cfg = config.train
     user_vecs, item_vecs = (v.cpu().numpy() for v in model.vectors())
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    store.write_tensors("model/model.safetensors", state, metadata={"backbone": cfg.backbone})
+    store.write_tensors(MODEL, state, metadata={"backbone": cfg.backbone})
+    pathway = model.content_pathway()
+    if pathway is not None:
+        store.write_tensors(CONTENT_PATHWAY, {k: v.detach().cpu().contiguous() for k, v in pathway.state_dict().items()},
+                            metadata={"backbone": cfg.backbone})
     projectors = {info.get("projector") for info in data.feature_info.values()}
-    store.write_json("model/model.json", {
+    store.write_json(MODEL_JSON, {
         "backbone": cfg.backbone,
         "class": type(model).__name__,
+        "settings": notes["settings"],
         "hyperparameters": model.hparams(),
         "num_users": data.num_users,
         "num_items": data.num_items,
@@ -316,8 +322,9 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
         "features": data.feature_info,
         "projector": projectors.pop() if len(projectors) == 1 else sorted(p for p in projectors if p),
         "clear_dynamic": notes["clear_dynamic"],
+        "content_pathway": None if pathway is None else {**pathway.settings(), "file": CONTENT_PATHWAY},
         "item_graph_cache": notes["item_graph_cache"],
-        "interactions_sha256": store.checksum("interactions.parquet"),
+        "interactions_sha256": store.checksum(INTERACTIONS),
         "training": {"lr": cfg.lr, "batch_size": cfg.batch_size, "max_epochs": cfg.epochs, "patience": cfg.patience,
                      "stop_metric": cfg.stop_metric, "eval_ks": list(cfg.eval_ks), "seed": cfg.seed,
                      "device": str(device), "optimizer": "adam", "negatives": "uniform, 1 per positive"},
@@ -326,7 +333,7 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
         "stopped_early": result.stopped_early,
         "torch": torch.__version__,
     })
-    store.write_json("model/metrics.json", {
+    store.write_json(METRICS_JSON, {
         "valid": result.valid,
         "test": result.test,
         "best_epoch": result.best_epoch,
@@ -335,17 +342,17 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
         "history": [asdict(r) for r in result.history],
     })
     _plot_curve(store, result, cfg.stop_metric, cfg.backbone)
-    store.write_parquet("model/item_vectors.parquet", pa.table({
+    store.write_parquet(ITEM_VECTORS, pa.table({
         "item_idx": pa.array(np.arange(data.num_items), pa.int64()),
         "item_id": pa.array(data.item_ids, pa.string()),
         "vector": vectors_to_arrow(item_vecs),
     }), metadata={"backbone": cfg.backbone, "score": "dot", "dim": int(item_vecs.shape[1])})
-    store.write_parquet("model/user_vectors.parquet", pa.table({
+    store.write_parquet(USER_VECTORS, pa.table({
         "user_idx": pa.array(np.arange(data.num_users), pa.int64()),
         "user_id": pa.array(data.user_ids, pa.string()),
         "vector": vectors_to_arrow(user_vecs),
     }), metadata={"backbone": cfg.backbone, "score": "dot", "dim": int(user_vecs.shape[1])})
-    return list(OUTPUTS)
+    return [name for name in OUTPUTS if name != CONTENT_PATHWAY or pathway is not None]
 
 
 def _plot_curve(store: ArtifactStore, result: TrainResult, stop_metric: str, backbone: str) -> None:
@@ -364,21 +371,21 @@ def _plot_curve(store: ArtifactStore, result: TrainResult, stop_metric: str, bac
     ax_metric.set(title=f"{backbone}: validation (full ranking)", xlabel="epoch", ylabel="metric value")
     ax_metric.legend()
     fig.tight_layout()
-    with store.atomic("model/training_curve.png") as tmp:
+    with store.atomic(TRAINING_CURVE) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
 def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
-    """Rebuild the trained model of a work directory from its artifacts (for serving / new items).
+    """Rebuild the trained model of a work directory from its artifacts (e.g. to score or evaluate).
 
     The features and interactions must be the ones it was trained on (checked by checksum). A
     model trained with CLEAR's dynamic mode gets its hook back from the settings in model.json
     and the directions saved with its weights.
     """
-    info = store.read_json("model/model.json")
+    info = store.read_json(MODEL_JSON)
     data = load_data(store)
-    if store.checksum("interactions.parquet") != info["interactions_sha256"]:
+    if store.checksum(INTERACTIONS) != info["interactions_sha256"]:
         raise ArtifactError("interactions.parquet changed since the model was trained; rerun 'clearrec run --only train'")
     for m, fi in info["features"].items():
         if data.feature_info.get(m, {}).get("sha256") != fi["sha256"]:
@@ -386,23 +393,14 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
     for m in list(data.features):
         if m not in info["features"]:
             del data.features[m], data.feature_info[m]
-    cls = backbone_class(info["backbone"])
-    hp = {k: v for k, v in info["hyperparameters"].items() if k != "modalities"}
-    kwargs: dict[str, Any] = {"num_users": data.num_users, "num_items": data.num_items, **hp}
-    if cls.uses_graph:
-        users, items = data.splits["train"].pairs(torch.arange(data.num_users))
-        kwargs["edge_index"] = torch.stack([users, items])
-    if cls.uses_features:
-        kwargs["image_features"] = data.features.get("image")
-        kwargs["text_features"] = data.features.get("text")
-        cache = info.get("item_graph_cache")
-        if cache and store.exists(cache):
-            t, _ = store.read_tensors(cache)
-            kwargs["item_graph"] = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
-        if info.get("clear_dynamic"):
-            kwargs["modality_hook"] = _dynamic_clear(info["clear_dynamic"])
-    model = cls(**kwargs)
-    tensors, _ = store.read_tensors("model/model.safetensors")
+    hook = DynamicClear(ClearOptions.from_json(info["clear_dynamic"])) if info.get("clear_dynamic") else None
+    graph = None
+    cache = info.get("item_graph_cache")
+    if cache and store.exists(cache):
+        t, _ = store.read_tensors(cache)
+        graph = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
+    model = build_backbone(info["backbone"], info["settings"], data, hook, graph)
+    tensors, _ = store.read_tensors(MODEL)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
     return model.to(device).eval()
 
@@ -410,9 +408,9 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
 SPEC = StageSpec(
     name="train",
     run=run,
-    inputs=("users.parquet", "items.parquet", "interactions.parquet", *FEATURE_FILES.values()),
+    inputs=(USERS, ITEMS, INTERACTIONS, *FEATURE_FILES.values(), PROJECTOR_JSON),
     outputs=OUTPUTS,
-    config_keys=("train", "project.enabled", "project.mode", *(f"project.{key}" for key in DYNAMIC_KEYS)),
+    config_keys=("train",),
     code=("clearrec.models.clear", "clearrec.models.clear_dynamic", "clearrec.models.base", "clearrec.models.graph", "clearrec.models.metrics", "clearrec.models.trainer",
           "clearrec.models.registry", "clearrec.models.lightgcn", "clearrec.models.vbpr", "clearrec.models.freedom"),
     description="train the graph recommender (BPR, early stopping on valid) and export user / item vectors",

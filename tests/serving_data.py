@@ -91,8 +91,9 @@ def build_workdir(root: Path, text_encoder, seed: int = 0, missing_image: int = 
     sha = store.checksum("clear/projector.safetensors")
     store.write_json("clear/projector.json", {**meta, "sha256": sha})
     projected = {"image": proj.transform_visual(image), "text": proj.transform_text(text)}
-    fill = projected["image"][img_valid].mean(0)
-    projected["image"][~img_valid] = fill
+    fill = {"image": proj.transform_visual(image[img_valid].mean(0, keepdims=True))[0], "text": text.mean(0)}
+    projected["image"][~img_valid] = fill["image"]
+    store.write_tensors("clear/fill.safetensors", {m: np.ascontiguousarray(v, np.float32) for m, v in fill.items()})
     for m, (_, valid, enc) in raw.items():
         table = _features(ids, projected[m], np.ones(n, dtype=bool)).append_column("filled", pa.array(~valid))
         store.write_parquet(f"features/{m}_clear.parquet", table,
@@ -145,9 +146,13 @@ def attach_vbpr(root: Path, embedding_dim: int = 8, seed: int = 0) -> None:
     model = VBPR(data.num_users, data.num_items, data.features.get("image"), data.features.get("text"),
                  embedding_dim=embedding_dim)
     store.write_tensors("model/model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()})
+    pathway = model.content_pathway()
+    store.write_tensors("model/content.safetensors", {k: v.contiguous() for k, v in pathway.state_dict().items()})
     users, items = (v.numpy() for v in model.vectors())
-    store.write_json("model/model.json", {"backbone": "vbpr", "hyperparameters": model.hparams(),
+    store.write_json("model/model.json", {"backbone": "vbpr", "settings": {"embedding_dim": embedding_dim},
+                                          "hyperparameters": model.hparams(),
                                           "features": data.feature_info, "clear_dynamic": None,
+                                          "content_pathway": {**pathway.settings(), "file": "model/content.safetensors"},
                                           "interactions_sha256": store.checksum("interactions.parquet")})
     store.write_parquet("model/item_vectors.parquet", pa.table({
         "item_idx": pa.array(np.arange(data.num_items), pa.int64()), "item_id": data.item_ids,

@@ -207,6 +207,7 @@ def test_add_items_rejects_bad_rows(rec, built):
             [{"item_id": "d", "image": png(1)}])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:backbone .* has no content pathway")
 def test_searches_stay_consistent_while_items_are_added(rec, built):
     expected = [h.item_id for h in rec.recommend("user01", k=20)]
@@ -290,6 +291,7 @@ def test_query_cli_json_and_table(built, rec, monkeypatch, tmp_path):
     assert res.exit_code == 2
 
 
+@pytest.mark.slow
 def test_query_cli_reports_unknown_ids_as_errors(built, tmp_path):
     res = subprocess.run([sys.executable, "-m", "clearrec", "query", "--workdir", str(built[0]), "--user", "nobody"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)

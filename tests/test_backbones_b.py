@@ -14,7 +14,7 @@ from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import LGMRec, hypergraph_step
-from clearrec.models.losses import check_features, dropout, gumbel_softmax, info_nce
+from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce
 from clearrec.models.metrics import ItemSets
 from clearrec.models.mmgcn import MMGCN
 from clearrec.models.pop import Pop
@@ -221,22 +221,14 @@ def test_lgmrec_contrasts_every_pair_of_modalities():
         torch.testing.assert_close(with_cl.loss(*batch) - without.loss(*batch), torch.as_tensor(expected))
 
 
-def test_check_features_errors_and_order():
-    with pytest.raises(ValueError, match="at least one modality"):
-        check_features({}, NI, "X")
-    with pytest.raises(ValueError, match=r"features\['image'\] has shape \(3, 4\), expected \(40, d\)"):
-        check_features({"image": torch.zeros(3, 4)}, NI, "X")
-    bad = torch.zeros(NI, 4)
-    bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        check_features({"text": bad}, NI, "X")
-    with pytest.raises(ValueError, match="must be non-empty and contain no '.'"):
-        check_features({"image.v1": torch.zeros(NI, 4)}, NI, "X")
-    assert list(check_features(_features(), NI, "X")) == ["image", "text"]
+def test_feature_mapping_errors_and_name_order():
     (_, _, _), edges = _splits()
     for name in HOOKED + ("itemknncbf",):
         with pytest.raises(ValueError, match="at least one modality"):
             BACKBONES[name](NU, NI, edges, features=None)
+        with pytest.raises(ValueError, match=r"features\['image'\] has shape \(3, 4\), expected \(40, d\)"):
+            BACKBONES[name](NU, NI, edges, features={"image": torch.zeros(3, 4)})
+        assert _make(name, edges).hparams()["modalities"] == ["image", "text"]  # given as text, image
     for name in HOOKED:
         with pytest.raises(ValueError, match="needs two modalities"):
             BACKBONES[name](NU, NI, edges, features={"text": _feat(2, 12)}, modality_hook=DynamicClear())

@@ -152,6 +152,7 @@ print(seen.get("torch"), os.environ.get("THP_MEM_ALLOC_ENABLE"))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("exported", "expected"), [(None, "1 1"), ("0", "0 0")])
 def test_cli_enables_huge_pages_before_torch_loads_unless_exported(exported, expected):
     import os
@@ -301,3 +302,32 @@ def test_config_resolves_paths_against_its_folder_and_overrides_parse_as_toml(tm
     assert cfg.resolve(cfg.ingest.items) == (tmp_path / "sub" / "data" / "items.csv").resolve()
     assert (cfg.ingest.seed, cfg.ingest.split, cfg.ingest.min_rating) == (7, "temporal", 3.5)
     assert cfg.with_overrides({"ingest.kcore": 3}).get("ingest.kcore") == 3
+
+
+def test_a_stage_reads_only_the_config_keys_it_declares(project):
+    def sneaky(ctx):
+        ctx.config.get("train.lr")  # declared: fine
+        ctx.config.train.epochs  # not declared: its value would not be in the fingerprint
+        return StageResult(outputs=[])
+
+    spec = StageSpec(name="alpha", run=sneaky, config_keys=("train.lr",))
+    runner, log = make_runner(project)
+    with pytest.raises(StageError, match="reads config key 'train.epochs', which it does not declare"):
+        runner.run([spec])
+    view = runner.config.view(("train", "project.k"), "x")
+    assert view.train.lr == 0.01 and view.project.k == 8 and view.resolve("raw.txt") == project / "raw.txt"
+    with pytest.raises(ConfigError, match="'project.seed'"):
+        view.project.seed
+    with pytest.raises(ConfigError, match="'index'"):
+        view.get("index.factory")
+
+
+def test_dry_run_never_says_skipped_downstream_of_a_stage_that_will_run(project):
+    make_runner(project)[0].run()
+    runner, log = make_runner(project, "train.lr=0.5")
+    assert runner.run(dry_run=True) == ["alpha", "beta", "gamma"]
+    text = log.getvalue()
+    assert "would run alpha" in text and "skipped" not in text
+    assert "may run   beta" in text and "checked after alpha runs: reruns if a.txt change" in text
+    assert "may run   gamma" in text and "checked after beta runs" in text
+    assert CALLS == ["a", "b", "c"]  # the first, real run only

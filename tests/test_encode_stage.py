@@ -90,7 +90,7 @@ def test_features_per_contract_with_a_status_for_every_failure(tmp_path, models)
     ran, entry = run(config(tmp_path, models), tmp_path / "w")
     assert ran == ["encode"]
     image, meta = features(tmp_path / "w", "image")
-    assert image.schema.names == ["item_idx", "item_id", "vector", "status", "error", "content_sha256"]
+    assert image.schema.names == ["item_idx", "item_id", "vector", "status", "error", "content_sha256", "truncated"]
     assert image.schema.field("vector").type == pa.list_(pa.float32(), 16)
     assert image.column("item_idx").to_pylist() == list(range(len(rows)))
     assert image.column("item_id").to_pylist() == [r["item_id"] for r in rows]
@@ -123,10 +123,7 @@ def test_features_per_contract_with_a_status_for_every_failure(tmp_path, models)
 
 
 def test_unreadable_files_and_failing_preprocessing_are_per_item(tmp_path, models, monkeypatch):
-    import builtins
-
     from clearrec.models.encoders import ClipImageEncoder
-    from clearrec.stages import _encode_sources
 
     rows = write_catalog(tmp_path / "cat", 3)
     (tmp_path / "cat" / "images" / "odd.png").write_bytes(image_bytes(50, size=7))
@@ -134,10 +131,12 @@ def test_unreadable_files_and_failing_preprocessing_are_per_item(tmp_path, model
     write_items(tmp_path / "w", rows, tmp_path / "cat")
     locked = str((tmp_path / "cat" / "images" / "p0001.png").resolve())
 
+    os_open = os.open
+
     def guarded_open(path, *args, **kwargs):
         if str(path) == locked:
             raise PermissionError(13, "Permission denied", path)
-        return builtins.open(path, *args, **kwargs)
+        return os_open(path, *args, **kwargs)
 
     preprocess = ClipImageEncoder.preprocess
 
@@ -146,7 +145,7 @@ def test_unreadable_files_and_failing_preprocessing_are_per_item(tmp_path, model
             raise ValueError("too small to crop")
         return preprocess(self, image)
 
-    monkeypatch.setattr(_encode_sources, "open", guarded_open, raising=False)
+    monkeypatch.setattr(os, "open", guarded_open)
     monkeypatch.setattr(ClipImageEncoder, "preprocess", picky)
     run(config(tmp_path, models, text_encoder="none"), tmp_path / "w")
     image, _ = features(tmp_path / "w", "image")
@@ -262,6 +261,7 @@ Runner([encode.SPEC], load_config(sys.argv[1]), sys.argv[2]).run()
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_unfinished_shards_only_and_writes_identical_files(tmp_path, models):
     cat = tmp_path / "cat"
     rows = write_catalog(cat, 30)
@@ -319,6 +319,7 @@ def test_adding_ten_items_encodes_only_those_ten(tmp_path, models):
 
 
 # ---- Ray backend ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_backend_matches_local_and_reruns_without_duplicates(tmp_path, models):
     ray = pytest.importorskip("ray")
     cat = tmp_path / "cat"
@@ -397,7 +398,7 @@ def test_remote_images_get_a_status_each(tmp_path, models, image_server):
     rows.append({"item_id": "refused", "title": "refused", "image": f"http://127.0.0.1:{closed}/x.png"})
     urls["refused"] = "fetch_error"
     write_items(tmp_path / "w", rows, tmp_path)
-    cfg = config(tmp_path, models, text_encoder="none", remote_images=True, http_timeout_s=1.0, http_max_bytes=2000)
+    cfg = config(tmp_path, models, text_encoder="none", remote_images=True, http_allow_private=True, http_timeout_s=1.0, http_max_bytes=2000)
     run(cfg, tmp_path / "w")
     image, _ = features(tmp_path / "w", "image")
     assert image.column("status").to_pylist() == list(urls.values())

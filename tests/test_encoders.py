@@ -69,6 +69,7 @@ def test_local_dir_without_weights_or_config_is_unavailable(tmp_path, clip_dir):
         load_image_encoder(f"local-dir:{tmp_path}")
 
 
+@pytest.mark.slow
 def test_untrained_open_clip_is_deterministic_flagged_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(1)

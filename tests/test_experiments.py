@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 from clearrec.pipeline.config import ProjectConfig, load_config
 from clearrec.pipeline.errors import TrainingError
+from clearrec.pipeline.experiment_tables import NOISE_EXPLAINED
 from clearrec.pipeline.experiments import (
     ABLATIONS,
     NOISE_RULE,
@@ -30,6 +31,7 @@ from clearrec.pipeline.report import write_report
 from clearrec.pipeline.stage import StageResult, StageSpec
 from clearrec.pipeline.store import ArtifactStore
 from conftest import SAMPLE_DATA
+from report_checks import raw_dumps
 from typer.testing import CliRunner
 
 CALLS: Counter = Counter()
@@ -142,6 +144,22 @@ def test_compare_reuses_base_and_adopts_shared_stages(toy):
     assert "change on vs off" in md and "beyond noise" in md and "clearrec compare (test)" in md
 
 
+def test_change_tables_give_verdict_and_p_value_their_own_columns(toy):
+    toy.compare(["vbpr"], seeds=[0, 1, 2], epochs=3)
+    md = (toy.out.root / "compare.md").read_text()
+    assert md.count("Noise rule:") == 1 and NOISE_EXPLAINED in md  # stated once, with why they can disagree
+    assert md.index("Noise rule:") < md.index("| backbone | metric | CLEAR off | CLEAR on |")  # above the table
+    header = "| backbone | metric | CLEAR off | CLEAR on | change on vs off | verdict (2 SE rule) | paired t-test p |"
+    assert header in md
+    row = next(line for line in md.splitlines() if line.startswith("| vbpr | recall@20 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4].endswith("%") and cells[5] == "beyond noise" and float(cells[6]) <= 1  # one fact per cell
+    assert "(beyond noise" not in md and "p=" not in md
+    html = write_report(toy.out.root, comparison=True)[0].read_text()
+    section = html.split('<section id="comparison">')[1].split("</section>")[0]
+    assert section.count("Noise rule:") == 1 and "<th>verdict (2 SE rule)</th><th>paired t-test p</th>" in section
+
+
 def test_compare_rerun_resumes_without_training(toy):
     toy.compare(["vbpr"], seeds=[0], epochs=2)
     before = CALLS["train"]
@@ -243,6 +261,7 @@ def _sets() -> list[str]:
     return [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
 
 
+@pytest.mark.slow
 def test_sample_compare_and_ablations_cli(sample):
     cfg, root = sample
     base_manifest = (root / "work" / "manifest.json").read_text()
@@ -269,6 +288,7 @@ def test_sample_compare_and_ablations_cli(sample):
     assert any(d["ablation"] == "hard" and d["vs"] == "random" for d in abl["deltas"])
 
 
+@pytest.mark.slow
 def test_sample_sweep_and_reports(sample):
     cfg, root = sample
     _cli("sweep", "--config", str(SAMPLE_DATA / "clearrec.toml"), "--workdir", str(root / "work"),
@@ -286,6 +306,7 @@ def test_sample_sweep_and_reports(sample):
     _cli("report", "--workdir", str(root / "work"))
     work_html = (root / "work" / "report.html").read_text()
     assert 'id="recommendations"' in work_html and "not run:" not in work_html
+    assert raw_dumps(work_html) == {}  # the real artifacts, summarised in words
     if CHROMIUM:
         dom = _dump_dom(root / "exp" / "report.html")
         assert all(f'id="{sid}"' in dom for sid in ("comparison", "ablations", "sweep"))

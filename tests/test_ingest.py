@@ -269,6 +269,14 @@ def test_unknown_items_and_empty_ids_are_rejected(tmp_path):
     assert result.counts["users"] == 2 and result.counts["interactions_rejected"] == 2
 
 
+def test_csv_values_are_kept_as_written(tmp_path):
+    (tmp_path / "items.csv").write_text('item_id , title ,code\n007, Lamp ,0.50\n"8","a ""b"", c",NULL\n')
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\nu1,007\nu1,8\n")
+    _, store, _ = run(tmp_path, items="items.csv", interactions="interactions.csv")
+    items = table(store, "items.parquet")
+    assert items[["item_id", "title", "code"]].values.tolist() == [["007", "Lamp", "0.50"], ["8", 'a "b", c', "NULL"]]
+
+
 def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     keys = catalog(tmp_path)
     text = (tmp_path / "interactions.csv").read_text()
@@ -278,7 +286,7 @@ def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     rej = rejects(store).set_index("row")["reason"]
     assert rej[7] == "malformed: 3 fields, the header has 4"
     assert rej[8] == "malformed: 5 fields, the header has 4"
-    assert rej[9].startswith("malformed: 3 fields") and "spans lines 9-10" in rej[9]  # the quote swallows line 10
+    assert rej[9].startswith("malformed: a quote opened on line 9 is never closed") and "spans lines 9-10" in rej[9]
     assert result.counts["interactions_read"] == 8
 
 
@@ -444,6 +452,57 @@ def test_temporal_split_needs_timestamps(tmp_path):
     result, store, _ = run(tmp_path, split="temporal", **catalog(tmp_path))
     assert rejects(store)["reason"].tolist() == ["no-timestamp: split = 'temporal' needs a timestamp on every "
                                                  "interaction"]
+
+
+def test_global_temporal_split_uses_one_cut_off_for_everyone(tmp_path):
+    keys = random_catalog(tmp_path)
+    result, store, log = run(tmp_path, split="global-temporal", **keys)
+    df = merged(store)
+    assert_train_rule(df)
+    by_split = df.groupby("split")["timestamp"]
+    assert by_split.max()["train"] < by_split.min()["valid"] <= by_split.max()["valid"] < by_split.min()["test"]
+    cut = result.counts["split_cutoffs"]
+    assert cut["valid_from"] == by_split.min()["valid"] and cut["test_from"] == by_split.min()["test"]
+    assert "global-temporal split: valid from 1970-01-01 00:" in log
+    share = df["split"].value_counts(normalize=True)  # ties at a cut-off go to the later split
+    assert 0.7 < share["train"] < 0.85 and 0.05 < share["test"] < 0.2
+    # per-user temporal would put recent rows of every user in test; here the light users (all rows
+    # at 1000..1002) are entirely in train
+    assert set(df.loc[df["user"].isin(["u0", "u3", "u6"]), "split"]) == {"train"}
+
+
+def test_global_temporal_rejects_users_first_seen_after_the_cut_off(tmp_path):
+    items = [{"item_id": f"i{j}", "title": f"Item {j}"} for j in range(4)]
+    inter = [{"user_id": "old", "item_id": f"i{j}", "timestamp": str(t)} for j, t in enumerate((1, 2, 3, 4))]
+    inter += [{"user_id": "new", "item_id": "i0", "timestamp": "10"}, {"user_id": "new", "item_id": "i1",
+                                                                        "timestamp": "11"}]
+    result, store, _ = run(tmp_path, split="global-temporal", split_ratios=[0.5, 0.2, 0.3],
+                           **catalog(tmp_path, items=items, interactions=inter))
+    df = merged(store)
+    assert df.loc[df["user"] == "old", "split"].tolist() == ["train"] * 3 + ["valid"]
+    assert "new" not in set(df["user"])  # only after the cut-offs: no train row, both rows rejected
+    assert rejects(store)["reason"].str.startswith("no-train: user 'new'").sum() == 2
+    assert result.counts["split_cutoffs"] == {"valid_from": 4, "test_from": 10}
+    same = [{"user_id": f"u{j}", "item_id": "i0", "timestamp": "5"} for j in range(20)]
+    with pytest.raises(InputDataError, match="train would be empty"):
+        run(tmp_path / "same", split="global-temporal", **catalog(tmp_path / "same", items=items, interactions=same))
+
+
+def test_leave_one_out_holds_out_the_last_two_interactions(tmp_path):
+    keys = random_catalog(tmp_path)
+    result, store, _ = run(tmp_path, split="leave-one-out", **keys)
+    df = merged(store)
+    assert_train_rule(df)
+    for user, rows in df.groupby("user"):
+        order = rows.sort_values("timestamp", ascending=False)["split"].tolist()
+        newest_two = ["test", "valid"] + ["train"] * (len(order) - 2)
+        expected = {1: ["train"], 2: ["test", "train"]}.get(len(order), newest_two)
+        assert order == expected, user
+    assert result.counts["test"] == 80 - 3 and result.counts["valid"] == 80 - 6
+    keys = catalog(tmp_path / "no-ts", interactions=[{k: v for k, v in r.items() if k != "timestamp"}
+                                                     for r in INTERACTIONS])
+    with pytest.raises(InputDataError, match="split = 'leave-one-out' needs a timestamp column"):
+        run(tmp_path / "no-ts", split="leave-one-out", **keys)
 
 
 def test_given_split_is_kept_and_users_without_train_are_rejected(tmp_path):

@@ -9,10 +9,12 @@ import torch
 from clearrec.models.metrics import ItemSets, ranking_metrics, topk_items
 
 
-def _reference(user_vecs, item_vecs, truth: dict[int, set[int]], exclude: dict[int, set[int]], ks):
+def _reference(user_vecs, item_vecs, truth: dict[int, set[int]], exclude: dict[int, set[int]], ks, popularity=None):
     """One user at a time, plain Python."""
-    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg", "precision", "map") for k in ks}
+    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg", "precision", "map", "hit", "mrr") for k in ks}
     users = [u for u, items in truth.items() if items]
+    num_items = len(item_vecs)
+    shown = {k: [0] * num_items for k in ks}  # how often each item is recommended
     for u in users:
         scores = (item_vecs @ user_vecs[u]).tolist()
         ranked = sorted((i for i in range(len(scores)) if i not in exclude.get(u, set())), key=lambda i: -scores[i])
@@ -31,7 +33,19 @@ def _reference(user_vecs, item_vecs, truth: dict[int, set[int]], exclude: dict[i
                     found += 1
                     ap += found / (j + 1)
             sums[f"map@{k}"] += ap / min(len(rel), k)
-    return {name: v / len(users) for name, v in sums.items()}
+            sums[f"hit@{k}"] += 1.0 if any(hits) else 0.0
+            sums[f"mrr@{k}"] += 1 / (hits.index(1) + 1) if any(hits) else 0.0
+            for i in top:
+                shown[k][i] += 1
+    out = {name: v / len(users) for name, v in sums.items()}
+    for k in ks:
+        out[f"coverage@{k}"] = sum(1 for c in shown[k] if c) / num_items
+        x, n = sorted(shown[k]), num_items  # Gini: mean absolute difference / (2 * mean)
+        out[f"gini@{k}"] = sum(abs(a - b) for a in x for b in x) / (2 * n * sum(x))
+        if popularity is not None:
+            pct = [sum(1 for q in popularity if q < p) / num_items for p in popularity]
+            out[f"popularity@{k}"] = sum(c * pct[i] for i, c in enumerate(shown[k])) / sum(shown[k])
+    return out
 
 
 def _random_sets(num_users, num_items, max_per_user, seed, empty_share=0.2):
@@ -56,9 +70,11 @@ def test_ranking_metrics_match_reference(seed, num_items, max_block):
     user_vecs, item_vecs = torch.randn(num_users, 8, generator=g), torch.randn(num_items, 8, generator=g)
     exclude = _random_sets(num_users, num_items, 12, seed + 100)
     truth = {u: s - exclude[u] for u, s in _random_sets(num_users, num_items, 6, seed + 200).items()}
+    popularity = torch.randint(0, 5, (num_items,), generator=g)  # many ties
     got = ranking_metrics(user_vecs, item_vecs, _to_item_sets(truth, num_users, num_items),
-                          _to_item_sets(exclude, num_users, num_items), ks, max_block=max_block)
-    expected = _reference(user_vecs, item_vecs, truth, exclude, ks)
+                          _to_item_sets(exclude, num_users, num_items), ks, max_block=max_block,
+                          item_popularity=popularity)
+    expected = _reference(user_vecs, item_vecs, truth, exclude, ks, popularity.tolist())
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name] == pytest.approx(expected[name], abs=1e-9), name
@@ -76,6 +92,23 @@ def test_perfect_ranking_scores_one():
     assert got["recall@2"] == pytest.approx(1.0) and got["ndcg@2"] == pytest.approx(1.0)
     assert got["map@5"] == pytest.approx(1.0) and got["precision@2"] == pytest.approx(1.0)
     assert got["precision@5"] == pytest.approx(0.4)
+
+
+def test_catalog_metrics_of_extreme_recommenders():
+    # every user gets the same top items -> low coverage, high gini, top popularity; distinct -> the reverse
+    num_items, num_users, k = 20, 10, 2
+    popularity = torch.arange(num_items)  # item 19 most popular
+    truth = _to_item_sets({u: {u} for u in range(num_users)}, num_users, num_items)
+    same = ranking_metrics(torch.ones(num_users, 1), torch.arange(num_items, dtype=torch.float32)[:, None], truth,
+                           None, (k,), item_popularity=popularity)
+    assert same["coverage@2"] == pytest.approx(2 / 20) and same["popularity@2"] == pytest.approx(18.5 / 20)
+    assert same["gini@2"] == pytest.approx(0.9)  # 2 of 20 items take every slot: 1 - 2/20
+    items = torch.eye(num_items)
+    users = items[:num_users] * 2 + items[num_users:]  # user u: items u, then u + 10
+    spread = ranking_metrics(users, items, truth, None, (k,), item_popularity=popularity)
+    assert spread["coverage@2"] == 1.0 and spread["gini@2"] == pytest.approx(0.0)
+    assert spread["hit@2"] == 1.0 and spread["mrr@2"] == 1.0 and spread["popularity@2"] == pytest.approx(9.5 / 20)
+    assert "popularity@2" not in ranking_metrics(users, items, truth, None, (k,))
 
 
 def test_excluded_items_are_never_ranked():

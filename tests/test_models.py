@@ -74,7 +74,8 @@ def test_backbone_trains_loss_decreases_shapes_and_ids(name):
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0]
     assert 1 <= result.best_epoch <= 8
-    assert set(result.test) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50)}
+    assert set(result.test) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit", "mrr", "coverage",
+                                                     "popularity", "gini") for k in (5, 10, 20, 50)}
     assert all(0.0 <= v <= 1.0 for v in result.test.values())
     u, i = model.vectors()
     dim = 32 if name == "vbpr" else 16

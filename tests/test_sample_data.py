@@ -36,6 +36,7 @@ def load_generator():
 
 
 # ---- the generator and the data -------------------------------------------------------------
+@pytest.mark.slow
 def test_generator_is_deterministic_and_matches_the_committed_files(tmp_path):
     gen = load_generator()
     gen.generate(tmp_path / "a")
@@ -177,6 +178,7 @@ def test_cli_runs_ingest_skips_reruns_and_notices_corruption(tmp_path):
     assert json.loads(status.stdout)["ingest"]["state"] == "up-to-date"
 
 
+@pytest.mark.slow
 def test_clearrec_command_runs_the_sample_config(tmp_path):
     exe = Path(sys.executable).with_name("clearrec")
     if not exe.exists():

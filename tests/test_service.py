@@ -187,6 +187,7 @@ def test_request_bodies_over_the_cap_are_413(client):
     assert client.post("/search", json={"text": "a" * 1000, "k": 2}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_burst_of_concurrent_requests_matches_the_python_api(base_url, rec):
     users = [f"user{u:02d}" for u in range(60)]
     items = [f"item{i:03d}" for i in range(0, 180, 3)]
@@ -221,6 +222,7 @@ def test_create_app_needs_exactly_one_source(rec):
         create_app(workdir="x", recommender=rec)
 
 
+@pytest.mark.slow
 def test_per_request_search_parameters_leave_the_shared_index_alone(workdir, text_encoder, tmp_path):
     root = tmp_path / "hnsw"
     shutil.copytree(workdir, root)
@@ -245,6 +247,7 @@ def test_per_request_search_parameters_leave_the_shared_index_alone(workdir, tex
     assert ann.default_knob(hnsw.items.index) == ("efSearch", default)
 
 
+@pytest.mark.slow
 def test_clearrec_serve_command(workdir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "clearrec", "serve", "--workdir", str(workdir), "--port", str(port)]

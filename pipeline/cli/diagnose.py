@@ -9,9 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ...stages import _project_plots as plots
-from ...stages._project_diagnostics import diagnose as measure
-from ...stages._project_diagnostics import summary_line
+from ...stages.project import diagnose as measure
+from ...stages.project import summary_line
 from ..store import ArtifactStore
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
 from .main import app
@@ -33,10 +32,8 @@ def diagnose(
     """Measure CLEAR's effect from features/*.parquet vs features/*_clear.parquet (spectra, overlap, variance)."""
     cfg = load(config, set_)
     store = ArtifactStore(workdir_of(cfg, workdir))
-    diag = measure(store, cfg, overlap_k=overlap_k, items=items)
     target = ArtifactStore(out_dir if out_dir is not None else store.root / "diagnose")
-    target.write_json("diagnostics.json", diag)
-    pngs = plots.write_plots(target, "", diag)
+    diag, pngs = measure(store, cfg, target, overlap_k=overlap_k, items=items)
     console.print(f"wrote {target.path('diagnostics.json')} and {len(pngs)} figure(s) in {target.root}")
     if as_json:
         out.print_json(json.dumps(diag))

@@ -9,10 +9,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config import Config, parse_override
-from ..errors import ConfigError
+from ..errors import ClearrecError, ConfigError
 from ..experiments import Harness
 from ..report import write_report
-from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
+from .common import ConfigOpt, SetOpt, WorkdirOpt, console, emit, load, workdir_of
 from .main import app
 
 OutOpt = Annotated[Optional[Path], typer.Option(
@@ -90,10 +90,10 @@ def compare(
                    ablation_backbone=ablation_backbone if ablations else None)
     h = _setup(config, workdir, set_, out_dir, cmd)
     h.compare(_list(backbones, str, "--backbones"), _list(seeds, int, "--seeds"), epochs, _grid(grid_param), grid)
-    out.print((h.out.root / "compare.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    emit((h.out.root / "compare.md").read_text(encoding="utf-8"))
     if ablations:
         h.ablate(ablation_backbone, _list(seeds, int, "--seeds"), epochs)
-        out.print((h.out.root / "ablations.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+        emit((h.out.root / "ablations.md").read_text(encoding="utf-8"))
     console.print(f"wrote {h.out.root / 'compare.json'}; HTML: clearrec report --comparison {h.out.root}")
 
 
@@ -111,7 +111,7 @@ def ablate(
     cmd = _command("ablate", config, workdir, set_, out_dir, backbone=backbone, seeds=seeds, epochs=epochs)
     h = _setup(config, workdir, set_, out_dir, cmd)
     h.ablate(backbone, _list(seeds, int, "--seeds"), epochs)
-    out.print((h.out.root / "ablations.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    emit((h.out.root / "ablations.md").read_text(encoding="utf-8"))
 
 
 @app.command()
@@ -133,7 +133,7 @@ def sweep(
     h = _setup(config, workdir, set_, out_dir, cmd)
     h.sweep(backbone, _list(k, int, "--k"), _list(strength, float, "--strength"), _list(ratio, float, "--ratio"),
             _list(seeds, int, "--seeds"), epochs)
-    out.print((h.out.root / "sweep.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    emit((h.out.root / "sweep.md").read_text(encoding="utf-8"))
 
 
 @app.command()
@@ -155,5 +155,8 @@ def report(
         root = workdir
     else:
         root = workdir_of(load(config, set_), None)
+    if root.exists() and not root.is_dir():
+        what = "experiment folder" if comparison is not None else "work directory"
+        raise ClearrecError(f"{what} {root} is a file, not a folder; pass a folder")
     html_path, md_path = write_report(root, comparison=comparison is not None, out_dir=out_dir)
-    out.print(f"{html_path}\n{md_path}", highlight=False)
+    emit(f"{html_path}\n{md_path}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..api import MAX_K, open_workdir
@@ -14,11 +15,13 @@ from ..config import DEFAULT_CONFIG_NAME, Config, parse_override
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
 from .main import app
 
+SOURCES = ("content", "cf")  # what --item neighbours are found by: features / item vectors
 
 def load_for_queries(config: Path | None, workdir: Path | None, set_: list[str] | None) -> Config:
     """The run config; with only ``--workdir`` and no ./clearrec.toml, the defaults."""
     if config is None and workdir is not None and not (Path.cwd() / DEFAULT_CONFIG_NAME).is_file():
-        return Config().with_overrides(dict(parse_override(s) for s in set_ or []))
+        pairs = [(parse_override(s), s) for s in set_ or []]
+        return Config().with_overrides({k: v for (k, v), _ in pairs}, origins={k: f"--set {s}" for (k, _), s in pairs})
     return load(config, set_)
 
 
@@ -32,8 +35,9 @@ def query(
     text: Annotated[Optional[str], typer.Option("--text", help="Search items by this text.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Search items by this image file.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=MAX_K, help="Number of results.")] = 20,
-    source: Annotated[str, typer.Option("--source", help="For --item: 'content' (features) or 'cf' "
-                                        "(item vectors).")] = "content",
+    source: Annotated[Optional[str], typer.Option("--source", metavar="content|cf", show_default=False,
+                                                  help="For --item: 'content' (features, the default) or 'cf' "
+                                                  "(item vectors).")] = None,
     include_seen: Annotated[bool, typer.Option("--include-seen", help="For --user: keep items the user "
                                                "already interacted with.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list of {"item_id", "score", "title"}.')] = False,
@@ -43,20 +47,29 @@ def query(
              if v is not None}
     if len(given) != 1:
         raise typer.BadParameter(f"give exactly one of --user, --item, --text, --image (got {', '.join(given) or 'none'})")
+    if source is not None and item is None:
+        raise typer.BadParameter(f"--source applies to --item only (got it with {next(iter(given))})",
+                                 param_hint="--source")
+    if source is not None and source not in SOURCES:
+        raise typer.BadParameter(f"{source!r} is not one of {', '.join(SOURCES)}", param_hint="--source")
+    if text is not None and not text.strip():
+        raise typer.BadParameter("the search text is empty; give some words, e.g. --text 'wooden toy'",
+                                 param_hint="--text")
     cfg = load_for_queries(config, workdir, set_)
-    rec = open_workdir(workdir_of(cfg, workdir), omp_threads=cfg.index.serve.omp_threads or None,
+    rec = open_workdir(workdir_of(cfg, workdir, must_exist=True), omp_threads=cfg.index.serve.omp_threads or None,
                        max_image_pixels=cfg.encode.max_image_pixels)
     try:
         if user is not None:
             hits, what = rec.recommend(user, k, exclude_seen=not include_seen), f"recommendations for user {user}"
         elif item is not None:
+            source = source or "content"
             hits, what = rec.similar(item, k, source=source), f"items similar to {item} ({source})"
         elif text is not None:
             hits, what = rec.search_text(text, k), f"text search: {text!r}"
         else:
             hits, what = rec.search_image(image, k), f"image search: {image}"
-    except ValueError as e:  # e.g. an undecodable image or a bad --source
-        console.print(f"[bold red]error:[/] {e}")
+    except ValueError as e:  # e.g. an undecodable image
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from e
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))

@@ -1,16 +1,40 @@
-"""``clearrec serve``: the HTTP service (needs the ``service`` extra: fastapi, uvicorn)."""
+"""``clearrec serve``: the HTTP service (needs the ``service`` extra: fastapi, uvicorn).
+
+Start-up: the work directory is opened (and checksum-verified) first, so that a bad one is a clean
+error; the server then binds and says "serving ... on" once it answers. The query encoders (text /
+image search) load after that, in the background: /health, /recommend and /similar answer at once,
+and a search that arrives before its encoder is loaded waits for it.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import threading
+import time
+from typing import Annotated, Any, Optional
 
 import typer
 
-from ..api import open_workdir
-from ..errors import ClearrecError
+from ..errors import ArtifactError, ClearrecError, EncoderUnavailableError
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, workdir_of
 from .main import app
 from .query import load_for_queries
+
+
+def warm_up_in_background(rec: Any) -> threading.Thread:
+    """Load ``rec``'s query encoders in a daemon thread; prints when they are ready (or why not)."""
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        try:
+            rec.warm_up()
+        except (EncoderUnavailableError, ArtifactError) as e:  # the searches that need it answer 503 with this
+            console.print(f"[yellow]warning:[/] query encoder not loaded: {e}")
+            return
+        console.print(f"query encoders ready in {time.perf_counter() - t0:.1f}s", highlight=False)
+
+    thread = threading.Thread(target=work, name="clearrec-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 @app.command()
@@ -32,12 +56,20 @@ def serve(
     except ImportError as e:
         raise ClearrecError(f"clearrec serve needs the service extra ({e}); install it with: "
                           "pip install 'clearrec[service]'") from e
+    from ..api import open_workdir
+
     cfg = load_for_queries(config, workdir, set_)
     serve_cfg = cfg.index.serve
-    # opened (and checksum-verified) here, once, so that a bad work directory is a clean error
-    rec = open_workdir(workdir_of(cfg, workdir), omp_threads=serve_cfg.omp_threads or None,
-                       max_image_pixels=cfg.encode.max_image_pixels)
-    application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes)
+    root = workdir_of(cfg, workdir, must_exist=True)
+    rec = open_workdir(root, omp_threads=serve_cfg.omp_threads or None, max_image_pixels=cfg.encode.max_image_pixels)
+    application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes, warm_up=False)
     host, port = host or serve_cfg.host, port or serve_cfg.port
-    console.print(f"serving {workdir_of(cfg, workdir)} on http://{host}:{port} (Ctrl-C stops)")
-    uvicorn.run(application, host=host, port=port, access_log=access_log, log_level="warning")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # bound and accepting: say so now, not before
+                console.print(f"serving {root} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
+                warm_up_in_background(rec)
+
+    Server(uvicorn.Config(application, host=host, port=port, access_log=access_log, log_level="warning")).run()

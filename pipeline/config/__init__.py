@@ -25,9 +25,11 @@ from .project import ProjectConfig
 from .train import TrainConfig
 
 DEFAULT_CONFIG_NAME = "clearrec.toml"
+SUGGEST_CUTOFF = 0.7  # difflib similarity a "did you mean" key needs (kcor -> kcore 0.89, bogus -> epochs 0.36)
 
 __all__ = [
     "Config",
+    "ConfigView",
     "EncodeConfig",
     "IndexConfig",
     "IngestConfig",
@@ -73,15 +75,57 @@ class Config(Section):
             node = node[part]
         return node
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
-        """A new config with dotted keys replaced (validated like the file)."""
+    def with_overrides(self, overrides: dict[str, Any], origins: dict[str, str] | None = None) -> "Config":
+        """A new config with dotted keys replaced (validated like the file); errors name each key's
+        origin (``origins``: key -> e.g. ``"--set train.lr=fast"``; default ``"override key=value"``)."""
         data = self.model_dump(mode="json")
+        origins = {key: (origins or {}).get(key, f"override {key}={value!r}") for key, value in overrides.items()}
         for key, value in overrides.items():
-            _set_dotted(data, key, value)
-        return _build(data, self._base_dir, self._source)
+            _set_dotted(data, key, value, origins[key])
+        return _build(data, self._base_dir, self._source, origins)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+    def view(self, keys: Iterable[str], stage: str) -> "ConfigView":
+        """What stage ``stage`` may read: the dotted ``keys`` it declares (and the path helpers)."""
+        return ConfigView(self, tuple(keys), stage)
+
+
+class ConfigView:
+    """A read-only view of a config that allows only declared dotted keys (or whole sections).
+
+    A stage gets one (``StageContext.config``) built from its ``config_keys``, the keys that
+    enter its fingerprint; reading any other key raises :class:`ConfigError`, so a stage's
+    fingerprint cannot drift from what it reads. ``resolve``, ``base_dir`` and ``source``
+    (where the config file is) are always available.
+    """
+
+    _ALWAYS = ("resolve", "base_dir", "source")
+
+    def __init__(self, node: Any, keys: tuple[str, ...], stage: str, prefix: str = ""):
+        self._node, self._keys, self._stage, self._prefix = node, keys, stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if not self._prefix and name in self._ALWAYS:
+            return getattr(self._node, name)
+        dotted = f"{self._prefix}{name}"
+        value = getattr(self._node, name)
+        if any(dotted == k or dotted.startswith(f"{k}.") for k in self._keys):
+            return value
+        if any(k.startswith(f"{dotted}.") for k in self._keys):
+            return ConfigView(value, self._keys, self._stage, f"{dotted}.")
+        raise ConfigError(f"stage {self._stage!r} reads config key {dotted!r}, which it does not declare: add it "
+                          f"to the stage's config_keys (declared: {', '.join(self._keys) or 'none'})")
+
+    def get(self, dotted: str) -> Any:
+        """Value of a declared dotted key (as :meth:`Config.get`)."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node.model_dump(mode="json") if isinstance(node, BaseModel) else node
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -100,10 +144,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    _check_keys(data, Config, "", f"in {path}")
+    origins: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
-    return _build(data, path.parent, path)
+        origins[key] = f"--set {item}"
+        _set_dotted(data, key, value, origins[key])
+    return _build(data, path.parent, path, origins)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -118,23 +165,35 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _build(data: dict[str, Any], base_dir: Path, source: Path | None) -> Config:
-    where = str(source) if source else "config"
-    _check_keys(data, Config, "", where)
+def _build(data: dict[str, Any], base_dir: Path, source: Path | None, origins: dict[str, str]) -> Config:
+    """Validate ``data``; errors name the file or the override (``origins``: dotted key -> its origin)."""
+    in_file = f"in {source}" if source else "in the defaults"
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        lines = []
+        lines, wheres = [], []
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-            lines.append(f"  {loc or '(top level)'}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid config in {where}:\n" + "\n".join(lines)) from None
+            where = _where(loc, origins, in_file)
+            wheres.append(where)
+            lines.append(f"  {loc or '(top level)'}: {err['msg']} (got {err.get('input')!r}) [{where}]")
+        raise ConfigError(f"invalid config {' and '.join(dict.fromkeys(wheres))}:\n" + "\n".join(lines)) from None
     cfg._base_dir = base_dir
     cfg._source = source
     return cfg
 
 
+def _where(loc: str, origins: dict[str, str], in_file: str) -> str:
+    """Where the value at ``loc`` came from: the override that set it, else the file (or, for a check of a
+    whole section, the file together with the overrides of keys inside it)."""
+    if loc in origins:
+        return f"from {origins[loc]}"
+    inside = [o for key, o in origins.items() if not loc or key.startswith(loc + ".")]
+    return f"{in_file} with {', '.join(inside)}" if inside else in_file
+
+
 def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> None:
+    """Raise :class:`ConfigError` on the first key not in the schema, with a close suggestion if any."""
     if not isinstance(data, dict):
         return
     fields = model.model_fields
@@ -142,23 +201,29 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
         dotted = f"{prefix}{key}"
         if key not in fields:
             known = [f"{prefix}{k}" for k in fields]
-            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys here: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {dotted!r} in {where}{hint}")
+            # compared by the key's own name: a shared section prefix would make any two keys look alike
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=SUGGEST_CUTOFF)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; known keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {dotted!r} {where}{hint}")
         sub = fields[key].annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted!r} in {where} must be a table ([{dotted}]), got {value!r}")
+                raise ConfigError(f"{dotted!r} {where} must be a table ([{dotted}]), got {value!r}")
             _check_keys(value, sub, f"{dotted}.", where)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set dotted ``key`` in ``data`` after checking it against the schema (errors name ``origin``)."""
     parts = key.split(".")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    _check_keys(nested, Config, "", f"from {origin}")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+            raise ConfigError(f"cannot set {key!r} from {origin}: {part!r} is not a section")
     node[parts[-1]] = value
 
 

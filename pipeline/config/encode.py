@@ -34,8 +34,13 @@ class EncodeConfig(Section):
     # decompression-bomb cap in pixels (width x height); at most Pillow's own warning limit, 89,478,485
     max_image_pixels: int = Field(40_000_000, ge=1, le=89_478_485)
     remote_images: bool = False  # fetch http(s) image URLs; false gives them status "remote_disabled"
-    http_timeout_s: float = Field(10.0, gt=0)  # seconds per remote image (connect + whole body)
+    http_timeout_s: float = Field(10.0, gt=0)  # wall-clock seconds per remote image (DNS, connect, redirects, body)
     http_max_bytes: int = Field(20_000_000, ge=1)  # larger remote images get status "too_large"
+    http_max_redirects: int = Field(5, ge=0, le=20)  # redirects followed per image (http(s) only, each re-checked)
+    # fetch from loopback / private / link-local / reserved addresses; false gives them "blocked_address"
+    http_allow_private: bool = False
+    # texts longer than this are cut to it before tokenizing (flagged truncated = true in the features file)
+    max_text_chars: int = Field(20_000, ge=1)
 
     @field_validator("image_encoder", "text_encoder")
     @classmethod

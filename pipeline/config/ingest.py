@@ -37,8 +37,12 @@ class IngestConfig(Section):
     columns: ColumnMap = ColumnMap()
     min_rating: float | None = None  # reject interactions rated below this (rejects rows); None keeps all
     kcore: int = Field(0, ge=0)  # keep users and items with >= kcore interactions, iterated until stable; 0 = off
-    split: Literal["random", "given", "temporal"] = "random"  # given = keep the split column / files
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test share per user
+    # how interactions become train / valid / test (README "ingest"): "random" (per user, seeded),
+    # "temporal" (per user, newest to test), "global-temporal" (one valid and one test cut-off time
+    # for everyone: no training on the future), "leave-one-out" (per user: newest to test, the one
+    # before to valid), "given" (keep the split column / files)
+    split: Literal["random", "given", "temporal", "global-temporal", "leave-one-out"] = "random"
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test share (unused by leave-one-out)
     seed: int = 2024  # seed of the random split
 
     @field_validator("encoding")

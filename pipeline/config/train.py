@@ -28,6 +28,50 @@ class FreedomParams(Section):
     trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
 
 
+class LatticeParams(Section):
+    """LATTICE (reference ``LATTICE.yaml``; it also sets ``train.lr`` 1e-4, the first of its grid).
+
+    Reference grid: ``reg_weight`` [0.0, 1e-5, 1e-4, 1e-3] x ``train.lr`` [1e-4, 5e-4, 1e-3, 5e-3].
+    """
+
+    feat_embed_dim: int = Field(64, ge=1)  # size of the feature projections the learned item graphs come from
+    layers: int = Field(2, ge=1)  # propagation steps on the user-item graph D^-1 (A + I)
+    mm_layers: int = Field(1, ge=1)  # propagation steps on the item-item graph
+    knn_k: int = Field(10, ge=1)  # neighbours per item in the learned and the frozen kNN graphs
+    lambda_coeff: float = Field(0.9, ge=0, le=1)  # share of the frozen feature graph in the item-item graph
+    reg_weight: float = Field(0.0, ge=0)  # weight of the regulariser on the batch's final vectors
+    trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
+
+
+class MgcnParams(Section):
+    """MGCN (reference ``MGCN.yaml``). Reference grid: ``cl_weight`` [1e-3, 1e-2, 1e-1]."""
+
+    layers: int = Field(2, ge=1)  # propagation steps on the user-item graph
+    mm_layers: int = Field(1, ge=1)  # propagation steps on each modality's item-item graph
+    knn_k: int = Field(10, ge=1)  # neighbours per item in the kNN graphs
+    reg_weight: float = Field(1e-4, ge=0)  # weight of the regulariser on the batch's final vectors
+    cl_weight: float = Field(1e-3, ge=0)  # weight of the InfoNCE between the side and the ID views
+    temperature: float = Field(0.2, gt=0)  # InfoNCE temperature
+    trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
+
+
+class SmoreParams(Section):
+    """SMORE (reference ``SMORE.yaml``).
+
+    Reference grid: ``layers`` [3, 4] x ``knn_k`` per modality (``image_knn_k`` / ``text_knn_k``)
+    [10, 15, 20, 40] each x ``reg_weight`` [1e-5, 1e-4] x ``dropout`` [0, 0.1].
+    """
+
+    layers: int = Field(3, ge=1)  # propagation steps on the user-item graph
+    mm_layers: int = Field(1, ge=1)  # propagation steps on the item-item graphs
+    knn_k: int | dict[str, int] = 10  # neighbours per item in the kNN graphs: one number, or per modality name
+    reg_weight: float = Field(1e-5, ge=0)  # weight of the regulariser on the batch's final vectors
+    cl_weight: float = Field(0.01, ge=0)  # weight of the InfoNCE between the side and the ID views
+    temperature: float = Field(0.2, gt=0)  # InfoNCE temperature
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the modality preference gates
+    trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
+
+
 class PopParams(Section):
     """Most popular items: no settings."""
 
@@ -79,14 +123,15 @@ class LGMRecParams(Section):
 
 
 class TrainConfig(Section):
-    backbone: Literal["lightgcn", "vbpr", "freedom", "mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknncbf"] = "freedom"  # the recommender (see README "Backbones")
+    backbone: Literal["lightgcn", "vbpr", "freedom", "lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "pop", "bpr",
+                      "itemknncbf"] = "freedom"  # the recommender (see README "Backbones")
     embedding_size: int = Field(64, ge=1)  # ID embedding size d (VBPR vectors are 2d)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
     batch_size: int = Field(2048, ge=1)  # (user, positive, negative) triples per Adam step
     epochs: int = Field(1000, ge=1)  # most epochs (one epoch = every training interaction once)
     patience: int = Field(20, ge=1)  # epochs without a better valid stop_metric before stopping
-    eval_ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs K of recall / ndcg / precision / map
-    stop_metric: str = "recall@20"  # valid metric that selects the best epoch: recall|ndcg|precision|map@K
+    eval_ks: tuple[int, ...] = (5, 10, 20, 50)  # cut-offs K of every metric (README "Metrics")
+    stop_metric: str = "recall@20"  # valid metric that selects the best epoch: recall|ndcg|precision|map|hit|mrr@K
     seed: int = 999  # seeds initialisation, negative sampling, shuffling and edge pruning
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch's default (all cores)
@@ -94,6 +139,9 @@ class TrainConfig(Section):
     lightgcn: LightGCNParams = LightGCNParams()
     vbpr: VBPRParams = VBPRParams()
     freedom: FreedomParams = FreedomParams()
+    lattice: LatticeParams = LatticeParams()
+    mgcn: MgcnParams = MgcnParams()
+    smore: SmoreParams = SmoreParams()
     mmgcn: MMGCNParams = MMGCNParams()
     bm3: BM3Params = BM3Params()
     lgmrec: LGMRecParams = LGMRecParams()
@@ -104,9 +152,11 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         metric, _, k = self.stop_metric.partition("@")
-        if metric not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in self.eval_ks:
+        per_user = ("recall", "ndcg", "precision", "map", "hit", "mrr")
+        if metric not in per_user or not k.isdigit() or int(k) not in self.eval_ks:
             raise ValueError(
-                f"stop_metric {self.stop_metric!r} must be recall|ndcg|precision|map@K with K in eval_ks {self.eval_ks}"
+                f"stop_metric {self.stop_metric!r} must be recall|ndcg|precision|map|hit|mrr@K with K in eval_ks "
+                f"{self.eval_ks}"
             )
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError(f"eval_ks must be positive cut-offs, got {self.eval_ks}")
