@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from ..models.encoders import ImageDecodeError, safe_open_image
+from ..models.images import ImageDecodeError, safe_open_image
+from ..pipeline.lazy import lazy_module
 from ..pipeline.store import ArtifactStore, vectors_to_arrow
 from ._encode_sources import SourceError, read_bytes
+
+torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py)
 
 # outcomes that depend only on the content bytes and the encoder settings, so they are cached by content hash
 CACHEABLE = ("ok", "corrupt", "truncated", "unsupported_format", "decompression_bomb", "preprocess_error")

@@ -19,8 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..models.encoders import apply_text_template
-
 Rows = dict[str, list[Any]]  # item_idx, item_id, kind, source, status, error
 
 
@@ -46,6 +44,8 @@ def _add(rows: Rows, kind: str, source: str, status: str | None = None, error: s
 
 def text_rows(batch: pa.RecordBatch, template: str, fields: list[str]) -> Rows:
     """One shard's texts: ``template`` filled from ``fields`` of each item."""
+    from ..models.encoders import apply_text_template
+
     rows = _rows(batch)
     columns = {f: batch.column(f).to_pylist() for f in fields}
     for i in range(batch.num_rows):

@@ -13,10 +13,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ._ingest_readers import Rejects
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 
 SPLITS = ("train", "valid", "test")
 TIMED_SPLITS = ("temporal", "global-temporal", "leave-one-out")  # split policies that order by timestamp

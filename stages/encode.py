@@ -19,7 +19,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..models.encoders import load_image_encoder, load_text_encoder, template_fields
 from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
@@ -189,6 +188,8 @@ def local_encoder_files(config: Config) -> list[Path]:
 
 
 def _load(modality: str, spec: str, cfg: EncodeConfig, device: str, config: Config) -> Any:
+    from ..models.encoders import load_image_encoder, load_text_encoder
+
     try:
         if modality == "image":
             return load_image_encoder(spec, device=device, normalize=cfg.normalize, max_pixels=cfg.max_image_pixels)
@@ -201,6 +202,8 @@ def _load(modality: str, spec: str, cfg: EncodeConfig, device: str, config: Conf
 
 
 def _template_fields(template: str, store: ArtifactStore) -> list[str]:
+    from ..models.encoders import template_fields
+
     try:
         fields = template_fields(template)
     except ValueError as e:

@@ -20,17 +20,19 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..pipeline.config import IngestConfig
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import vectors_to_arrow
 from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
                             global_temporal_split)
 from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._ingest_readers import Rejects
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 
 OUTPUTS = ("items.parquet", "users.parquet", "interactions.parquet", "rejects.parquet")
 IMPORTED = {m: f"imported/{m}.parquet" for m in FEATURE_FILES}

@@ -11,8 +11,6 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow.parquet as pq
-
 HEADLINE_METRICS = ("recall", "ndcg", "precision", "map")
 
 
@@ -65,6 +63,8 @@ def _headline_k(metrics: dict[str, Any]) -> int:
 
 
 def _first_user(root: Path) -> str | None:
+    import pyarrow.parquet as pq
+
     path = root / "model" / "user_vectors.parquet"
     try:
         ids = pq.ParquetFile(path).read_row_group(0, columns=["user_id"])["user_id"]
