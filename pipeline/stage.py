@@ -8,13 +8,14 @@ import sys
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Console
-from tqdm.auto import tqdm
-
 from .config import Config, ConfigView
 from .store import ArtifactStore
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}  # (stage module, declared modules) -> version
 
@@ -33,6 +34,8 @@ class StageContext:
 
     def progress(self, total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
         """A progress bar on stderr (rate shown in ``unit``/s)."""
+        from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
 
 

@@ -21,13 +21,13 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
 
 pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+pc = lazy_module("pyarrow.compute")
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".inter": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
