@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Console
+
 from .config import Config, ConfigView
 from .store import ArtifactStore
 

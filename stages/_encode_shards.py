@@ -22,8 +22,8 @@ from ..pipeline.lazy import lazy_module
 from ..pipeline.store import ArtifactStore, vectors_to_arrow
 from ._encode_sources import SourceError, read_bytes
 
-torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py), as Pillow
-images = lazy_module("clearrec.models.images")
+torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py)
+images = lazy_module("clearrec.models.images")  # Pillow, likewise
 
 # outcomes that depend only on the content bytes and the encoder settings, so they are cached by content hash
 CACHEABLE = ("ok", "corrupt", "truncated", "unsupported_format", "decompression_bomb", "preprocess_error")
