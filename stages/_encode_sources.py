@@ -24,8 +24,10 @@ from typing import Any
 import pyarrow as pa
 
 from ..models.text import cap_text
-from ..models.images import ImageDecodeError, read_image_file
+from ..pipeline.lazy import lazy_module
 from ..pipeline.store import resolve_inside
+
+images = lazy_module("clearrec.models.images")  # Pillow, imported on first use (pipeline/lazy.py)
 
 Rows = dict[str, list[Any]]  # item_idx, item_id, kind, source, status, error, truncated
 
@@ -122,8 +124,8 @@ def read_bytes(kind: str, source: str, options: FetchOptions) -> bytes:
     if kind == "url":
         return fetch_url(source, options)
     try:
-        return read_image_file(source)
-    except ImageDecodeError as e:
+        return images.read_image_file(source)
+    except images.ImageDecodeError as e:
         raise SourceError(e.code, str(e)) from e
 
 

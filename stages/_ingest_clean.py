@@ -13,13 +13,15 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ._ingest_readers import Rejects
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+pc = lazy_module("pyarrow.compute")
 
 SPLITS = ("train", "valid", "test")
 TIMED_SPLITS = ("temporal", "global-temporal", "leave-one-out")  # split policies that order by timestamp

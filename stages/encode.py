@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..models.encoders import load_image_encoder, load_text_encoder
 from ..models.text import template_fields
 from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
@@ -199,6 +198,8 @@ def local_encoder_files(config: Config) -> list[Path]:
 
 
 def _load(modality: str, spec: str, cfg: EncodeConfig, device: str, config: Config) -> Any:
+    from ..models.encoders import load_image_encoder, load_text_encoder
+
     try:
         if modality == "image":
             return load_image_encoder(spec, device=device, normalize=cfg.normalize, max_pixels=cfg.max_image_pixels)
@@ -230,7 +231,7 @@ SPEC = StageSpec(
     outputs=tuple(features(m) for m in MODALITIES),
     config_keys=("encode",),
     external_inputs=local_encoder_files,
-    code=("clearrec.models.encoders", "clearrec.models.images", "clearrec.stages._encode_cache",
+    code=("clearrec.models.encoders", "clearrec.models.images", "clearrec.models.text", "clearrec.stages._encode_cache",
           "clearrec.stages._encode_shards", "clearrec.stages._encode_sources", "clearrec.stages._encode_ray"),
     description="encode item images and text into feature vectors (features/image.parquet, features/text.parquet)",
 )

@@ -20,11 +20,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..pipeline.config import IngestConfig
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import vectors_to_arrow
 from ..pipeline.workdir import INTERACTIONS, ITEMS, REJECTS, USERS, imported
@@ -32,6 +32,8 @@ from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactio
                             global_temporal_split, index_in)
 from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._ingest_readers import Rejects
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 
 OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
 IMPORTED = {m: imported(m) for m in FEATURE_FILES}
@@ -190,6 +192,7 @@ SPEC = StageSpec(
     outputs=OUTPUTS + tuple(IMPORTED.values()),
     config_keys=("ingest",),
     external_inputs=external_inputs,
-    code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean"),
+    code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean",
+          "clearrec.models.text"),
     description="raw items + interactions -> items / users / interactions (split) / rejects",
 )
