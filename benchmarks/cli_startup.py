@@ -6,6 +6,8 @@ load, and prints the median wall time per measure and the ratio before / now:
 
 - ``help``: ``python -m clearrec --help``, spawn to exit.
 - ``status``: ``python -m clearrec status`` on the built work directory, spawn to exit.
+- ``help: CPU`` / ``status: CPU``: CPU seconds (user + system) of those two commands, which other
+  jobs on the machine inflate less than wall time; ``... peak MiB``: their peak resident memory.
 - ``serve: says serving``: spawn of ``clearrec serve`` until it prints "serving ... on".
 - ``serve: /health answers``: spawn until GET /health returns 200.
 - ``serve: text search answers``: spawn until the first POST /search with a text returns 200
@@ -16,7 +18,7 @@ load, and prints the median wall time per measure and the ratio before / now:
     .venv/bin/clearrec run --config sample_data/clearrec.toml --workdir work
     git archive --prefix=clearrec/ <commit> | tar -x -C /tmp/before     # an earlier tree, optional
     .venv/bin/python benchmarks/cli_startup.py --config sample_data/clearrec.toml --workdir work \\
-        --before /tmp/before --repeat 3
+        --before /tmp/before --repeat 3                                  # --no-serve: help and status only
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-MEASURES = ("help", "status", "serve: says serving", "serve: /health answers", "serve: text search answers",
+MEASURES = ("help", "status", "help: CPU", "status: CPU", "help: peak MiB", "status: peak MiB", "serve: says serving", "serve: /health answers", "serve: text search answers",
             "serve: said before answering")
 
 
@@ -53,10 +55,16 @@ def env_for(tree: Path | None) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Seconds from spawn to exit, the command's CPU seconds (user + system), its peak resident memory in MiB."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def serve_times(base: list[str], where: list[str], env: dict[str, str], timeout: float = 300.0) -> dict[str, float]:
@@ -100,12 +108,15 @@ def serve_times(base: list[str], where: list[str], env: dict[str, str], timeout:
     return out
 
 
-def measure(tree: Path | None, config: Path, workdir: Path) -> dict[str, float]:
+def measure(tree: Path | None, config: Path, workdir: Path, serve: bool = True) -> dict[str, float]:
     env = env_for(tree)
     base = [sys.executable, "-m", "clearrec"]
     where = ["--config", str(config), "--workdir", str(workdir)]
-    res = {"help": timed([*base, "--help"], env), "status": timed([*base, "status", *where], env)}
-    res.update(serve_times(base, where, env))
+    res: dict[str, float] = {}
+    for name, args in (("help", ["--help"]), ("status", ["status", *where])):
+        res[name], res[f"{name}: CPU"], res[f"{name}: peak MiB"] = timed([*base, *args], env)
+    if serve:
+        res.update(serve_times(base, where, env))
     return res
 
 
@@ -115,7 +126,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True, help="a work directory built by clearrec run")
     ap.add_argument("--before", type=Path, help="a folder holding an earlier tree as clearrec/ (git archive)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-serve", action="store_true", help="measure --help and status only")
     a = ap.parse_args()
+    measures = MEASURES[:6] if a.no_serve else MEASURES
     trees: dict[str, Path | None] = {"now": None}
     if a.before is not None:
         if not (a.before / "clearrec" / "__init__.py").is_file():
@@ -126,12 +139,12 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for i in range(a.repeat):
         for name, tree in trees.items():
-            runs[name].append(measure(tree, a.config.resolve(), a.workdir.resolve()))
-            print(f"  run {i + 1} {name}: " + ", ".join(f"{m} {runs[name][-1][m]:.2f}s" for m in MEASURES), flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f} at end; medians of {a.repeat} runs (seconds):")
+            runs[name].append(measure(tree, a.config.resolve(), a.workdir.resolve(), serve=not a.no_serve))
+            print(f"  run {i + 1} {name}: " + ", ".join(f"{m} {runs[name][-1][m]:.2f}{'' if 'MiB' in m else 's'}" for m in measures), flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at end; medians of {a.repeat} runs (seconds, or MiB where named):")
     print("| measure | " + " | ".join(trees) + (" | before / now |" if len(trees) > 1 else " |"))
     print("|---|" + "---|" * (len(trees) + (len(trees) > 1)))
-    for m in MEASURES:
+    for m in measures:
         med = {name: statistics.median(r[m] for r in runs[name]) for name in trees}
         row = f"| {m} | " + " | ".join(f"{med[n]:.2f}" for n in trees)
         if len(trees) > 1:

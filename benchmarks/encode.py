@@ -135,7 +135,8 @@ def paired(bare, stage, n: int, repeat: int) -> dict:
 def bench_text(tmp: Path, n: int, batch: int, shard: int, threads: int, repeat: int) -> dict:
     import torch
 
-    from clearrec.models.encoders import apply_text_template, load_text_encoder
+    from clearrec.models.encoders import load_text_encoder
+    from clearrec.models.text import apply_text_template
 
     rows = texts_rows(n)
     t0 = time.perf_counter()

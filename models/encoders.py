@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import string
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl
@@ -51,12 +50,9 @@ __all__ = [
     "IMAGE_FAILURES",
     "ImageDecodeError",
     "MINILM_NAMES",
-    "apply_text_template",
-    "cap_text",
     "load_image_encoder",
     "load_text_encoder",
     "safe_open_image",
-    "template_fields",
 ]
 
 # a text is cut to (the model's window in tokens) x CHARS_PER_TOKEN characters before tokenizing, so
@@ -68,55 +64,6 @@ _OFFLINE_HINT = (
     "sentence-transformers folder for text), 'open_clip-untrained:ViT-S-32?seed=0' for random image "
     "features, or 'none'"
 )
-
-
-# ---- text templates ------------------------------------------------------------------------
-def template_fields(template: str) -> list[str]:
-    """Names of the ``{placeholders}`` in ``template``; only plain names are allowed."""
-    names = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"text template {template!r} is not a valid format string: {e}") from e
-    for _, name, spec, conv in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conv:
-            raise ValueError(f"text template {template!r}: use plain {{column}} placeholders, got {{{name}}}")
-        names.append(name)
-    return names
-
-
-def apply_text_template(template: str, fields: Mapping[str, Any]) -> str:
-    """Fill ``template`` from ``fields`` (None -> ""), collapse whitespace, strip the ends.
-
-    Returns "" when every placeholder is blank, so that ``"{title}. {description}"`` of an item
-    with neither is empty rather than ".".
-    """
-    names = template_fields(template)
-    values = {n: " ".join(str(fields[n]).split()) if fields.get(n) is not None else "" for n in names}
-    if names and not any(values.values()):
-        return ""
-    return " ".join(template.format_map(values).split())
-
-
-def cap_text(template: str, fields: Mapping[str, Any], max_chars: int) -> tuple[str, bool]:
-    """:func:`apply_text_template` cut to ``max_chars`` characters: ``(text, truncated)``.
-
-    Each field is cut to ``2 * max_chars`` characters before the template splits it into words,
-    so a huge field costs no more than a long one.
-    """
-    cut = False
-    capped: dict[str, Any] = {}
-    for name in template_fields(template):
-        value = fields.get(name)
-        if value is not None and len(value := str(value)) > 2 * max_chars:
-            value, cut = value[: 2 * max_chars], True
-        capped[name] = value
-    text = apply_text_template(template, capped)
-    if len(text) > max_chars:
-        text, cut = text[:max_chars].rstrip(), True
-    return text, cut
 
 
 # ---- shared helpers ------------------------------------------------------------------------

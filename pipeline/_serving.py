@@ -230,7 +230,7 @@ class QueryEncoder:
 
     def item_features(self, rows: list[dict[str, Any]], catalog_root: Path | None) -> dict[str, np.ndarray]:
         """New rows -> projected (B, d) per modality; a missing modality is filled as the catalog's was."""
-        from ..models.encoders import apply_text_template
+        from ..models.text import apply_text_template
 
         out: dict[str, np.ndarray] = {}
         has_any = np.zeros(len(rows), dtype=bool)

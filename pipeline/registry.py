@@ -1,12 +1,36 @@
-"""The stage graph: every stage, in the order the pipeline runs them."""
+"""The stage graph: every stage, in the order the pipeline runs them.
+
+``STAGES`` (the specs) imports the stage modules on first access; the names and one-line
+descriptions are listed here as well, so that ``clearrec --help`` needs no stage import
+(``tests/test_cli_startup.py`` checks that they match the specs).
+"""
 
 from __future__ import annotations
 
-from ..stages import encode, index, ingest, project, train
-from .stage import StageSpec
+import importlib
+from typing import TYPE_CHECKING, Any
 
-STAGES: tuple[StageSpec, ...] = (ingest.SPEC, encode.SPEC, project.SPEC, train.SPEC, index.SPEC)
+if TYPE_CHECKING:
+    from .stage import StageSpec
+
+    STAGES: tuple[StageSpec, ...]
+
+DESCRIPTIONS: dict[str, str] = {  # stage name (in run order) -> its StageSpec.description
+    "ingest": "raw items + interactions -> items / users / interactions (split) / rejects",
+    "encode": "encode item images and text into feature vectors (features/image.parquet, features/text.parquet)",
+    "project": "fit the CLEAR projector; write projected features and diagnostics",
+    "train": "train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
+    "index": "FAISS indexes over the item vectors and the projected content, tuned to a recall target",
+}
 
 
 def stage_names() -> list[str]:
-    return [s.name for s in STAGES]
+    return list(DESCRIPTIONS)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STAGES":
+        specs = tuple(importlib.import_module(f"..stages.{n}", __package__).SPEC for n in DESCRIPTIONS)
+        globals()["STAGES"] = specs
+        return specs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -516,7 +516,10 @@ def _thumbnail(catalog_root: str | None, image: str | None) -> Image | None:
     """A small JPEG of a local catalog image (inside the catalog root), or None."""
     if not catalog_root or not image or "://" in image:
         return None
-    path = resolve_inside(Path(catalog_root), image)
+    try:
+        path = resolve_inside(Path(catalog_root), image)
+    except (ValueError, OSError):
+        return None
     if path is None or not path.is_file():
         return None
     from PIL import Image as PILImage

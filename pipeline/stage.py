@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import sys
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Console
-from tqdm.auto import tqdm
 
 from .config import Config, ConfigView
 from .store import ArtifactStore
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _CODE_VERSIONS: dict[tuple[str, tuple[str, ...]], str] = {}  # (stage module, declared modules) -> version
 
@@ -32,6 +35,8 @@ class StageContext:
 
     def progress(self, total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
         """A progress bar on stderr (rate shown in ``unit``/s)."""
+        from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
 
 
@@ -67,19 +72,26 @@ class StageSpec:
     def code_version(self) -> str:
         """Package version + hash of the stage module's and its declared modules' source.
 
-        Computed once per process: the code that runs is the code that was imported, so a
-        source file edited during a long run neither changes the version midway nor breaks it.
+        The source files are found with ``importlib.util.find_spec`` and read, not imported, so
+        ``status`` costs no torch import. Computed once per process, so a source file edited
+        during a long run neither changes the version midway nor breaks it.
         """
         key = (self.run.__module__, self.code)
         if key not in _CODE_VERSIONS:
             from .. import __version__
 
             h = hashlib.sha256(__version__.encode())
-            modules = [sys.modules[self.run.__module__]]
-            for name in self.code:
-                __import__(name)
-                modules.append(sys.modules[name])
-            for mod in modules:
-                h.update(inspect.getsource(mod).encode())
+            for name in (self.run.__module__, *self.code):
+                h.update(module_source(name).encode())
             _CODE_VERSIONS[key] = f"{__version__}+{h.hexdigest()[:16]}"
         return _CODE_VERSIONS[key]
+
+
+def module_source(name: str) -> str:
+    """The source text of module ``name`` as ``inspect.getsource`` gives it, without importing the module."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        raise ImportError(f"no Python source file for module {name!r}")
+    with tokenize.open(spec.origin) as f:  # decoded as Python reads it (coding cookie, universal newlines)
+        text = f.read()
+    return text if not text or text.endswith("\n") else text + "\n"

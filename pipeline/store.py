@@ -189,9 +189,15 @@ def resolve_inside(root: Path, relative: str) -> Path | None:
     """``root / relative`` with symlinks resolved, or None when it leaves ``root`` (the one containment check).
 
     The check compares resolved path components (``Path.is_relative_to``), not string prefixes,
-    so ``/data/catalog-evil`` is not inside ``/data/catalog``.
+    so ``/data/catalog-evil`` is not inside ``/data/catalog``. Raises ``ValueError`` for a path
+    holding a NUL byte and ``OSError`` for one that cannot be resolved (a symlink loop).
     """
-    candidate = (root / relative).resolve()
+    if "\x00" in relative:
+        raise ValueError(f"path {relative!r} holds a NUL byte")
+    try:
+        candidate = (root / relative).resolve()
+    except RuntimeError as e:  # a symlink loop (before Python 3.13)
+        raise OSError(f"path {relative!r} cannot be resolved ({e}): a symlink loop?") from e
     return candidate if candidate.is_relative_to(root.resolve()) else None
 
 

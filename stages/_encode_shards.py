@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from ..models.encoders import ImageDecodeError, safe_open_image
+from ..pipeline.lazy import lazy_module
 from ..pipeline.store import ArtifactStore, sha256_file, vectors_to_arrow
 from ._encode_sources import FetchOptions, SourceError, read_bytes
+
+torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py)
+images = lazy_module("clearrec.models.images")  # Pillow, likewise
 
 # outcomes that depend only on the content bytes and the encoder settings, so they are cached by content hash
 CACHEABLE = ("ok", "corrupt", "truncated", "unsupported_format", "decompression_bomb", "preprocess_error")
@@ -108,8 +110,8 @@ class ShardWorker:
         if kind == "text":
             return Prepared("ok", None, digest, source, None)
         try:
-            pixels = self.encoder.preprocess(safe_open_image(data, self.opts.max_pixels))  # (H, W, 3) uint8
-        except ImageDecodeError as e:
+            pixels = self.encoder.preprocess(images.safe_open_image(data, self.opts.max_pixels))  # (H, W, 3) uint8
+        except images.ImageDecodeError as e:
             return Prepared(e.code, str(e), digest, None, None)
         except Exception as e:  # a transform failing on an odd image is that item's failure, not the run's
             return Prepared("preprocess_error", f"{type(e).__name__}: {e}", digest, None, None)

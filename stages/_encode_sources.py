@@ -23,8 +23,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..models.encoders import cap_text
-from ..models.images import ImageDecodeError, read_image_file
+from ..models.text import cap_text
+from ..pipeline.lazy import lazy_module
+from ..pipeline.store import resolve_inside
+
+images = lazy_module("clearrec.models.images")  # Pillow, imported on first use (pipeline/lazy.py)
 
 Rows = dict[str, list[Any]]  # item_idx, item_id, kind, source, status, error, truncated
 
@@ -64,20 +67,14 @@ def text_rows(batch: pa.RecordBatch, template: str, fields: list[str], max_chars
     return rows
 
 
-def resolve_inside(root: Path, relative: str) -> Path | None:
-    """``root / relative`` with symlinks resolved, or None when it leaves ``root``.
-
-    The check compares resolved path components (``Path.is_relative_to``), not string prefixes,
-    so ``/data/catalog-evil`` is not inside ``/data/catalog``. Raises :class:`SourceError`
-    ``bad_path`` for a path holding a NUL byte and ``unreadable`` for a symlink loop.
-    """
-    if "\x00" in relative:
-        raise SourceError("bad_path", f"image path {relative!r} holds a NUL byte")
+def _inside(root: Path, relative: str) -> Path | None:
+    """:func:`resolve_inside` with its refusals as item statuses (``bad_path``, ``unreadable``)."""
     try:
-        candidate = (root / relative).resolve()
-    except (RuntimeError, OSError) as e:  # RuntimeError: a symlink loop (before Python 3.13)
-        raise SourceError("unreadable", f"image path {relative!r} cannot be resolved ({e}): a symlink loop?") from e
-    return candidate if candidate.is_relative_to(root.resolve()) else None
+        return resolve_inside(root, relative)
+    except ValueError as e:
+        raise SourceError("bad_path", f"image {e}") from e
+    except OSError as e:
+        raise SourceError("unreadable", f"image {e}") from e
 
 
 def image_rows(batch: pa.RecordBatch, catalog_root: Path, remote: bool) -> Rows:
@@ -98,7 +95,7 @@ def image_rows(batch: pa.RecordBatch, catalog_root: Path, remote: bool) -> Rows:
             _add(rows, "", ref, "unsupported_url", f"only http(s) URLs are fetched, got {scheme}://")
         else:
             try:
-                path = resolve_inside(root, ref)
+                path = _inside(root, ref)
             except SourceError as e:
                 _add(rows, "", ref, e.code, str(e))
                 continue
@@ -127,8 +124,8 @@ def read_bytes(kind: str, source: str, options: FetchOptions) -> bytes:
     if kind == "url":
         return fetch_url(source, options)
     try:
-        return read_image_file(source)
-    except ImageDecodeError as e:
+        return images.read_image_file(source)
+    except images.ImageDecodeError as e:
         raise SourceError(e.code, str(e)) from e
 
 

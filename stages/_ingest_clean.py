@@ -13,12 +13,15 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from ..models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ._ingest_readers import Rejects
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+pc = lazy_module("pyarrow.compute")
 
 SPLITS = ("train", "valid", "test")
 TIMED_SPLITS = ("temporal", "global-temporal", "leave-one-out")  # split policies that order by timestamp
@@ -91,7 +94,8 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
                              lambda rows: "image-path: " + rows["_ref"].astype(str))
     items = items.assign(image=items["_ref"]).drop(columns=["_ref", "_first"])
-    items["text"] = [_join_text(t, d) for t, d in zip(items["title"].tolist(), items["description"].tolist())]
+    items["text"] = [apply_text_template(DEFAULT_TEXT_TEMPLATE, {"title": t, "description": d})  # as encode joins them
+                     for t, d in zip(items["title"].tolist(), items["description"].tolist())]
     rejected = pd.Series(_where(gone["_src"], gone["_row"]).to_numpy(), index=gone["item_id"].to_numpy())
     return items, rejected
 
@@ -121,14 +125,6 @@ def _image_ref(value: str, root: Path) -> str | None | ValueError:
         return ValueError(f"image {value!r} is outside catalog_root {str(root)!r}; move the image under it "
                           "or set ingest.catalog_root")
     return path.replace(os.sep, "/")
-
-
-def _join_text(title: str, description: str) -> str:
-    """``title. description`` (no doubled full stop), stripped."""
-    title, description = title.strip(), description.strip()
-    if not title or not description:
-        return title or description
-    return f"{title}{' ' if title[-1] in '.!?:;' else '. '}{description}"
 
 
 # ---- interactions -------------------------------------------------------------------------

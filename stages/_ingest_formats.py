@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from ..pipeline.config import Config
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ._ingest_readers import RawTable, Rejects, check_types, read_table, require_columns
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 
 ITEM_FIELDS = ("item_id", "title", "description", "image")
 INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "rating", "split")

@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
+
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+pc = lazy_module("pyarrow.compute")
+pacsv = lazy_module("pyarrow.csv")
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".inter": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}

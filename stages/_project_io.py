@@ -11,12 +11,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..pipeline.errors import ArtifactError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.store import ArtifactStore, check_schema
 from ..pipeline.workdir import INTERACTIONS
+
+pc = lazy_module("pyarrow.compute")  # imported on first use (pipeline/lazy.py)
 
 READ_BUFFER = 8 << 20  # bytes: column chunks are streamed through this buffer, not read whole
 

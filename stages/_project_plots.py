@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from ..pipeline.lazy import lazy_module
 from ..pipeline.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+figure = lazy_module("matplotlib.figure")  # imported on first use (pipeline/lazy.py)
 
 PLOTS = ("spectrum.png", "overlap.png", "similarity.png", "variance.png")
 PLOT_NAMES = tuple(f"clear/{p}" for p in PLOTS)
@@ -32,7 +37,7 @@ def write_plots(store: ArtifactStore, folder: str, diag: dict[str, Any]) -> list
 
 def _spectrum(diag: dict[str, Any]) -> Figure:
     k = diag["k"]
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = figure.Figure(figsize=(11, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for when in ("before", "after"):
         s = np.asarray(diag[f"spectrum_{when}"])
@@ -62,7 +67,7 @@ def _spectrum(diag: dict[str, Any]) -> Figure:
 def _overlap(diag: dict[str, Any]) -> Figure:
     curve = diag["overlap_curve"]
     K = diag["overlap_k"]
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    fig = figure.Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for when in ("before", "after"):
         ax.plot(curve["k"], curve[when], marker="o", color=COLORS[when], label=f"{when} CLEAR")
@@ -80,7 +85,7 @@ def _overlap(diag: dict[str, Any]) -> Figure:
 
 
 def _similarity(diag: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = figure.Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=False)
     for ax, mod in zip(axes, ("image", "text")):
         for when in ("before", "after"):
@@ -106,7 +111,7 @@ def _lowest_edge(densities: dict[str, Any]) -> float:
 
 def _variance(diag: dict[str, Any]) -> Figure:
     kept = {m: v for m, v in (diag.get("variance_kept") or {}).items() if v is not None}
-    fig = Figure(figsize=(5, 4), layout="constrained")
+    fig = figure.Figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
     bars = ax.bar(list(kept), [100 * v for v in kept.values()], color=["tab:purple", "tab:green"][: len(kept)])
     ax.bar_label(bars, fmt="%.1f%%")

@@ -21,24 +21,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..models.encoders import load_image_encoder, load_text_encoder, template_fields
+from ..models.text import template_fields
 from ..pipeline.config import Config, EncodeConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore
 from ..pipeline.threads import select_device, torch_threads
+from ..pipeline.workdir import ITEMS, MODALITIES, features, imported
 from ._encode_cache import Shard, ShardCache, assemble, encoder_key, iter_rows, shard_stem
 from ._encode_shards import ShardWorker, WorkerOptions
 from ._encode_sources import image_rows, text_rows
 
-MODALITIES = ("image", "text")
 FEATURE_COLUMNS = ("item_idx", "item_id", "vector", "status", "error", "content_sha256", "truncated")
 WORK_KEYS = ("encoded", "cached", "duplicates", "shards_run", "shards_reused", "shards_bad")
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.encode
-    if not ctx.store.exists("items.parquet"):
+    if not ctx.store.exists(ITEMS):
         raise ArtifactError(f"items.parquet not found in {ctx.store.root}; run 'clearrec run --to encode' first")
     specs = {m: resolve_spec(getattr(cfg, f"{m}_encoder"), ctx.config) for m in MODALITIES}
     # in Ray mode the driver's copy only checks availability and gives identity / dim / weights hash
@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> StageResult:
     lines: list[str] = []
     with torch_threads(cfg.threads or len(os.sched_getaffinity(0))):
         for modality in MODALITIES:
-            name, spec = f"features/{modality}.parquet", specs[modality]
+            name, spec = features(modality), specs[modality]
             if spec == "none":
                 ctx.store.path(name).unlink(missing_ok=True)  # a stale file must not reach downstream stages
                 lines.append(f"{modality}: none")
@@ -79,7 +79,7 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
         columns = ["item_idx", "item_id", *[f for f in fields if f not in ("item_idx", "item_id")]]
         make_rows = partial(text_rows, template=cfg.text_template, fields=fields, max_chars=cfg.max_text_chars)
     else:
-        root = store.parquet_metadata("items.parquet").get("catalog_root")
+        root = store.parquet_metadata(ITEMS).get("catalog_root")
         if not root:
             raise ArtifactError(
                 "items.parquet has no catalog_root metadata; rerun 'clearrec run --force --only ingest'"
@@ -88,7 +88,7 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
         make_rows = partial(image_rows, catalog_root=Path(root), remote=cfg.remote_images)
     for tmp in store.path("features").glob(f".{modality}.parquet.*.tmp"):  # left by a killed run
         tmp.unlink()
-    items = store.parquet_file("items.parquet")
+    items = store.parquet_file(ITEMS)
     cache = ShardCache(store, modality, encoder_key(modality, encoder))
     plan = [Shard(shard_stem(lo, rows), lo, len(rows["item_idx"]))
             for lo, rows in iter_rows(items, columns, cfg.shard_size, make_rows)]
@@ -134,14 +134,14 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
                 "weights_sha256": encoder.weights_sha256}
     if modality == "text":
         metadata["text_template"] = cfg.text_template
-    statuses, used = assemble(store, f"features/{modality}.parquet", cache, plan, encoder.dim, metadata)
+    statuses, used = assemble(store, features(modality), cache, plan, encoder.dim, metadata)
     cache.prune(used)
     return {**statuses, **stats}
 
 
 def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
     """Copy ``imported/<modality>.parquet`` (from the MMRec importer) to the features file, checked."""
-    source = f"imported/{modality}.parquet"
+    source = imported(modality)
     if not store.exists(source):
         raise EncoderUnavailableError(
             f"encode.{modality}_encoder = \"imported\" but {store.path(source)} does not exist; it is written by "
@@ -150,7 +150,7 @@ def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
     table = store.read_parquet(source, required=FEATURE_COLUMNS[:-1])
     if "truncated" not in table.column_names:  # imported vectors come from no text of ours
         table = table.append_column("truncated", pa.array(np.zeros(table.num_rows, dtype=bool)))
-    n_items = store.parquet_file("items.parquet").metadata.num_rows
+    n_items = store.parquet_file(ITEMS).metadata.num_rows
     idx = table.column("item_idx").to_numpy()
     if not np.array_equal(idx, np.arange(n_items)):
         raise ArtifactError(f"{store.path(source)} must hold one row per item, item_idx 0..{n_items - 1} in order; "
@@ -159,7 +159,7 @@ def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
     dim = table.schema.field("vector").type.list_size
     metadata = {"normalized": False, "preprocess": "imported", **meta, "modality": modality,
                 "encoder": "imported", "dim": dim, "untrained": False}
-    store.write_parquet(f"features/{modality}.parquet", table.select(FEATURE_COLUMNS), metadata=metadata)
+    store.write_parquet(features(modality), table.select(FEATURE_COLUMNS), metadata=metadata)
     statuses: dict[str, int] = {}
     for s in table.column("status").to_pylist():
         statuses[s] = statuses.get(s, 0) + 1
@@ -198,6 +198,8 @@ def local_encoder_files(config: Config) -> list[Path]:
 
 
 def _load(modality: str, spec: str, cfg: EncodeConfig, device: str, config: Config) -> Any:
+    from ..models.encoders import load_image_encoder, load_text_encoder
+
     try:
         if modality == "image":
             return load_image_encoder(spec, device=device, normalize=cfg.normalize, max_pixels=cfg.max_image_pixels)
@@ -214,7 +216,7 @@ def _template_fields(template: str, store: ArtifactStore) -> list[str]:
         fields = template_fields(template)
     except ValueError as e:
         raise ConfigError(f"encode.text_template: {e}") from e
-    columns = pq.read_schema(store.path("items.parquet")).names
+    columns = pq.read_schema(store.path(ITEMS)).names
     missing = [f for f in fields if f not in columns]
     if missing or not fields:
         raise ConfigError(f"encode.text_template {template!r} must use columns of items.parquet in braces; "
@@ -225,11 +227,11 @@ def _template_fields(template: str, store: ArtifactStore) -> list[str]:
 SPEC = StageSpec(
     name="encode",
     run=run,
-    inputs=("items.parquet", "imported/image.parquet", "imported/text.parquet"),
-    outputs=("features/image.parquet", "features/text.parquet"),
+    inputs=(ITEMS, *(imported(m) for m in MODALITIES)),
+    outputs=tuple(features(m) for m in MODALITIES),
     config_keys=("encode",),
     external_inputs=local_encoder_files,
-    code=("clearrec.models.encoders", "clearrec.models.images", "clearrec.stages._encode_cache",
+    code=("clearrec.models.encoders", "clearrec.models.images", "clearrec.models.text", "clearrec.stages._encode_cache",
           "clearrec.stages._encode_shards", "clearrec.stages._encode_sources", "clearrec.stages._encode_ray"),
     description="encode item images and text into feature vectors (features/image.parquet, features/text.parquet)",
 )

@@ -22,14 +22,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
-from ..models import ann
 from ..models.content import ContentLayout
 from ..pipeline.config.index import IndexConfig
 from ..pipeline.errors import ArtifactError, ConfigError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors
 from ..pipeline.workdir import (
@@ -43,6 +42,9 @@ from ..pipeline.workdir import (
     index_file,
     index_ids,
 )
+
+faiss = lazy_module("faiss")  # imported on first use (pipeline/lazy.py)
+ann = lazy_module("clearrec.models.ann")
 
 FEATURES = {m: clear_features(m) for m in MODALITIES}  # block order
 

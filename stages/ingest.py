@@ -20,20 +20,23 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..pipeline.config import IngestConfig
 from ..pipeline.errors import InputDataError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import vectors_to_arrow
+from ..pipeline.workdir import INTERACTIONS, ITEMS, REJECTS, USERS, imported
 from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
                             global_temporal_split, index_in)
 from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._ingest_readers import Rejects
 
-OUTPUTS = ("items.parquet", "users.parquet", "interactions.parquet", "rejects.parquet")
-IMPORTED = {m: f"imported/{m}.parquet" for m in FEATURE_FILES}
+pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+
+OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
+IMPORTED = {m: imported(m) for m in FEATURE_FILES}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -52,7 +55,7 @@ def run(ctx: StageContext) -> StageResult:
         code, cutoffs = global_temporal_split(inter["ts"].to_numpy(), cfg.split_ratios)
         inter, items = filter_core(inter.assign(split=code), items, rejects, k=0, need_train=True)
     items = items.reset_index(drop=True)
-    ctx.store.write_parquet("rejects.parquet", rejects.to_arrow())
+    ctx.store.write_parquet(REJECTS, rejects.to_arrow())
     by_code = rejects.by_code()
     if inter.empty or items.empty:
         raise InputDataError(
@@ -77,11 +80,11 @@ def run(ctx: StageContext) -> StageResult:
     if cutoffs:
         counts["split_cutoffs"] = cutoffs
     _write_items(ctx, items, root, catalog)
-    ctx.store.write_parquet("users.parquet", pa.table({
+    ctx.store.write_parquet(USERS, pa.table({
         "user_idx": pa.array(np.arange(len(users)), pa.int64()),
         "user_id": pa.array(users.astype(str).tolist(), pa.string())}))
     rating = inter["rating"].to_numpy()
-    ctx.store.write_parquet("interactions.parquet", pa.table({
+    ctx.store.write_parquet(INTERACTIONS, pa.table({
         "user_idx": pa.array(user_idx[order], pa.int64()),
         "item_idx": pa.array(item_idx[order], pa.int64()),
         "timestamp": pa.array(np.nan_to_num(ts[order]).astype(np.int64), pa.int64(), mask=np.isnan(ts[order])),
@@ -155,7 +158,7 @@ def _write_items(ctx: StageContext, items: pd.DataFrame, root: Path, catalog: Ca
             columns[col] = pa.array(items[col].tolist(), pa.string())
     order = ["item_idx", "item_id", "title", "description", "text", "image"]
     table = pa.table({c: columns[c] for c in order + [c for c in columns if c not in order]})
-    ctx.store.write_parquet("items.parquet", table, metadata={
+    ctx.store.write_parquet(ITEMS, table, metadata={
         "catalog_root": str(root), "source": catalog.source, "format": ctx.config.ingest.format})
 
 
@@ -189,6 +192,7 @@ SPEC = StageSpec(
     outputs=OUTPUTS + tuple(IMPORTED.values()),
     config_keys=("ingest",),
     external_inputs=external_inputs,
-    code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean"),
+    code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean",
+          "clearrec.models.text"),
     description="raw items + interactions -> items / users / interactions (split) / rejects",
 )

@@ -15,22 +15,16 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from rich.table import Table
 
-from ..models import graph as graph_module
-from ..models.base import Backbone, ModalityHook
 from ..models.clear import ClearOptions
-from ..models.clear_dynamic import DynamicClear
-from ..models.metrics import METRICS, ItemSets
-from ..models.registry import backbone_class
-from ..models.trainer import EpochRecord, TrainOptions, TrainResult, fit
 from ..pipeline.config import Config
 from ..pipeline.errors import ArtifactError, ConfigError
+from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
 from ..pipeline.threads import select_device, torch_threads
@@ -51,6 +45,13 @@ from ..pipeline.workdir import (
     read_ids,
 )
 from ..pipeline.workdir import METRICS as METRICS_JSON
+
+if TYPE_CHECKING:
+    from ..models.base import Backbone, ModalityHook
+    from ..models.metrics import ItemSets
+    from ..models.trainer import EpochRecord, TrainResult
+
+torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py); the models in the functions using them
 
 FEATURE_FILES = {m: clear_features(m) for m in MODALITIES}
 OUTPUTS = (MODEL, MODEL_JSON, CONTENT_PATHWAY, METRICS_JSON, TRAINING_CURVE, ITEM_VECTORS, USER_VECTORS)
@@ -77,6 +78,8 @@ class TrainData:
 
 def load_data(store: ArtifactStore) -> TrainData:
     """Read users, items, interactions and the projected features present in the work directory."""
+    from ..models.metrics import ItemSets
+
     user_ids, item_ids = read_ids(store, USERS), read_ids(store, ITEMS)
     nu, ni = len(user_ids), len(item_ids)
     t = store.read_parquet(INTERACTIONS, columns=["user_idx", "item_idx", "split"],
@@ -140,6 +143,8 @@ def clear_settings(store: ArtifactStore) -> ClearOptions | None:
 
 def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, image_weight: float) -> str:
     """Cache file of an item-item graph, named by the feature checksums, its settings and the code building it."""
+    from ..models import graph as graph_module
+
     code = inspect.getsource(graph_module) + inspect.getsource(sys.modules[cls.__module__])
     key = {
         "features": {m: info[m]["sha256"] for m in sorted(info)},
@@ -171,6 +176,8 @@ def build_backbone(name: str, settings: dict[str, Any], data: TrainData, hook: M
     The one place a backbone is built, for training and for loading; a setting its constructor
     does not take is an error, never dropped.
     """
+    from ..models.registry import backbone_class
+
     cls = backbone_class(name)
     accepts = inspect.signature(cls).parameters
     unknown = sorted(set(settings) - set(accepts))
@@ -199,6 +206,9 @@ def build_backbone(name: str, settings: dict[str, Any], data: TrainData, hook: M
 def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, store: ArtifactStore,
                log: Callable[[str], None]) -> tuple[Backbone, dict[str, Any]]:
     """The configured backbone, freshly initialised (seeded); plus notes for model.json."""
+    from ..models.clear_dynamic import DynamicClear
+    from ..models.registry import backbone_class
+
     cfg = config.train
     cls = backbone_class(cfg.backbone)
     settings = {"embedding_dim": cfg.embedding_size, **getattr(cfg, cfg.backbone).model_dump()}
@@ -252,6 +262,8 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _run(ctx: StageContext) -> StageResult:
+    from ..models.trainer import TrainOptions, fit
+
     cfg = ctx.config.train
     store = ctx.store
     device = select_device(cfg.device, "train.device")
@@ -289,6 +301,8 @@ def _run(ctx: StageContext) -> StageResult:
 
 def metrics_table(result: TrainResult, ks: tuple[int, ...], title: str) -> Table:
     """Rich table: one row per metric@K, valid and test (at the best epoch) side by side."""
+    from ..models.metrics import METRICS
+
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("valid", justify="right")
@@ -383,6 +397,8 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
     model trained with CLEAR's dynamic mode gets its hook back from the settings in model.json
     and the directions saved with its weights.
     """
+    from ..models.clear_dynamic import DynamicClear
+
     info = store.read_json(MODEL_JSON)
     data = load_data(store)
     if store.checksum(INTERACTIONS) != info["interactions_sha256"]:

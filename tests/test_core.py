@@ -148,6 +148,8 @@ class Probe:
             seen.setdefault("torch", os.environ.get("THP_MEM_ALLOC_ENABLE"))
 sys.meta_path.insert(0, Probe())
 import clearrec.pipeline.cli
+from clearrec.stages import train
+train.torch.zeros(1)  # torch is imported when a stage first uses it
 print(seen.get("torch"), os.environ.get("THP_MEM_ALLOC_ENABLE"))
 """
 

@@ -20,7 +20,8 @@ import tomli_w
 from encode_fixtures import image_bytes, png_header, tiny_clip_dir, tiny_sentence_dir, write_catalog, write_items
 from rich.console import Console
 
-from clearrec.models.encoders import apply_text_template, load_image_encoder, safe_open_image
+from clearrec.models.encoders import load_image_encoder, safe_open_image
+from clearrec.models.text import apply_text_template
 from clearrec.pipeline.config import load_config
 from clearrec.pipeline.errors import StageError
 from clearrec.pipeline.runner import Runner

@@ -12,14 +12,8 @@ import torch.nn.functional as F
 from encode_fixtures import TINY_CLIP_CFG, image_bytes, png_header, tiny_clip_dir, tiny_sentence_dir
 from PIL import Image, ImageFile
 
-from clearrec.models.encoders import (
-    ImageDecodeError,
-    apply_text_template,
-    load_image_encoder,
-    load_text_encoder,
-    safe_open_image,
-    template_fields,
-)
+from clearrec.models.encoders import ImageDecodeError, load_image_encoder, load_text_encoder, safe_open_image
+from clearrec.models.text import apply_text_template, template_fields
 from clearrec.pipeline.errors import EncoderUnavailableError
 
 

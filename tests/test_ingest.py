@@ -16,6 +16,7 @@ from rich.console import Console
 
 from clearrec.pipeline.config import load_config
 from clearrec.pipeline.errors import InputDataError
+from clearrec.models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template
 from clearrec.pipeline.stage import StageContext, StageResult
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
 from clearrec.stages import ingest
@@ -105,7 +106,9 @@ def test_csv_catalog_gives_contract_tables(tmp_path):
     items = table(store, "items.parquet")
     assert items["item_idx"].tolist() == [0, 1, 2, 3]
     assert items.columns.tolist() == ["item_idx", "item_id", "title", "description", "text", "image", "price"]
-    assert items["text"].tolist() == ["Oak Table Lamp. A sturdy lamp.", "Wall Clock. Quiet.", "Kite", "Coaster. Cork."]
+    # the text column is what encode reads with the default template (one join of the fields)
+    assert items["text"].tolist() == ["Oak Table Lamp. A sturdy lamp.", "Wall Clock.. Quiet.", "Kite.", "Coaster. Cork."]
+    assert items["text"].tolist() == [apply_text_template(DEFAULT_TEXT_TEMPLATE, r) for r in items.to_dict("records")]
     images = store.read_parquet("items.parquet").column("image").to_pylist()
     assert images == ["images/i1.jpg", "images/i2.jpg", None, "https://example.com/i4.jpg"]
     assert store.parquet_metadata("items.parquet")["catalog_root"] == str(tmp_path.resolve())

@@ -263,7 +263,9 @@ def test_clearrec_serve_command(workdir, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{port}/recommend/user01").status_code == 200
-        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"image_base64": base64.b64encode(png(1)).decode()})
+        # the query encoders load in the background after the server binds: an early search waits for them
+        r = httpx.post(f"http://127.0.0.1:{port}/search", json={"image_base64": base64.b64encode(png(1)).decode()},
+                       timeout=120)
         assert r.status_code == 503 and "test:palette-16" in r.json()["detail"]  # no such encoder to load here
     finally:
         proc.terminate()

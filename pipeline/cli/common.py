@@ -7,13 +7,15 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
 
-from ..config import Config, load_config
 from ..errors import ClearrecError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 # Library loggers whose records go to the run log instead of the console (with the root logger,
 # which open_clip writes to).
@@ -55,6 +57,8 @@ SetOpt = Annotated[
 
 
 def load(config: Path | None, overrides: list[str] | None) -> Config:
+    from ..config import load_config
+
     return load_config(config, overrides or [])
 
 

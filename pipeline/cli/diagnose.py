@@ -9,9 +9,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ...stages.project import diagnose as measure
-from ...stages.project import summary_line
-from ..store import ArtifactStore
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
 from .main import app
 
@@ -30,6 +27,10 @@ def diagnose(
     as_json: Annotated[bool, typer.Option("--json", help="Print the diagnostics as JSON.")] = False,
 ) -> None:
     """Measure CLEAR's effect from features/*.parquet vs features/*_clear.parquet (spectra, overlap, variance)."""
+    from ...stages.project import diagnose as measure
+    from ...stages.project import summary_line
+    from ..store import ArtifactStore
+
     cfg = load(config, set_)
     store = ArtifactStore(workdir_of(cfg, workdir))
     target = ArtifactStore(out_dir if out_dir is not None else store.root / "diagnose")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ..config import Config, parse_override
 from ..errors import ClearrecError, ConfigError
-from ..experiments import Harness
-from ..report import write_report
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, emit, load, workdir_of
 from .main import app
+
+if TYPE_CHECKING:
+    from ..experiments import Harness
 
 OutOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Experiment folder (tables + runs/). Default: <workdir>/experiments.", show_default=False)]
@@ -31,7 +31,9 @@ def _list(text: str, kind: type, what: str) -> list[Any]:
 
 def _setup(config: Path | None, workdir: Path | None, set_: list[str] | None, out_dir: Path | None,
            command: str) -> Harness:
-    cfg: Config = load(config, set_)
+    from ..experiments import Harness
+
+    cfg = load(config, set_)
     base = workdir_of(cfg, workdir)
     folder = (out_dir if out_dir is not None else base / "experiments").expanduser().resolve()
     console.print(f"base work directory: {base}\nexperiment folder: {folder}")
@@ -57,6 +59,8 @@ def _command(name: str, config: Path | None, workdir: Path | None, set_: list[st
 
 
 def _grid(params: list[str] | None) -> dict[str, list[Any]]:
+    from ..config import parse_override
+
     grid: dict[str, list[Any]] = {}
     for item in params or []:
         key, raw = item.split("=", 1) if "=" in item else (item, "")
@@ -149,6 +153,8 @@ def report(
         show_default=False)] = None,
 ) -> None:
     """Write report.html (self-contained) and report.md for a work directory or an experiment folder."""
+    from ..report import write_report
+
     if comparison is not None:
         root = comparison
     elif workdir is not None:

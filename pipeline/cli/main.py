@@ -11,8 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClearrecError, ConfigError
-from ..registry import STAGES, stage_names
-from ..runner import Runner, select_stages
+from ..registry import DESCRIPTIONS, stage_names
 from .common import (
     RUN_LOG, ConfigOpt, SetOpt, WorkdirOpt, console, emit, library_logs_to, load, out, resume_command,
     workdir_of,
@@ -97,6 +96,9 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would run, run nothing.")] = False,
 ) -> None:
     """Run the pipeline (every stage whose inputs, config or code changed)."""
+    from ..registry import STAGES
+    from ..runner import Runner, select_stages
+
     cfg = load(config, set_)
     selected = select_stages(STAGES, only, from_, to)
     root = workdir_of(cfg, workdir)
@@ -116,6 +118,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: {stage: {state, reason}}.")] = False,
 ) -> None:
     """Show each stage as up-to-date, stale (with the reason) or never-run."""
+    from ..registry import STAGES
+    from ..runner import Runner
+
     cfg = load(config, set_)
     root = workdir_of(cfg, workdir, must_exist=True)
     states = Runner(STAGES, cfg, root, console=console).status()
@@ -146,6 +151,9 @@ def _stage_command(name: str, help_text: str):
         set_: SetOpt = None,
         force: Annotated[bool, typer.Option("--force", help="Rerun even if up to date.")] = False,
     ) -> None:
+        from ..registry import STAGES
+        from ..runner import Runner, select_stages
+
         cfg = load(config, set_)
         root = workdir_of(cfg, workdir)
         runner = Runner(STAGES, cfg, root, console=console)
@@ -156,8 +164,8 @@ def _stage_command(name: str, help_text: str):
     return command
 
 
-for _spec in STAGES:
-    app.command(name=_spec.name)(_stage_command(_spec.name, _spec.description))
+for _name, _description in DESCRIPTIONS.items():
+    app.command(name=_name)(_stage_command(_name, _description))
 
 
 def main() -> None:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..api import MAX_K, open_workdir
-from ..config import DEFAULT_CONFIG_NAME, Config, parse_override
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
 from .main import app
 
+if TYPE_CHECKING:
+    from ..config import Config
+
+MAX_K = 1000  # = pipeline.api.MAX_K (checked by a test), here so that --help does not import the index code
 SOURCES = ("content", "cf")  # what --item neighbours are found by: features / item vectors
 
 def load_for_queries(config: Path | None, workdir: Path | None, set_: list[str] | None) -> Config:
     """The run config; with only ``--workdir`` and no ./clearrec.toml, the defaults."""
+    from ..config import DEFAULT_CONFIG_NAME, Config, parse_override
+
     if config is None and workdir is not None and not (Path.cwd() / DEFAULT_CONFIG_NAME).is_file():
         pairs = [(parse_override(s), s) for s in set_ or []]
         return Config().with_overrides({k: v for (k, v), _ in pairs}, origins={k: f"--set {s}" for (k, _), s in pairs})
@@ -55,6 +59,8 @@ def query(
     if text is not None and not text.strip():
         raise typer.BadParameter("the search text is empty; give some words, e.g. --text 'wooden toy'",
                                  param_hint="--text")
+    from ..api import open_workdir
+
     cfg = load_for_queries(config, workdir, set_)
     rec = open_workdir(workdir_of(cfg, workdir, must_exist=True), omp_threads=cfg.index.serve.omp_threads or None,
                        max_image_pixels=cfg.encode.max_image_pixels)

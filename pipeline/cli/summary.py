@@ -10,7 +10,6 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow.parquet as pq
 
 from ..errors import ArtifactError
 from ..store import ArtifactStore
@@ -68,6 +67,8 @@ def _headline_k(metrics: dict[str, Any]) -> int:
 
 
 def _first_user(root: Path) -> str | None:
+    import pyarrow.parquet as pq
+
     path = root / USER_VECTORS
     try:
         ids = pq.ParquetFile(path).read_row_group(0, columns=["user_id"])["user_id"]

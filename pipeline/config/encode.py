@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ...models.text import DEFAULT_TEXT_TEMPLATE
 from .base import Section
 
 
@@ -16,7 +17,7 @@ class EncodeConfig(Section):
     # all-MiniLM-L6-v2 (shipped offline), a sentence-transformers folder or cached name,
     # clip-text:<image encoder identifier>, "imported", or "none" (no text features)
     text_encoder: str = "all-MiniLM-L6-v2"
-    text_template: str = "{title}. {description}"  # columns of items.parquet in braces; blank fields -> empty text
+    text_template: str = DEFAULT_TEXT_TEMPLATE  # "{title}. {description}": columns of items.parquet in braces (the text column)
     normalize: bool = True  # L2-normalise each vector
     batch_size: int = Field(64, ge=1)  # items per model call
     shard_size: int = Field(1024, ge=1)  # items per resumable shard (one file + completion marker each)
