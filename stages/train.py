@@ -211,7 +211,10 @@ def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, stor
 
     cfg = config.train
     cls = backbone_class(cfg.backbone)
-    settings = {"embedding_dim": cfg.embedding_size, **getattr(cfg, cfg.backbone).model_dump()}
+    accepts = inspect.signature(cls).parameters
+    settings = getattr(cfg, cfg.backbone).model_dump()
+    if "embedding_dim" in accepts:  # baselines such as Pop have no embeddings
+        settings = {"embedding_dim": cfg.embedding_size, **settings}
     notes: dict[str, Any] = {"settings": settings, "clear_dynamic": None, "item_graph_cache": None}
     hook, item_graph = None, None
     if cls.uses_features:
@@ -226,13 +229,15 @@ def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, stor
             if m not in data.features:
                 log(f"{cfg.backbone}: no {m} features ({FEATURE_FILES[m]} absent); using the "
                     f"{' and '.join(data.features)} modality only")
-        if clear is not None:
+        if clear is not None and "modality_hook" not in accepts:
+            log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
+        elif clear is not None:
             if len(data.features) < 2:
                 raise ConfigError("project.mode = 'dynamic' needs both image and text features; "
                                   "set project.mode = 'static' or provide both modalities")
             hook = DynamicClear(clear)
             notes["clear_dynamic"] = clear.to_json()
-        if "item_graph" in inspect.signature(cls).parameters:
+        if "item_graph" in accepts:
             item_graph, notes["item_graph_cache"] = _item_graph(store, cls, data, settings)
     elif data.features:
         log(f"{cfg.backbone} uses no features; {', '.join(FEATURE_FILES[m] for m in data.features)} ignored")
@@ -427,7 +432,8 @@ SPEC = StageSpec(
     inputs=(USERS, ITEMS, INTERACTIONS, *FEATURE_FILES.values(), PROJECTOR_JSON),
     outputs=OUTPUTS,
     config_keys=("train",),
-    code=("clearrec.models.clear", "clearrec.models.clear_dynamic", "clearrec.models.base", "clearrec.models.graph", "clearrec.models.metrics", "clearrec.models.trainer",
-          "clearrec.models.registry", "clearrec.models.lightgcn", "clearrec.models.vbpr", "clearrec.models.freedom"),
+    code=tuple(f"clearrec.models.{m}" for m in (
+        "clear", "clear_dynamic", "base", "graph", "losses", "metrics", "trainer", "registry",
+        "lightgcn", "vbpr", "freedom", "lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknn_cbf")),
     description="train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
 )

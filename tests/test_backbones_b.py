@@ -8,15 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from clearrec.models.bm3 import BM3
 from clearrec.models.bpr import BPRMF
 from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
-from clearrec.models.lgmrec import LGMRec, hypergraph_step
+from clearrec.models.lgmrec import hypergraph_step
 from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce
 from clearrec.models.metrics import ItemSets
-from clearrec.models.mmgcn import MMGCN
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
 from clearrec.models.trainer import TrainOptions, fit

@@ -310,7 +310,7 @@ def test_threads_setting_is_restored_and_missing_cuda_is_a_config_error(tmp_path
             run(store, config(**{"train.backbone": "lightgcn", "train.device": "cuda"}))
 
 
-@pytest.mark.parametrize("backbone", ["lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "bpr"])
+@pytest.mark.parametrize("backbone", ["lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "bpr", "pop", "itemknncbf"])
 def test_backbones_taking_a_feature_mapping_train_and_reload(tmp_path, backbone):
     store = write_workdir(tmp_path)
     result, _ = run(store, config(**{"train.backbone": backbone, "train.epochs": 2}))
@@ -318,3 +318,10 @@ def test_backbones_taking_a_feature_mapping_train_and_reload(tmp_path, backbone)
     _, items = train.load_model(store).vectors()  # rebuilt from model.json + model.safetensors alone
     saved, _ = arrow_to_vectors(store.read_parquet("model/item_vectors.parquet")["vector"])
     np.testing.assert_allclose(items.numpy(), saved, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_clear_on_a_backbone_without_modality_embeddings_says_it_has_no_effect(tmp_path):
+    store = write_workdir(tmp_path)
+    _, out = run(store, config(**{"train.backbone": "itemknncbf", "project.mode": "dynamic", "project.k": 2}))
+    assert "has no effect on itemknncbf" in out
+    assert store.read_json("model/model.json")["clear_dynamic"] is None
