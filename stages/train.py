@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 from rich.table import Table
 
+from ..models import checkpoint
 from ..models import graph as graph_module
 from ..models.base import ModalityHook, Recommender
 from ..models.metrics import METRICS, ItemSets
@@ -35,6 +36,7 @@ from ..pipeline.threads import torch_threads
 
 MODALITIES = ("image", "text")
 FEATURE_FILES = {m: f"features/{m}_clear.parquet" for m in MODALITIES}
+CHECKPOINT_DIR = "cache/train_checkpoint"  # the last epoch's training state; deleted once the outputs are written
 OUTPUTS = (
     "model/model.safetensors",
     "model/model.json",
@@ -271,16 +273,18 @@ def _run(ctx: StageContext) -> StageResult:
         bar.set_postfix(loss=f"{r.loss:.4f}", **{cfg.stop_metric: f"{r.valid[cfg.stop_metric]:.4f}"})
 
     try:
-        result = fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch)
+        result = fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch,
+                     checkpoint_dir=store.path(CHECKPOINT_DIR))
     finally:
         bar.close()
     written = _write_outputs(store, ctx.config, model, data, result, notes, device)
+    checkpoint.clear(store.path(CHECKPOINT_DIR))
     ctx.console.print(metrics_table(result, cfg.eval_ks, f"{cfg.backbone}: best epoch {result.best_epoch}"))
     s = cfg.stop_metric
     return StageResult(
         outputs=written,
         counts={"users": data.num_users, "items": data.num_items, "epochs": len(result.history),
-                "best_epoch": result.best_epoch},
+                "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from},
         summary=(f"{cfg.backbone}: best epoch {result.best_epoch} of {len(result.history)}, valid {s} "
                  f"{result.valid[s]:.4f}, test recall@20 {result.test.get('recall@20', float('nan')):.4f} "
                  f"ndcg@20 {result.test.get('ndcg@20', float('nan')):.4f}"),
