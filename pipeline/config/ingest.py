@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Section
+from .base import FloatTriple, Section, Seed
 
 
 class ColumnMap(Section):
@@ -36,10 +36,10 @@ class IngestConfig(Section):
     encoding: str = "utf-8"  # text encoding of CSV / TSV / JSONL files; rows that do not decode are rejected
     columns: ColumnMap = ColumnMap()
     min_rating: float | None = None  # reject interactions rated below this (rejects rows); None keeps all
-    kcore: int = Field(0, ge=0)  # keep users and items with >= kcore interactions, iterated until stable; 0 = off
+    kcore: int = Field(0, ge=0, le=1_000_000)  # keep users and items with >= kcore interactions, iterated until stable; 0 = off
     split: Literal["random", "given", "temporal"] = "random"  # given = keep the split column / files
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test share per user
-    seed: int = 2024  # seed of the random split
+    split_ratios: FloatTriple = (0.8, 0.1, 0.1)  # train / valid / test share per user
+    seed: Seed = 2024  # seed of the random split
 
     @field_validator("encoding")
     @classmethod
