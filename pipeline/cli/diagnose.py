@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ...stages import _project_plots as plots
@@ -37,11 +38,11 @@ def diagnose(
     target = ArtifactStore(out_dir if out_dir is not None else store.root / "diagnose")
     target.write_json("diagnostics.json", diag)
     pngs = plots.write_plots(target, "", diag)
-    console.print(f"wrote {target.path('diagnostics.json')} and {len(pngs)} figure(s) in {target.root}")
+    console.print(f"wrote {target.path('diagnostics.json')} and {len(pngs)} figure(s) in {target.root}", markup=False)
     if as_json:
         out.print_json(json.dumps(diag))
         return
-    table = Table(title=f"CLEAR diagnostics: {store.root}")
+    table = Table(title=f"CLEAR diagnostics: {escape(str(store.root))}")
     table.add_column("measure")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

@@ -34,7 +34,7 @@ def _setup(config: Path | None, workdir: Path | None, set_: list[str] | None, ou
     cfg: Config = load(config, set_)
     base = workdir_of(cfg, workdir)
     folder = (out_dir if out_dir is not None else base / "experiments").expanduser().resolve()
-    console.print(f"base work directory: {base}\nexperiment folder: {folder}")
+    console.print(f"base work directory: {base}\nexperiment folder: {folder}", markup=False)
     return Harness(cfg, base, folder, console=console, command=command)
 
 
@@ -94,7 +94,7 @@ def compare(
     if ablations:
         h.ablate(ablation_backbone, _list(seeds, int, "--seeds"), epochs)
         out.print((h.out.root / "ablations.md").read_text(encoding="utf-8"), markup=False, highlight=False)
-    console.print(f"wrote {h.out.root / 'compare.json'}; HTML: clearrec report --comparison {h.out.root}")
+    console.print(f"wrote {h.out.root / 'compare.json'}; HTML: clearrec report --comparison {h.out.root}", markup=False)
 
 
 @app.command()
@@ -156,4 +156,4 @@ def report(
     else:
         root = workdir_of(load(config, set_), None)
     html_path, md_path = write_report(root, comparison=comparison is not None, out_dir=out_dir)
-    out.print(f"{html_path}\n{md_path}", highlight=False)
+    out.print(f"{html_path}\n{md_path}", highlight=False, markup=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClearrecError, ConfigError
@@ -45,7 +46,7 @@ def run(
     cfg = load(config, set_)
     selected = select_stages(STAGES, only, from_, to)
     runner = Runner(STAGES, cfg, workdir_of(cfg, workdir), console=console)
-    console.print(f"work directory: {runner.store.root}")
+    console.print(f"work directory: {escape(str(runner.store.root))}")
     runner.run(selected, force=force, dry_run=dry_run, resume_hint=resume_command(config, workdir, set_))
 
 
@@ -62,13 +63,13 @@ def status(
     if as_json:
         out.print_json(json.dumps({n: {"state": s.state, "reason": s.reason} for n, s in states.items()}))
         return
-    table = Table(title=f"clearrec status: {workdir_of(cfg, workdir)}")
+    table = Table(title=f"clearrec status: {escape(str(workdir_of(cfg, workdir)))}")
     table.add_column("stage")
     table.add_column("state")
     table.add_column("reason")
     colour = {"up-to-date": "green", "stale": "yellow", "never-run": "red"}
     for name, s in states.items():
-        table.add_row(name, f"[{colour[s.state]}]{s.state}[/]", s.reason)
+        table.add_row(name, f"[{colour[s.state]}]{s.state}[/]", escape(s.reason))
     out.print(table)
 
 
@@ -76,7 +77,7 @@ def status(
 def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (file + overrides + defaults) as TOML."""
     cfg = load(config, set_)
-    out.print(f"# resolved from {cfg.source}; relative paths are relative to {cfg.base_dir}", highlight=False)
+    out.print(f"# resolved from {cfg.source}; relative paths are relative to {cfg.base_dir}", highlight=False, markup=False)
     out.print(cfg.to_toml(), highlight=False, markup=False)
 
 
@@ -103,8 +104,8 @@ def main() -> None:
     try:
         app()
     except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}")
+        console.print(f"[bold red]config error:[/] {escape(str(e))}")
         sys.exit(2)
     except ClearrecError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(1)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..api import MAX_K, open_workdir
@@ -56,16 +57,16 @@ def query(
         else:
             hits, what = rec.search_image(image, k), f"image search: {image}"
     except ValueError as e:  # e.g. an undecodable image or a bad --source
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from e
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
         return
-    table = Table(title=what)
+    table = Table(title=escape(what))
     table.add_column("#", justify="right")
     table.add_column("item_id")
     table.add_column("score", justify="right")
     table.add_column("title")
     for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), h.item_id, f"{h.score:.4f}", h.title)
+        table.add_row(str(rank), escape(h.item_id), f"{h.score:.4f}", escape(h.title))
     out.print(table)

@@ -39,5 +39,5 @@ def serve(
                        max_image_pixels=cfg.encode.max_image_pixels)
     application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes)
     host, port = host or serve_cfg.host, port or serve_cfg.port
-    console.print(f"serving {workdir_of(cfg, workdir)} on http://{host}:{port} (Ctrl-C stops)")
+    console.print(f"serving {workdir_of(cfg, workdir)} on http://{host}:{port} (Ctrl-C stops)", markup=False)
     uvicorn.run(application, host=host, port=port, access_log=access_log, log_level="warning")
