@@ -4,15 +4,20 @@
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
 - :class:`QueryEncoder`: the catalog's encoders and CLEAR projector, for queries and new items;
+- :class:`QueryBatcher`: concurrent text / image queries encoded together, one forward pass;
+- :func:`decode_query_image`: a query image decoded reduced to the encoder's input size;
 - :class:`RWLock`: many readers or one writer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,6 +32,10 @@ from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from .store import ArtifactStore, arrow_to_vectors
 
 INFO = "index/index_info.json"
+BATCH_WINDOW_S = 0.003  # a query waits at most this long for others to share its forward pass
+MAX_BATCH = 64  # most queries encoded in one forward pass
+MAX_DECODES = 2  # query images decoded at the same time (each may briefly hold its full-size pixels)
+TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory is handed back to the OS
 
 
 class LoadedIndex:
@@ -149,6 +158,8 @@ class QueryEncoder:
         # which are per thread, so a fixed thread makes a query's vector the same bytes
         # whichever thread (HTTP worker, caller) asks
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearrec-encode")
+        self._batcher = QueryBatcher(self._worker, lambda m, payloads: encode_rows(self.encoder(m), m, payloads))
+        self._decodes = threading.BoundedSemaphore(MAX_DECODES)
 
     def block(self, modality: str) -> dict[str, Any]:
         if modality not in self.blocks:
@@ -218,10 +229,21 @@ class QueryEncoder:
         return self._worker.submit(fn, *args).result()
 
     def query(self, modality: str, payload: Any, dim: int) -> np.ndarray:
-        """One text / image query -> (1, dim): its block L2-normalised, zeros elsewhere."""
+        """One text / image query -> (1, dim): its block L2-normalised, zeros elsewhere.
+
+        Image bytes are decoded here (at most :data:`MAX_DECODES` at once, reduced to the
+        encoder's input size); the forward pass is shared with concurrent queries
+        (:class:`QueryBatcher`) and gives the vector this query would get alone.
+        """
         b = self.block(modality)
+        enc = self.encoder(modality)
+        if modality == "image":
+            size = getattr(enc, "image_size", None)
+            with self._decodes:
+                payload = decode_query_image(payload, self.max_pixels, max(size) if size else None)
+        raw = self._batcher.submit(modality, payload)[None, :]  # (1, d)
         q = np.zeros((1, dim), dtype=np.float32)
-        q[:, b["start"] : b["start"] + b["dim"]] = l2n(self.project(modality, self.encode(modality, [payload])))
+        q[:, b["start"] : b["start"] + b["dim"]] = l2n(self.project(modality, raw))
         return q
 
     def item_features(self, rows: list[dict[str, Any]], catalog_root: Path | None) -> dict[str, np.ndarray]:
@@ -266,6 +288,138 @@ class QueryEncoder:
             b = self.blocks[modality]
             out[:, b["start"] : b["start"] + b["dim"]] = l2n(x)
         return out
+
+
+class QueryBatcher:
+    """Dynamic batching of concurrent queries on the encoder thread.
+
+    :meth:`submit` queues one payload and waits for its vector. The first query to arrive
+    schedules a drain on the encoder thread, which waits up to :data:`BATCH_WINDOW_S` (less
+    once :data:`MAX_BATCH` queries wait), takes what has queued, and encodes it per modality
+    with :func:`encode_rows`; queries arriving meanwhile form the next batch. A failure is
+    raised to the queries of the group that failed, and only to them.
+    """
+
+    def __init__(self, worker: ThreadPoolExecutor, encode: Any, window_s: float = BATCH_WINDOW_S,
+                 max_batch: int = MAX_BATCH):
+        self._worker, self._encode, self.window_s, self.max_batch = worker, encode, window_s, max_batch
+        self._pending: list[tuple[str, Any, Future]] = []
+        self._cond = threading.Condition()
+        self._scheduled = False
+        self.batches = 0  # forward-pass groups run so far (for tests and health checks)
+
+    def submit(self, modality: str, payload: Any) -> np.ndarray:
+        """``payload``'s encoder output, (d,) float32."""
+        future: Future = Future()
+        with self._cond:
+            self._pending.append((modality, payload, future))
+            if not self._scheduled:
+                self._scheduled = True
+                self._worker.submit(self._drain)
+            self._cond.notify_all()
+        return future.result()
+
+    def _drain(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._pending) >= self.max_batch, timeout=self.window_s)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            if self._pending:
+                self._worker.submit(self._drain)
+            else:
+                self._scheduled = False
+        groups: dict[str, list[tuple[Any, Future]]] = {}
+        for modality, payload, future in batch:
+            groups.setdefault(modality, []).append((payload, future))
+        for modality, items in groups.items():
+            try:
+                rows = self._encode(modality, [p for p, _ in items])
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting queries
+                rows = [e] * len(items)
+            self.batches += 1
+            for (_, future), row in zip(items, rows):
+                if isinstance(row, BaseException):
+                    future.set_exception(row)
+                else:
+                    future.set_result(row)
+
+
+def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
+    """Encoder output per payload, (d,) each (or the exception of a payload that failed).
+
+    Payloads whose model input has the same shape (texts of the same token length, images
+    after preprocessing) go through one forward pass; nothing is padded, so each row is
+    what the payload gives alone. Encoders without the split steps encode one by one.
+    """
+    split = ("tokenize", "encode_tokens") if modality == "text" else ("preprocess", "encode_pixels")
+    if not all(hasattr(enc, name) for name in split):
+        return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
+    prepare, run = (getattr(enc, name) for name in split)
+    inputs = [_guarded(lambda p=p: prepare([p]) if modality == "text" else prepare(p)) for p in payloads]
+    rows: list[Any] = [x if isinstance(x, BaseException) else None for x in inputs]
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(inputs):
+        if not isinstance(x, BaseException):
+            groups.setdefault(_shape_key(x), []).append(i)
+    for members in groups.values():
+        out = _guarded(lambda m=members: run(_stack([inputs[i] for i in m], modality == "text")))
+        for j, i in enumerate(members):
+            rows[i] = out if isinstance(out, BaseException) else out[j]
+    return rows
+
+
+def _guarded(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - returned to the one query it belongs to
+        return e
+
+
+def _shape_key(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return tuple(sorted((k, tuple(v.shape)) for k, v in x.items() if hasattr(v, "shape")))
+    return tuple(x.shape)
+
+
+def _stack(inputs: list[Any], concat: bool) -> Any:
+    """Per-payload model inputs -> one batch: (1, L) token rows concatenated, (H, W, 3) pixels stacked."""
+    import torch
+
+    first = inputs[0]
+    if isinstance(first, Mapping):
+        return {k: torch.cat([x[k] for x in inputs]) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
+    return torch.cat(inputs) if concat else torch.stack(inputs)
+
+
+def decode_query_image(data: bytes, max_pixels: int, reduce_to: int | None) -> Any:
+    """A query image -> RGB ``PIL.Image``, guarded as catalog images are, decoded reduced.
+
+    ``reduce_to`` (the encoder's input side, pixels): an image whose shorter side is at least
+    twice that is decoded at an integer reduction keeping the shorter side >= ``reduce_to``
+    (:func:`safe_open_image`). After an image of :data:`TRIM_PIXELS` or more, freed memory is
+    returned to the OS (glibc keeps large freed blocks otherwise).
+    """
+    from PIL import Image
+
+    from ..models.images import ALLOWED_FORMATS, safe_open_image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
+            pixels = probe.size[0] * probe.size[1]
+    except Exception:  # noqa: BLE001 - safe_open_image gives the proper error below
+        pixels = 0
+    try:
+        return safe_open_image(data, max_pixels, reduce_to=reduce_to)
+    finally:
+        if pixels >= TRIM_PIXELS:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def image_payload(image: Any, catalog_root: Path | None) -> bytes | str | None:
