@@ -4,7 +4,7 @@
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
 - :class:`QueryEncoder`: the catalog's encoders and CLEAR projector, for queries and new items;
-- :class:`QueryBatcher`: concurrent text / image queries encoded together, one forward pass;
+- :class:`QueryBatcher`: concurrent queries collected on the encoder thread, texts encoded together;
 - :func:`decode_query_image`: a query image decoded reduced to the encoder's input size;
 - :class:`RWLock`: many readers or one writer.
 """
@@ -30,10 +30,13 @@ import pyarrow.parquet as pq
 from ..models import ann
 from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from .store import ArtifactStore, arrow_to_vectors
+from .threads import torch_threads
 
 INFO = "index/index_info.json"
 BATCH_WINDOW_S = 0.003  # a query waits at most this long for others to share its forward pass
 MAX_BATCH = 64  # most queries encoded in one forward pass
+QUERY_TORCH_THREADS = 1  # torch threads of a query forward pass: one thread keeps a row independent of its batch
+TEXT_PAD = 16  # text queries are padded to a multiple of this many tokens (masked), so rows batch exactly
 MAX_DECODES = 2  # query images decoded at the same time (each may briefly hold its full-size pixels)
 TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory is handed back to the OS
 
@@ -346,25 +349,30 @@ class QueryBatcher:
 def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
     """Encoder output per payload, (d,) each (or the exception of a payload that failed).
 
-    Payloads whose model input has the same shape (texts of the same token length, images
-    after preprocessing) go through one forward pass; nothing is padded, so each row is
-    what the payload gives alone. Encoders without the split steps encode one by one.
+    Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
+    padded to a multiple of :data:`TEXT_PAD` tokens, and those of one padded length go through
+    one forward pass on :data:`QUERY_TORCH_THREADS` torch thread(s): each row is then the
+    bytes the text gives alone, padded the same way. Measured otherwise: rows of a batch
+    differ from single rows in their last bits when the token count per text is not a
+    multiple of 16, with two torch threads, and for images (CLIP's patch tokens), so image
+    queries and other encoders run one forward pass per query (on the same encoder thread).
     """
-    split = ("tokenize", "encode_tokens") if modality == "text" else ("preprocess", "encode_pixels")
-    if not all(hasattr(enc, name) for name in split):
-        return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
-    prepare, run = (getattr(enc, name) for name in split)
-    inputs = [_guarded(lambda p=p: prepare([p]) if modality == "text" else prepare(p)) for p in payloads]
-    rows: list[Any] = [x if isinstance(x, BaseException) else None for x in inputs]
-    groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(inputs):
-        if not isinstance(x, BaseException):
-            groups.setdefault(_shape_key(x), []).append(i)
-    for members in groups.values():
-        out = _guarded(lambda m=members: run(_stack([inputs[i] for i in m], modality == "text")))
-        for j, i in enumerate(members):
-            rows[i] = out if isinstance(out, BaseException) else out[j]
-    return rows
+    with torch_threads(QUERY_TORCH_THREADS):
+        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if modality == "text" else None
+        if tokens is None or not hasattr(enc, "encode_tokens") or not all(
+                isinstance(t, Mapping) and "attention_mask" in t for t in tokens):
+            return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
+        pad_id = getattr(getattr(getattr(enc, "model", None), "tokenizer", None), "pad_token_id", None) or 0
+        padded = [_pad_tokens(t, pad_id) for t in tokens]
+        rows: list[Any] = [None] * len(payloads)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(padded):
+            groups.setdefault(int(t["input_ids"].shape[1]), []).append(i)
+        for members in groups.values():
+            out = _guarded(lambda m=members: enc.encode_tokens(_concat([padded[i] for i in m])))
+            for j, i in enumerate(members):
+                rows[i] = out if isinstance(out, BaseException) else out[j]
+        return rows
 
 
 def _guarded(fn: Any) -> Any:
@@ -374,20 +382,26 @@ def _guarded(fn: Any) -> Any:
         return e
 
 
-def _shape_key(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return tuple(sorted((k, tuple(v.shape)) for k, v in x.items() if hasattr(v, "shape")))
-    return tuple(x.shape)
-
-
-def _stack(inputs: list[Any], concat: bool) -> Any:
-    """Per-payload model inputs -> one batch: (1, L) token rows concatenated, (H, W, 3) pixels stacked."""
+def _pad_tokens(tokens: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
+    """(1, L) token tensors -> (1, L') with L' the next multiple of TEXT_PAD; padding masked out."""
     import torch
 
-    first = inputs[0]
-    if isinstance(first, Mapping):
-        return {k: torch.cat([x[k] for x in inputs]) if isinstance(v, torch.Tensor) else v for k, v in first.items()}
-    return torch.cat(inputs) if concat else torch.stack(inputs)
+    length = int(tokens["input_ids"].shape[1])
+    target = -(-length // TEXT_PAD) * TEXT_PAD
+    out: dict[str, Any] = {}
+    for key, value in tokens.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length:
+            pad = torch.full((1, target), pad_id if key == "input_ids" else 0, dtype=value.dtype)
+            pad[:, :length] = value
+            value = pad
+        out[key] = value
+    return out
+
+
+def _concat(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.cat([t[k] for t in tokens]) if isinstance(v, torch.Tensor) else v for k, v in tokens[0].items()}
 
 
 def decode_query_image(data: bytes, max_pixels: int, reduce_to: int | None) -> Any:
