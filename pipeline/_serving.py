@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -352,22 +351,23 @@ def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
     Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
     padded to a multiple of :data:`TEXT_PAD` tokens, and those of one padded length go through
     one forward pass on :data:`QUERY_TORCH_THREADS` torch thread(s): each row is then the
-    bytes the text gives alone, padded the same way. Measured otherwise: rows of a batch
-    differ from single rows in their last bits when the token count per text is not a
-    multiple of 16, with two torch threads, and for images (CLIP's patch tokens), so image
-    queries and other encoders run one forward pass per query (on the same encoder thread).
+    bytes the text gives alone, padded the same way. Measured on CPU otherwise: batched rows
+    differ from single ones in their last bits when the token count is not a multiple of 16,
+    and for images (CLIP's patch tokens), so image queries and other encoders run one forward
+    pass per query (on the same encoder thread).
     """
     with torch_threads(QUERY_TORCH_THREADS):
-        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if modality == "text" else None
-        if tokens is None or not hasattr(enc, "encode_tokens") or not all(
+        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if modality == "text" else []
+        if not hasattr(enc, "encode_tokens") or not any(
                 isinstance(t, Mapping) and "attention_mask" in t for t in tokens):
             return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
         pad_id = getattr(getattr(getattr(enc, "model", None), "tokenizer", None), "pad_token_id", None) or 0
-        padded = [_pad_tokens(t, pad_id) for t in tokens]
-        rows: list[Any] = [None] * len(payloads)
+        padded = [t if isinstance(t, BaseException) else _guarded(lambda t=t: _pad_tokens(t, pad_id)) for t in tokens]
+        rows: list[Any] = [t if isinstance(t, BaseException) else None for t in padded]
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(padded):
-            groups.setdefault(int(t["input_ids"].shape[1]), []).append(i)
+            if not isinstance(t, BaseException):
+                groups.setdefault(int(t["input_ids"].shape[1]), []).append(i)
         for members in groups.values():
             out = _guarded(lambda m=members: enc.encode_tokens(_concat([padded[i] for i in m])))
             for j, i in enumerate(members):
