@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def run_key(parts: list[Any], tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(dest: Path, write: Any) -> None:
+def _atomic_write(dest: Path, write: Callable[[str], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:

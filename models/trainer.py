@@ -1,7 +1,8 @@
 """The training loop: BPR with uniform negative sampling, Adam, full-ranking early stopping.
 
 Model-agnostic: it only calls :meth:`Recommender.pre_epoch`, :meth:`Recommender.loss` and
-:meth:`Recommender.vectors`. Pure computation on tensors (no files, no config objects).
+:meth:`Recommender.vectors`. Computation on tensors, no config objects; the only files are the
+optional per-epoch checkpoints (:mod:`.checkpoint`) that let an interrupted run resume.
 One epoch = every training pair once, in a fresh random order, each with one negative drawn
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items

@@ -49,8 +49,8 @@ def run(ctx: StageContext) -> StageResult:
         encoders[modality] = _load(modality, specs[modality], cfg, device, ctx.config)
         if encoders[modality].untrained:
             ctx.warn(f"the {modality} encoder {encoders[modality].identity} is UNTRAINED "
-                    "(random weights): its vectors carry no meaning. Fine for a smoke run; set "
-                    f"encode.{modality}_encoder to a pretrained model for real use.")
+                     "(random weights): its vectors carry no meaning. Fine for a smoke run; set "
+                     f"encode.{modality}_encoder to a pretrained model for real use.")
     outputs: list[str] = []
     counts: dict[str, int] = {}
     lines: list[str] = []
