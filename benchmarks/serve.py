@@ -137,7 +137,9 @@ def report(results: list[tuple[str, float, int]], seconds: float) -> None:
           f"p99 {np.percentile(lat, 99):.2f}  max {lat.max():.2f}")
     for kind in sorted({r[0] for r in results}):
         k_lat = np.array([r[1] for r in results if r[0] == kind]) * 1e3
-        print(f"  {kind:<9} n={len(k_lat):<6} p50 {np.percentile(k_lat, 50):.2f}  p99 {np.percentile(k_lat, 99):.2f}")
+        k_err = sum(1 for r in results if r[0] == kind and r[2] != 200)
+        print(f"  {kind:<9} n={len(k_lat):<6} {len(k_lat) / seconds:.0f}/s  errors {k_err}  "
+              f"p50 {np.percentile(k_lat, 50):.2f}  p99 {np.percentile(k_lat, 99):.2f}")
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -16,6 +16,7 @@ one index can serve concurrent queries with different knobs.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import faiss
@@ -46,6 +47,82 @@ def estimate_bytes(factory: str, n: int, d: int) -> int:
         # codes (m bytes) + int64 id per vector, coarse centroids, PQ codebooks (256 x d floats)
         return n * (m + 8) + 4 * nlist * d + 4 * 256 * d
     raise ValueError(f"cannot estimate the size of factory {factory!r}")
+
+
+_TRANSFORM = re.compile(r"PCAW?R?(\d+)|OPQ(\d+)(?:_(\d+))?|RR(\d+)|L2norm")
+_CODE = r"Flat|SQ(?:4|6|8|fp16|bf16)|PQ\d+(?:x\d+)?(?:fs|np)?"
+_PQ = re.compile(r"PQ(\d+)(?:x(\d+))?(fs|np)?")
+_MAIN = re.compile(rf"IVF(?P<nlist>\d+)(?:_HNSW(?P<qm>\d+))?|HNSW(?P<m>\d+)(?:_(?P<code>{_CODE}))?|(?P<alone>{_CODE})")
+_REFINE = ("RFlat", "Refine(Flat)")
+FACTORY_FORMS = ("[PCA<d> | PCAR<d> | OPQ<m>[_<d>] | RR<d> | L2norm ,] main [, RFlat]; main = Flat | SQ4|6|8|fp16|bf16 "
+                 "| PQ<m>[x<bits>][fs] | HNSW<M>[,Flat|SQ..|PQ..] | IVF<nlist>[_HNSW<M>],Flat|SQ..|PQ..")
+_LIMITS = {"M": (2, 512), "nlist": (1, 1 << 22), "m": (1, 1 << 16), "bits": (1, 16), "dim": (1, 1 << 16)}
+
+
+def validate_factory(factory: str, d: int | None = None, n: int | None = None) -> str:
+    """Check a FAISS ``index_factory`` string before FAISS parses it (FAISS aborts on some bad ones).
+
+    Accepts the forms in :data:`FACTORY_FORMS` with every number in range (:data:`_LIMITS`);
+    with ``d`` (vector dim) and ``n`` (rows) also checks that PQ sub-quantizers divide the
+    dimension, that transforms do not grow it, and that IVF / PQ have enough rows to train.
+    Returns the string without spaces; raises ``ValueError`` naming the part that is wrong.
+    """
+    spec = factory.replace(" ", "")
+    parts = spec.split(",")
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"index factory {factory!r}: {why}")
+
+    def num(text: str | None, what: str, part: str) -> int | None:
+        if text is None:
+            return None
+        lo, hi = _LIMITS[what]
+        if not lo <= int(text) <= hi:
+            raise fail(f"{what} = {int(text)} in {part!r} must be in {lo}..{hi}")
+        return int(text)
+
+    def check_code(code: str, dim: int | None) -> None:
+        pq = _PQ.fullmatch(code)
+        if pq is None:
+            return
+        m, bits = num(pq.group(1), "m", code), num(pq.group(2), "bits", code) or 8
+        if pq.group(3) == "fs" and pq.group(2) not in (None, "4"):
+            raise fail(f"fast-scan PQ ({code!r}) takes 4 bits per code (x4)")
+        if dim is not None and dim % m:
+            raise fail(f"{code!r} needs the dimension {dim} to be a multiple of {m}")
+        if n is not None and 2 ** bits > n:
+            raise fail(f"{code!r} trains {2 ** bits} centroids per sub-quantizer but the index has only {n} vectors")
+
+    if not spec or not all(parts):
+        raise fail(f"empty, or an empty part; forms: {FACTORY_FORMS}")
+    dim, i = d, 0
+    while i < len(parts) and (t := _TRANSFORM.fullmatch(parts[i])):
+        out, m = num(t.group(1) or t.group(3) or t.group(4), "dim", parts[i]), num(t.group(2), "m", parts[i])
+        if out is not None and dim is not None and out > dim and not parts[i].startswith("OPQ"):
+            raise fail(f"{parts[i]!r} outputs {out} dims, more than the {dim} it gets")
+        if m is not None and (out or dim) is not None and (out or dim) % m:
+            raise fail(f"{parts[i]!r} needs {out or dim} dims to be a multiple of {m}")
+        dim, i = out or dim, i + 1
+    if len(parts) > i + 1 and parts[-1] in _REFINE:
+        parts = parts[:-1]
+    main = _MAIN.fullmatch(parts[i]) if i < len(parts) else None
+    if main is None:
+        raise fail(f"{parts[i] if i < len(parts) else '(nothing)'!r} is not a supported index; forms: {FACTORY_FORMS}")
+    nlist = num(main["nlist"], "nlist", parts[i])
+    num(main["qm"] or main["m"], "M", parts[i])
+    if nlist is not None and n is not None and nlist > n:
+        raise fail(f"IVF{nlist} needs at least {nlist} vectors to train, the index has {n}")
+    rest = parts[i + 1 :]
+    takes = 1 if nlist is not None else (0 if main["code"] or main["alone"] else None)  # None: 0 or 1 code
+    if len(rest) > 1 or (takes is not None and len(rest) != takes):
+        want = "one vector code after it, e.g. ',Flat' or ',PQ16'" if takes else "nothing after it"
+        raise fail(f"{parts[i]!r} takes {want}, got {','.join(rest) or 'nothing'!r}; forms: {FACTORY_FORMS}")
+    if rest and not re.fullmatch(_CODE, rest[0]):
+        raise fail(f"{rest[0]!r} is not a vector code (Flat, SQ8, PQ<m>[x<bits>]); forms: {FACTORY_FORMS}")
+    for code in (main["code"], main["alone"], *rest):
+        if code:
+            check_code(code, dim)
+    return spec
 
 
 def choose_factory(
@@ -89,10 +166,12 @@ def build_index(
     """Build ``factory`` over ``vectors`` (N, d) with the inner-product metric.
 
     Trainable indexes (IVF, PQ) are trained on at most ``max_train_points`` rows drawn with
-    ``seed``; HNSW graphs are built with ``ef_construction``.
+    ``seed``; HNSW graphs are built with ``ef_construction``. ``factory`` is checked first
+    (:func:`validate_factory`), so a bad string raises ``ValueError`` instead of reaching FAISS.
     """
     x = _as_f32(vectors)  # (N, d)
     n, d = x.shape
+    factory = validate_factory(factory, d, n)
     try:
         index = faiss.index_factory(d, factory, METRIC)
     except RuntimeError as e:

@@ -43,9 +43,13 @@ class ImageDecodeError(ValueError):
         self.code = code
 
 
-def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    reduce_to: int | None = None) -> Image.Image:
     """Decode one image from ``bytes`` or a file path into a fully loaded RGB ``PIL.Image``.
 
+    With ``reduce_to`` (pixels), a larger image is decoded reduced by an integer factor that
+    keeps its shorter side at least ``reduce_to``: JPEG at a smaller DCT scale (Pillow's
+    ``draft``, the full-size pixels never exist), other formats decoded and then box-reduced.
     Raises :class:`ImageDecodeError` (with ``.code``) for every way an image can be unusable.
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else read_image_file(source)
@@ -59,7 +63,11 @@ def safe_open_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = _open(data, max_pixels)
         try:
+            if reduce_to is not None and min(img.size) >= 2 * reduce_to:
+                img.draft(img.mode, (reduce_to, reduce_to))  # JPEG only: the smallest DCT scale >= reduce_to
             img.load()
+            if reduce_to is not None and min(img.size) >= 2 * reduce_to:
+                img = _to_rgb(img).reduce(min(img.size) // reduce_to)
             img = ImageOps.exif_transpose(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError("decompression_bomb", str(e)) from e

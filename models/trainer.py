@@ -1,7 +1,8 @@
 """The training loop: BPR with uniform negative sampling, Adam, full-ranking early stopping.
 
 Model-agnostic: it only calls :meth:`Backbone.pre_epoch`, :meth:`Backbone.loss` and
-:meth:`Backbone.vectors`. Pure computation on tensors (no files, no config objects).
+:meth:`Backbone.vectors`. Computation on tensors, no config objects; the only files are the
+optional per-epoch checkpoints (:mod:`.checkpoint`) that let an interrupted run resume.
 One epoch = every training pair once, in a fresh random order, each with one negative drawn
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
@@ -13,17 +14,21 @@ ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .errors import TrainingError
+from . import checkpoint
 from .base import Backbone
+from .errors import TrainingError
 from .metrics import ItemSets, ranking_metrics
 
 
@@ -55,6 +60,7 @@ class TrainResult:
     test: dict[str, float]  # at the best epoch (empty without a test set)
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
+    resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from the start)
 
 
 class NegativeSampler:
@@ -94,6 +100,16 @@ def _adam(model: Backbone, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _key(model: Backbone, train: ItemSets, valid: ItemSets, options: TrainOptions) -> str:
+    """What a checkpoint must match: options, model (class, settings, initial weights, code), data, loop code."""
+    tensors = {f"init.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"buffer.{k}": v for k, v in model.named_buffers() if v.layout == torch.strided})
+    tensors.update({"train.indptr": train.indptr, "train.items": train.items,
+                    "valid.indptr": valid.indptr, "valid.items": valid.items})
+    code = [inspect.getsource(sys.modules[m]) for m in (type(model).__module__, __name__)]
+    return checkpoint.run_key([type(model).__name__, model.hparams(), asdict(options), code], tensors)
+
+
 def fit(
     model: Backbone,
     train: ItemSets,
@@ -101,8 +117,14 @@ def fit(
     test: ItemSets | None,
     options: TrainOptions = TrainOptions(),
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``train`` (CPU ItemSets), early-stopping on ``valid``; see module doc."""
+    """Train ``model`` in place on ``train`` (CPU ItemSets), early-stopping on ``valid``; see module doc.
+
+    With ``checkpoint_dir``, the state after every epoch is saved there (:mod:`.checkpoint`, one
+    epoch kept) and a run with the same model, data and options continues from it: the result
+    is the one an uninterrupted run gives (exactly so on CPU). ``on_epoch`` runs after the save.
+    """
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     trainable = any(p.requires_grad for p in model.parameters())
     generator = torch.Generator().manual_seed(options.seed)
@@ -115,8 +137,21 @@ def fit(
     optimizer = _adam(model, options.lr) if trainable else None
     history: list[EpochRecord] = []
     best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
-    stopped_early = False
-    for epoch in range(1, options.epochs + 1):
+    stopped_early, finished, start_epoch = False, False, 1
+    key = _key(model, train, valid, options) if checkpoint_dir is not None else ""
+    saved = checkpoint.load(checkpoint_dir, key) if checkpoint_dir is not None else None
+    if saved is not None:
+        model.load_state_dict(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        generator.set_state(saved.generator)
+        torch.set_rng_state(saved.torch_rng)
+        history = [EpochRecord(**r) for r in saved.history]
+        best_epoch, best_value, best_valid = saved.best_epoch, saved.best_value, saved.best_valid
+        best_state = {k: v.to(device) for k, v in saved.best.items()} if saved.best is not None else None
+        stopped_early, finished, start_epoch = saved.stopped_early, saved.finished, saved.epoch + 1
+    for epoch in range(start_epoch, options.epochs + 1):
+        if finished:
+            break
         t0 = time.perf_counter()
         model.train()
         model.pre_epoch(generator)
@@ -142,17 +177,19 @@ def fit(
                                         popularity)
         record = EpochRecord(epoch, total / users.numel(), valid_metrics, t1 - t0, time.perf_counter() - t1)
         history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
         value = valid_metrics[options.stop_metric]
         if value > best_value:
             best_epoch, best_value, best_valid = epoch, value, valid_metrics
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= options.patience:
             stopped_early = True
-            break
-        if optimizer is None:
-            break
+        finished = stopped_early or epoch == options.epochs or optimizer is None  # nothing to train: one epoch
+        if checkpoint_dir is not None and optimizer is not None:
+            checkpoint.save(checkpoint_dir, key, checkpoint.TrainState(
+                epoch, finished, [asdict(r) for r in history], best_epoch, best_value, best_valid, stopped_early,
+                model.state_dict(), best_state, optimizer.state_dict(), generator.get_state(), torch.get_rng_state()))
+        if on_epoch is not None:
+            on_epoch(record)
     if best_state is not None:
         model.load_state_dict(best_state)
     test_metrics: dict[str, float] = {}
@@ -160,4 +197,4 @@ def fit(
         user_vecs, item_vecs = model.vectors()
         test_metrics = ranking_metrics(user_vecs, item_vecs, test.to(device), train_d, options.ks, options.max_block,
                                        popularity)
-    return TrainResult(best_epoch, best_valid, test_metrics, history, stopped_early)
+    return TrainResult(best_epoch, best_valid, test_metrics, history, stopped_early, resumed_from=start_epoch - 1)

@@ -6,15 +6,19 @@
 - :class:`QueryEncoder`: the catalog's encoders, CLEAR projector, fill vectors and content
   layout, for queries and new items;
 - :func:`load_content_pathway`: the trained backbone's content layer alone (VBPR), for new items;
+- :class:`QueryBatcher`: concurrent queries collected on the encoder thread, texts encoded together;
+- :func:`decode_query_image`: a query image decoded reduced to the encoder's input size;
 - :class:`RWLock`: many readers or one writer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -27,7 +31,8 @@ import pyarrow.parquet as pq
 from ..models import ann
 from ..models.content import ContentLayout
 from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
-from .store import ArtifactStore, arrow_to_vectors
+from .store import ArtifactStore, arrow_to_vectors, resolve_inside
+from .threads import torch_threads
 from .workdir import (
     CONTENT_PATHWAY,
     FILL,
@@ -40,6 +45,13 @@ from .workdir import (
     USER_VECTORS,
     stage_outputs,
 )
+
+BATCH_WINDOW_S = 0.003  # a query waits at most this long for others to share its forward pass
+MAX_BATCH = 64  # most queries encoded in one forward pass
+QUERY_TORCH_THREADS = 1  # torch threads of a query forward pass: one thread keeps a row independent of its batch
+TEXT_PAD = 16  # text queries are padded to a multiple of this many tokens (masked), so rows batch exactly
+MAX_DECODES = 2  # query images decoded at the same time (each may briefly hold its full-size pixels)
+TRIM_PIXELS = 4_000_000  # after decoding an image this large, freed memory is handed back to the OS
 
 
 class LoadedIndex:
@@ -155,6 +167,8 @@ class QueryEncoder:
         # which are per thread, so a fixed thread makes a query's vector the same bytes
         # whichever thread (HTTP worker, caller) asks
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearrec-encode")
+        self._batcher = QueryBatcher(self._worker, lambda m, payloads: encode_rows(self.encoder(m), m, payloads))
+        self._decodes = threading.BoundedSemaphore(MAX_DECODES)
 
     def block(self, modality: str) -> dict[str, Any]:
         if modality not in self.blocks:
@@ -224,9 +238,20 @@ class QueryEncoder:
         return self._worker.submit(fn, *args).result()
 
     def query(self, modality: str, payload: Any) -> np.ndarray:
-        """One text / image query -> (1, D): a content row with its block alone (zeros elsewhere)."""
+        """One text / image query -> (1, D): a content row with its block alone (zeros elsewhere).
+
+        Image bytes are decoded here (at most :data:`MAX_DECODES` at once, reduced to the
+        encoder's input size); the forward pass is shared with concurrent queries
+        (:class:`QueryBatcher`) and gives the vector this query would get alone.
+        """
         self.block(modality)
-        return self.layout.rows({modality: self.project(modality, self.encode(modality, [payload]))})
+        enc = self.encoder(modality)
+        if modality == "image":
+            size = getattr(enc, "image_size", None)
+            with self._decodes:
+                payload = decode_query_image(payload, self.max_pixels, max(size) if size else None)
+        raw = self._batcher.submit(modality, payload)[None, :]  # (1, d)
+        return self.layout.rows({modality: self.project(modality, raw)})
 
     def item_features(self, rows: list[dict[str, Any]], catalog_root: Path | None) -> dict[str, np.ndarray]:
         """New rows -> projected (B, d) per modality; a missing modality is filled as the catalog's was."""
@@ -271,6 +296,150 @@ class QueryEncoder:
         return self.layout.rows(features)
 
 
+class QueryBatcher:
+    """Dynamic batching of concurrent queries on the encoder thread.
+
+    :meth:`submit` queues one payload and waits for its vector. The first query to arrive
+    schedules a drain on the encoder thread, which waits up to :data:`BATCH_WINDOW_S` (less
+    once :data:`MAX_BATCH` queries wait), takes what has queued, and encodes it per modality
+    with :func:`encode_rows`; queries arriving meanwhile form the next batch. A failure is
+    raised to the queries of the group that failed, and only to them.
+    """
+
+    def __init__(self, worker: ThreadPoolExecutor, encode: Any, window_s: float = BATCH_WINDOW_S,
+                 max_batch: int = MAX_BATCH):
+        self._worker, self._encode, self.window_s, self.max_batch = worker, encode, window_s, max_batch
+        self._pending: list[tuple[str, Any, Future]] = []
+        self._cond = threading.Condition()
+        self._scheduled = False
+        self.batches = 0  # forward-pass groups run so far (for tests and health checks)
+
+    def submit(self, modality: str, payload: Any) -> np.ndarray:
+        """``payload``'s encoder output, (d,) float32."""
+        future: Future = Future()
+        with self._cond:
+            self._pending.append((modality, payload, future))
+            if not self._scheduled:
+                self._scheduled = True
+                self._worker.submit(self._drain)
+            self._cond.notify_all()
+        return future.result()
+
+    def _drain(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._pending) >= self.max_batch, timeout=self.window_s)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            if self._pending:
+                self._worker.submit(self._drain)
+            else:
+                self._scheduled = False
+        groups: dict[str, list[tuple[Any, Future]]] = {}
+        for modality, payload, future in batch:
+            groups.setdefault(modality, []).append((payload, future))
+        for modality, items in groups.items():
+            try:
+                rows = self._encode(modality, [p for p, _ in items])
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting queries
+                rows = [e] * len(items)
+            self.batches += 1
+            for (_, future), row in zip(items, rows):
+                if isinstance(row, BaseException):
+                    future.set_exception(row)
+                else:
+                    future.set_result(row)
+
+
+def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
+    """Encoder output per payload, (d,) each (or the exception of a payload that failed).
+
+    Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
+    padded to a multiple of :data:`TEXT_PAD` tokens, and those of one padded length go through
+    one forward pass on :data:`QUERY_TORCH_THREADS` torch thread(s): each row is then the
+    bytes the text gives alone, padded the same way. Measured on CPU otherwise: batched rows
+    differ from single ones in their last bits when the token count is not a multiple of 16,
+    and for images (CLIP's patch tokens), so image queries and other encoders run one forward
+    pass per query (on the same encoder thread).
+    """
+    with torch_threads(QUERY_TORCH_THREADS):
+        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if modality == "text" else []
+        if not hasattr(enc, "encode_tokens") or not any(
+                isinstance(t, Mapping) and "attention_mask" in t for t in tokens):
+            return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
+        pad_id = getattr(getattr(getattr(enc, "model", None), "tokenizer", None), "pad_token_id", None) or 0
+        padded = [t if isinstance(t, BaseException) else _guarded(lambda t=t: _pad_tokens(t, pad_id)) for t in tokens]
+        rows: list[Any] = [t if isinstance(t, BaseException) else None for t in padded]
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(padded):
+            if not isinstance(t, BaseException):
+                groups.setdefault(int(t["input_ids"].shape[1]), []).append(i)
+        for members in groups.values():
+            out = _guarded(lambda m=members: enc.encode_tokens(_concat([padded[i] for i in m])))
+            for j, i in enumerate(members):
+                rows[i] = out if isinstance(out, BaseException) else out[j]
+        return rows
+
+
+def _guarded(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - returned to the one query it belongs to
+        return e
+
+
+def _pad_tokens(tokens: Mapping[str, Any], pad_id: int) -> dict[str, Any]:
+    """(1, L) token tensors -> (1, L') with L' the next multiple of TEXT_PAD; padding masked out."""
+    import torch
+
+    length = int(tokens["input_ids"].shape[1])
+    target = -(-length // TEXT_PAD) * TEXT_PAD
+    out: dict[str, Any] = {}
+    for key, value in tokens.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length:
+            pad = torch.full((1, target), pad_id if key == "input_ids" else 0, dtype=value.dtype)
+            pad[:, :length] = value
+            value = pad
+        out[key] = value
+    return out
+
+
+def _concat(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.cat([t[k] for t in tokens]) if isinstance(v, torch.Tensor) else v for k, v in tokens[0].items()}
+
+
+def decode_query_image(data: bytes, max_pixels: int, reduce_to: int | None) -> Any:
+    """A query image -> RGB ``PIL.Image``, guarded as catalog images are, decoded reduced.
+
+    ``reduce_to`` (the encoder's input side, pixels): an image whose shorter side is at least
+    twice that is decoded at an integer reduction keeping the shorter side >= ``reduce_to``
+    (:func:`safe_open_image`). After an image of :data:`TRIM_PIXELS` or more, freed memory is
+    returned to the OS (glibc keeps large freed blocks otherwise).
+    """
+    from PIL import Image
+
+    from ..models.images import ALLOWED_FORMATS, safe_open_image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
+            pixels = probe.size[0] * probe.size[1]
+    except Exception:  # noqa: BLE001 - safe_open_image gives the proper error below
+        pixels = 0
+    try:
+        return safe_open_image(data, max_pixels, reduce_to=reduce_to)
+    finally:
+        if pixels >= TRIM_PIXELS:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def image_payload(image: Any, catalog_root: Path | None) -> bytes | str | None:
     """A new row's image: bytes as given, or a path that must stay inside the catalog root."""
     if image is None or isinstance(image, (bytes, bytearray)):
@@ -282,10 +451,13 @@ def image_payload(image: Any, catalog_root: Path | None) -> bytes | str | None:
         raise ValueError(f"image {text!r}: pass the image bytes for remote images")
     if catalog_root is None:
         raise ValueError(f"image path {text!r} cannot be checked: items.parquet records no catalog_root; pass bytes")
-    root = catalog_root.resolve()
-    path = (root / text).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"image path {text!r} leaves the catalog root {root}; pass the image bytes instead")
+    try:
+        path = resolve_inside(catalog_root, text)
+    except OSError as e:
+        raise ValueError(f"image {e}") from e
+    if path is None:
+        raise ValueError(f"image path {text!r} leaves the catalog root {catalog_root.resolve()}; pass the image bytes "
+                         "instead")
     return str(path)
 
 

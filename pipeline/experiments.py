@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from .config import Config
 from .errors import ClearrecError, ConfigError
@@ -202,7 +203,7 @@ class Harness:
     def run_all(self, variants: Sequence[Variant]) -> list[dict[str, Any]]:
         records = []
         for i, v in enumerate(variants, 1):
-            self.console.print(f"[bold]run {i}/{len(variants)}[/] {v.name}")
+            self.console.print(f"[bold]run {i}/{len(variants)}[/] {escape(v.name)}")
             records.append(self.run_variant(v))
         return records
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 from rich.console import Console
+from rich.markup import escape
 
 from .config import Config
 from .errors import ArtifactError, ClearrecError, ConfigError, StageError
@@ -83,7 +84,7 @@ class Runner:
         try:
             return read_manifest(self.store)
         except ArtifactError:
-            self.console.print(f"[yellow]warning:[/] {self.store.path(MANIFEST)} is unreadable; treating every stage as never run")
+            self.console.print(f"[yellow]warning:[/] {escape(str(self.store.path(MANIFEST)))} is unreadable; treating every stage as never run")
             return {"stages": {}}
 
     def _save_entry(self, name: str, entry: dict[str, Any]) -> None:
@@ -194,11 +195,11 @@ class Runner:
                     continue
                 reason = "--force" if force else state.reason
                 if dry_run:
-                    self.console.print(f"[cyan]would run[/] {stage.name:<8} ({reason})")
+                    self.console.print(f"[cyan]would run[/] {stage.name:<8} ({escape(reason)})")
                     pending.update({out: stage.name for out in stage.outputs})
                     ran.append(stage.name)
                     continue
-                self.console.print(f"[bold cyan]▶ {stage.name}[/] ({reason})")
+                self.console.print(f"[bold cyan]▶ {stage.name}[/] ({escape(reason)})")
                 self._run_one(stage, parts, resume_hint, forced=force)
                 ran.append(stage.name)
         if not ran:
@@ -245,10 +246,10 @@ class Runner:
             self._save_entry(stage.name, {**base, "status": "failed", "error": msg, "seconds": round(elapsed, 3),
                                           "ended": datetime.now(timezone.utc).isoformat()})
             if isinstance(e, KeyboardInterrupt):
-                self.console.print(f"[red]✗ {stage.name} interrupted[/]. Resume with: {resume_hint} --from {stage.name}")
+                self.console.print(f"[red]✗ {stage.name} interrupted[/]. Resume with: {escape(resume_hint)} --from {stage.name}")
                 raise
-            self.console.print(f"[bold red]✗ {stage.name} failed[/]: {msg}")
-            self.console.print(f"Fix the cause, then resume with: [bold]{resume_hint} --from {stage.name}[/]")
+            self.console.print(f"[bold red]✗ {stage.name} failed[/]: {escape(msg)}")
+            self.console.print(f"Fix the cause, then resume with: [bold]{escape(resume_hint)} --from {stage.name}[/]")
             if isinstance(e, ClearrecError) and not isinstance(e, StageError):
                 raise StageError(stage.name, msg) from e
             if isinstance(e, StageError):
@@ -266,7 +267,7 @@ class Runner:
                                       "seconds": round(elapsed, 3), "outputs": outputs, "counts": result.counts})
         line = f"[green]✓ {stage.name}[/] in {elapsed:.1f}s"
         if result.summary:
-            line += f": {result.summary}"
+            line += f": {escape(result.summary)}"
         self.console.print(line)
 
     @contextmanager

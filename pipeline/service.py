@@ -9,8 +9,9 @@
 
 Results: ``{"results": [{"item_id", "score", "title"}, ...]}``, best first, identical to the
 Python API's. Unknown ids -> 404 with a message; ``k`` outside 1..1000 or a bad parameter ->
-422; request bodies larger than ``max_body_bytes`` -> 413 (checked on the bytes received, not
-only on Content-Length); an encoder or index the work directory lacks -> 503.
+422 (also for input that JSON cannot echo back: a lone surrogate, ``1e400``); request bodies
+larger than ``max_body_bytes`` -> 413 (checked on the bytes received, not only on
+Content-Length); an encoder or index the work directory lacks -> 503.
 
 The work directory is opened once, at start-up. Plain, well-formed ``GET /recommend`` and
 ``GET /similar`` requests are answered by :class:`FastPath` ahead of FastAPI's routing (same
@@ -31,15 +32,18 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import anyio
-from fastapi import FastAPI, HTTPException, Path as PathParam, Query
+from fastapi import FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models import ann
 from .api import MAX_K, Hit, Recommender, UnknownIdError, open_workdir
 from .errors import ArtifactError, ClearrecError, EncoderUnavailableError
 
 DEFAULT_MAX_BODY = 8 * 2**20
+MAX_TEXT_CHARS = 10_000  # longest text query
+ECHO_CHARS = 200  # a 422 echoes at most this much of the offending input
 
 
 class SearchRequest(BaseModel):
@@ -47,11 +51,21 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str | None = Field(None, min_length=1, max_length=10_000)
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
     image_base64: str | None = Field(None, min_length=1)
     k: int = Field(20, ge=1, le=MAX_K)
     ef_search: int | None = Field(None, ge=1, le=65536)
     nprobe: int | None = Field(None, ge=1, le=65536)
+
+    @field_validator("text")
+    @classmethod
+    def _unicode(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode (a lone surrogate at position {e.start})") from None
+        return v
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -90,6 +104,7 @@ def create_app(workdir: str | Path | None = None, recommender: Recommender | Non
         state.clear()
 
     app = FastAPI(title="clearrec", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_middleware(FastPath, state=state)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last: outermost
     K = Query(20, ge=1, le=MAX_K, description="number of results (1..1000)")
@@ -122,6 +137,22 @@ def create_app(workdir: str | Path | None = None, recommender: Recommender | Non
         return _answer(lambda: rec.search_image(data, body.k, body.ef_search, body.nprobe))
 
     return app
+
+
+async def _invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    """422 with FastAPI's error list; inputs JSON cannot carry (inf, lone surrogates) echoed as their repr."""
+    detail = [{"type": e.get("type"), "loc": [p if isinstance(p, (int, str)) else str(p) for p in e.get("loc", ())],
+               "msg": str(e.get("msg")), "input": _echo(e.get("input"))} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _echo(value: Any) -> Any:
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError):
+        return ascii(value)[:ECHO_CHARS]
+    return value if len(text) <= ECHO_CHARS else ascii(value)[:ECHO_CHARS]
 
 
 def _answer(query: Callable[[], list[Hit]]) -> Response:

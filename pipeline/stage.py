@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Console
+from rich.text import Text
 
 from .config import Config, ConfigView
 from .store import ArtifactStore
@@ -31,7 +32,12 @@ class StageContext:
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        """Print ``message`` as it is (brackets in names and paths are text, never console markup)."""
+        self.console.print(message, highlight=False, markup=False)
+
+    def warn(self, message: str) -> None:
+        """Print ``message`` after a highlighted "warning:" (the message itself as it is)."""
+        self.console.print(Text.assemble(("warning: ", "bold yellow"), message), highlight=False)
 
     def progress(self, total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
         """A progress bar on stderr (rate shown in ``unit``/s)."""

@@ -12,6 +12,7 @@
     model/model.safetensors, model/model.json, model/content.safetensors, model/metrics.json,
     model/{item,user}_vectors.parquet, model/training_curve.png
     cache/item_graph-<digest>.safetensors  derived item-item graphs, keyed by what built them
+    cache/train_checkpoint/                the last epoch of an unfinished train run (resumed, then deleted)
     index/{items,content}.faiss, index/{items,content}_ids.parquet, index/index_info.json
 
 Stages, the API and the report name artifacts only through this module.
@@ -47,6 +48,7 @@ TRAINING_CURVE = "model/training_curve.png"
 ITEM_VECTORS = "model/item_vectors.parquet"
 USER_VECTORS = "model/user_vectors.parquet"
 GRAPH_CACHE = "cache"
+TRAIN_CHECKPOINT = "cache/train_checkpoint"  # the last epoch's training state; deleted once train's outputs are written
 
 INDEX_INFO = "index/index_info.json"
 

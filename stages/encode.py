@@ -49,9 +49,9 @@ def run(ctx: StageContext) -> StageResult:
     for modality in encoded:  # fail before any work when an encoder cannot be had
         encoders[modality] = _load(modality, specs[modality], cfg, device, ctx.config)
         if encoders[modality].untrained:
-            ctx.log(f"[bold yellow]warning:[/] the {modality} encoder {encoders[modality].identity} is UNTRAINED "
-                    "(random weights): its vectors carry no meaning. Fine for a smoke run; set "
-                    f"encode.{modality}_encoder to a pretrained model for real use.")
+            ctx.warn(f"the {modality} encoder {encoders[modality].identity} is UNTRAINED "
+                     "(random weights): its vectors carry no meaning. Fine for a smoke run; set "
+                     f"encode.{modality}_encoder to a pretrained model for real use.")
     outputs: list[str] = []
     counts: dict[str, int] = {}
     lines: list[str] = []

@@ -95,10 +95,10 @@ def run(ctx: StageContext) -> StageResult:
 
     for name in ("items", "content"):
         if info.get(name) and not info[name]["tuning"]["reached"]:
-            ctx.log(f"[yellow]warning:[/] {name} index ({info[name]['factory']}) reaches recall@{cfg.recall_k} "
-                    f"{info[name]['tuning']['recall']:.3f} at best, below index.recall_target = {cfg.recall_target}; "
-                    "raise index.memory_budget_mb (IVF-PQ), or set index.factory (e.g. 'Flat' for exact search, "
-                    "'HNSW64')")
+            ctx.warn(f"{name} index ({info[name]['factory']}) reaches recall@{cfg.recall_k} "
+                     f"{info[name]['tuning']['recall']:.3f} at best, below index.recall_target = {cfg.recall_target}; "
+                     "raise index.memory_budget_mb (IVF-PQ), or set index.factory (e.g. 'Flat' for exact search, "
+                     "'HNSW64')")
     store.write_json(INDEX_INFO, info)
     outputs.append(INDEX_INFO)
     parts = [f"{n} {info[n]['factory']} ({info[n]['ntotal']} rows, recall@{cfg.recall_k} {info[n]['recall']:.3f})"

@@ -42,6 +42,7 @@ from ..pipeline.workdir import (
     USER_VECTORS,
     USERS,
     clear_features,
+    TRAIN_CHECKPOINT,
     read_ids,
 )
 from ..pipeline.workdir import METRICS as METRICS_JSON
@@ -267,6 +268,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _run(ctx: StageContext) -> StageResult:
+    from ..models import checkpoint
     from ..models.trainer import TrainOptions, fit
 
     cfg = ctx.config.train
@@ -288,16 +290,18 @@ def _run(ctx: StageContext) -> StageResult:
         bar.set_postfix(loss=f"{r.loss:.4f}", **{cfg.stop_metric: f"{r.valid[cfg.stop_metric]:.4f}"})
 
     try:
-        result = fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch)
+        result = fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch,
+                     checkpoint_dir=store.path(TRAIN_CHECKPOINT))
     finally:
         bar.close()
     written = _write_outputs(store, ctx.config, model, data, result, notes, device)
+    checkpoint.clear(store.path(TRAIN_CHECKPOINT))
     ctx.console.print(metrics_table(result, cfg.eval_ks, f"{cfg.backbone}: best epoch {result.best_epoch}"))
     s = cfg.stop_metric
     return StageResult(
         outputs=written,
         counts={"users": data.num_users, "items": data.num_items, "epochs": len(result.history),
-                "best_epoch": result.best_epoch},
+                "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from},
         summary=(f"{cfg.backbone}: best epoch {result.best_epoch} of {len(result.history)}, valid {s} "
                  f"{result.valid[s]:.4f}, test recall@20 {result.test.get('recall@20', float('nan')):.4f} "
                  f"ndcg@20 {result.test.get('ndcg@20', float('nan')):.4f}"),

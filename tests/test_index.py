@@ -248,8 +248,10 @@ def test_stage_rejects_vectors_that_do_not_match_items(tmp_path):
 
 def test_stage_reports_a_bad_factory_string(tmp_path):
     write_model(ArtifactStore(tmp_path), clustered(300), clustered(20))
-    with pytest.raises(StageError, match="index.factory"):
+    with pytest.raises(ConfigError, match="index.factory"):
         run_index(tmp_path, factory="NotAnIndex12")
+    with pytest.raises(StageError, match="index.factory"):  # valid string, too few vectors to train
+        run_index(tmp_path, factory="IVF4096,Flat")
 
 
 def test_stage_reports_a_memory_budget_nothing_fits(tmp_path):

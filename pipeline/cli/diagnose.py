@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import ConfigOpt, SetOpt, WorkdirOpt, console, load, out, workdir_of
@@ -35,11 +36,11 @@ def diagnose(
     store = ArtifactStore(workdir_of(cfg, workdir))
     target = ArtifactStore(out_dir if out_dir is not None else store.root / "diagnose")
     diag, pngs = measure(store, cfg, target, overlap_k=overlap_k, items=items)
-    console.print(f"wrote {target.path('diagnostics.json')} and {len(pngs)} figure(s) in {target.root}")
+    console.print(f"wrote {target.path('diagnostics.json')} and {len(pngs)} figure(s) in {target.root}", markup=False)
     if as_json:
         out.print_json(json.dumps(diag))
         return
-    table = Table(title=f"CLEAR diagnostics: {store.root}")
+    table = Table(title=f"CLEAR diagnostics: {escape(str(store.root))}")
     table.add_column("measure")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

@@ -36,7 +36,7 @@ def _setup(config: Path | None, workdir: Path | None, set_: list[str] | None, ou
     cfg = load(config, set_)
     base = workdir_of(cfg, workdir)
     folder = (out_dir if out_dir is not None else base / "experiments").expanduser().resolve()
-    console.print(f"base work directory: {base}\nexperiment folder: {folder}")
+    console.print(f"base work directory: {base}\nexperiment folder: {folder}", markup=False)
     return Harness(cfg, base, folder, console=console, command=command)
 
 
@@ -98,7 +98,7 @@ def compare(
     if ablations:
         h.ablate(ablation_backbone, _list(seeds, int, "--seeds"), epochs)
         emit((h.out.root / "ablations.md").read_text(encoding="utf-8"))
-    console.print(f"wrote {h.out.root / 'compare.json'}; HTML: clearrec report --comparison {h.out.root}")
+    console.print(f"wrote {h.out.root / 'compare.json'}; HTML: clearrec report --comparison {h.out.root}", markup=False)
 
 
 @app.command()

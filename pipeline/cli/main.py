@@ -103,7 +103,7 @@ def run(
     selected = select_stages(STAGES, only, from_, to)
     root = workdir_of(cfg, workdir)
     runner = Runner(STAGES, cfg, root, console=console)
-    console.print(f"work directory: {runner.store.root}")
+    console.print(f"work directory: {escape(str(runner.store.root))}")
     with library_logs_to(root / RUN_LOG):
         runner.run(selected, force=force, dry_run=dry_run, resume_hint=resume_command(config, workdir, set_))
     if not dry_run:
@@ -127,13 +127,13 @@ def status(
     if as_json:
         emit(json.dumps({n: {"state": s.state, "reason": s.reason} for n, s in states.items()}, indent=2))
         return
-    table = Table(title=f"clearrec status: {root}")
+    table = Table(title=f"clearrec status: {escape(str(root))}")
     table.add_column("stage")
     table.add_column("state")
     table.add_column("reason")
     colour = {"up-to-date": "green", "stale": "yellow", "never-run": "red"}
     for name, s in states.items():
-        table.add_row(name, f"[{colour[s.state]}]{s.state}[/]", s.reason)
+        table.add_row(name, f"[{colour[s.state]}]{s.state}[/]", escape(s.reason))
     out.print(table)
 
 

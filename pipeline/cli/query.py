@@ -80,11 +80,11 @@ def query(
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False))
         return
-    table = Table(title=what)
+    table = Table(title=escape(what))
     table.add_column("#", justify="right")
     table.add_column("item_id")
     table.add_column("score", justify="right")
     table.add_column("title")
     for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), h.item_id, f"{h.score:.4f}", h.title)
+        table.add_row(str(rank), escape(h.item_id), f"{h.score:.4f}", escape(h.title))
     out.print(table)

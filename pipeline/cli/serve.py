@@ -69,7 +69,7 @@ def serve(
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # bound and accepting: say so now, not before
-                console.print(f"serving {root} on http://{host}:{port} (Ctrl-C stops)", highlight=False)
+                console.print(f"serving {root} on http://{host}:{port} (Ctrl-C stops)", highlight=False, markup=False)
                 warm_up_in_background(rec)
 
     Server(uvicorn.Config(application, host=host, port=port, access_log=access_log, log_level="warning")).run()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Section
+from .base import FloatTriple, Section, Seed
 
 
 class ColumnMap(Section):
@@ -36,14 +36,14 @@ class IngestConfig(Section):
     encoding: str = "utf-8"  # text encoding of CSV / TSV / JSONL files; rows that do not decode are rejected
     columns: ColumnMap = ColumnMap()
     min_rating: float | None = None  # reject interactions rated below this (rejects rows); None keeps all
-    kcore: int = Field(0, ge=0)  # keep users and items with >= kcore interactions, iterated until stable; 0 = off
+    kcore: int = Field(0, ge=0, le=1_000_000)  # keep users and items with >= kcore interactions, iterated until stable; 0 = off
     # how interactions become train / valid / test (README "ingest"): "random" (per user, seeded),
     # "temporal" (per user, newest to test), "global-temporal" (one valid and one test cut-off time
     # for everyone: no training on the future), "leave-one-out" (per user: newest to test, the one
     # before to valid), "given" (keep the split column / files)
     split: Literal["random", "given", "temporal", "global-temporal", "leave-one-out"] = "random"
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test share (unused by leave-one-out)
-    seed: int = 2024  # seed of the random split
+    split_ratios: FloatTriple = (0.8, 0.1, 0.1)  # train / valid / test share (unused by leave-one-out)
+    seed: Seed = 2024  # seed of the random split
 
     @field_validator("encoding")
     @classmethod

@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Section
+from .base import Section, Seed
 
 
 class ProjectConfig(Section):
     enabled: bool = True  # false: pass features through unchanged (CLEAR off); *_clear files are still written
-    k: int | None = Field(8, ge=1)  # rank of the removed shared subspace (ignored when ratio is set)
+    k: int | None = Field(8, ge=1, le=65536)  # rank of the removed shared subspace (ignored when ratio is set)
     ratio: float | None = Field(None, gt=0, le=1)  # "dynamic ratio": smallest k reaching this energy share
     strength: float = Field(1.0, ge=0, le=1)  # lambda: 1 = hard null-space projection, 0 = identity
     center: bool = True  # centre features before the cross-covariance
@@ -20,12 +20,12 @@ class ProjectConfig(Section):
     visual: bool = True  # project the image modality
     text: bool = True  # project the text modality
     directions: Literal["shared", "random"] = "shared"  # random: remove k random orthonormal directions (control)
-    seed: int = 0  # seed of the random directions and of the diagnostics sample
+    seed: Seed = 0  # seed of the random directions and of the diagnostics sample
     # dynamic: the stage passes features through and train projects the backbone's embeddings every epoch
     mode: Literal["static", "dynamic"] = "static"
-    overlap_k: int = Field(10, ge=1)  # K of the cross-modal top-K overlap diagnostic
-    diagnostics_items: int = Field(10000, ge=2)  # items sampled (seeded) for the overlap / score diagnostics
-    chunk_rows: int = Field(16384, ge=1)  # rows per streamed chunk; peak memory ~ chunk_rows x (dv + dt) x 40 B
+    overlap_k: int = Field(10, ge=1, le=1000)  # K of the cross-modal top-K overlap diagnostic
+    diagnostics_items: int = Field(10000, ge=2, le=10_000_000)  # items sampled (seeded) for the overlap / score diagnostics
+    chunk_rows: int = Field(16384, ge=1, le=1 << 24)  # rows per streamed chunk; peak memory ~ chunk_rows x (dv + dt) x 40 B
 
     @model_validator(mode="after")
     def _check(self) -> "ProjectConfig":
