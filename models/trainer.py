@@ -1,8 +1,9 @@
 """The training loop: BPR with uniform negative sampling, Adam, full-ranking early stopping.
 
 Model-agnostic: it only calls :meth:`Backbone.pre_epoch`, :meth:`Backbone.loss` and
-:meth:`Backbone.vectors`. Computation on tensors, no config objects; the only files are the
-optional per-epoch checkpoints (:mod:`.checkpoint`) that let an interrupted run resume.
+:meth:`Backbone.vectors`. Pure computation on tensors (no files, no config objects). An
+interrupted run resumes from a :class:`TrainState`: ``fit`` hands one to ``on_state`` after
+every epoch and continues from one given as ``resume`` (the train stage keeps them on disk).
 One epoch = every training pair once, in a fresh random order, each with one negative drawn
 uniformly from the items its user has not interacted with in train; every batch is one Adam
 step. After each epoch the model is ranked against all items on ``valid`` (training items
@@ -14,19 +15,20 @@ ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
+import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import checkpoint
 from .base import Backbone
 from .errors import TrainingError
 from .metrics import ItemSets, ranking_metrics
@@ -100,14 +102,41 @@ def _adam(model: Backbone, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _key(model: Backbone, train: ItemSets, valid: ItemSets, options: TrainOptions) -> str:
-    """What a checkpoint must match: options, model (class, settings, initial weights, code), data, loop code."""
+@dataclass
+class TrainState:
+    """Everything :func:`fit` needs to continue after ``epoch`` as if it had never stopped."""
+
+    epoch: int  # last completed epoch (1-based)
+    finished: bool  # the loop ended (early stop or last epoch); only the test evaluation is left
+    history: list[dict[str, Any]]  # EpochRecord fields per epoch
+    best_epoch: int
+    best_value: float
+    best_valid: dict[str, float]
+    stopped_early: bool
+    model: dict[str, Tensor]  # state_dict after ``epoch``
+    best: dict[str, Tensor] | None  # state_dict of the best epoch
+    optimizer: dict[str, Any]  # torch optimizer state_dict
+    generator: Tensor  # (n,) uint8, the sampling generator's state
+    torch_rng: Tensor  # (n,) uint8, torch's global CPU RNG state
+
+
+def run_key(model: Backbone, train: ItemSets, valid: ItemSets, options: TrainOptions) -> str:
+    """What a saved state must match to be resumed: options, model (class, settings, initial weights, code), data.
+
+    Call it on the freshly initialised model, before :func:`fit` changes its weights.
+    """
     tensors = {f"init.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"buffer.{k}": v for k, v in model.named_buffers() if v.layout == torch.strided})
     tensors.update({"train.indptr": train.indptr, "train.items": train.items,
                     "valid.indptr": valid.indptr, "valid.items": valid.items})
     code = [inspect.getsource(sys.modules[m]) for m in (type(model).__module__, __name__)]
-    return checkpoint.run_key([type(model).__name__, model.hparams(), asdict(options), code], tensors)
+    h = hashlib.sha256(json.dumps([type(model).__name__, model.hparams(), asdict(options), code], sort_keys=True,
+                                  default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def fit(
@@ -117,13 +146,14 @@ def fit(
     test: ItemSets | None,
     options: TrainOptions = TrainOptions(),
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    checkpoint_dir: Path | None = None,
+    resume: TrainState | None = None,
+    on_state: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train`` (CPU ItemSets), early-stopping on ``valid``; see module doc.
 
-    With ``checkpoint_dir``, the state after every epoch is saved there (:mod:`.checkpoint`, one
-    epoch kept) and a run with the same model, data and options continues from it: the result
-    is the one an uninterrupted run gives (exactly so on CPU). ``on_epoch`` runs after the save.
+    After every epoch the state is handed to ``on_state`` (before ``on_epoch``); ``resume``, a
+    state of a run with the same model, data and options (:func:`run_key`), continues it: the
+    result is the one an uninterrupted run gives (exactly so on CPU).
     """
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     trainable = any(p.requires_grad for p in model.parameters())
@@ -138,11 +168,11 @@ def fit(
     history: list[EpochRecord] = []
     best_epoch, best_value, best_state, best_valid = 0, -math.inf, None, {}
     stopped_early, finished, start_epoch = False, False, 1
-    key = _key(model, train, valid, options) if checkpoint_dir is not None else ""
-    saved = checkpoint.load(checkpoint_dir, key) if checkpoint_dir is not None else None
+    saved = resume
     if saved is not None:
         model.load_state_dict(saved.model)
-        optimizer.load_state_dict(saved.optimizer)
+        if optimizer is not None:
+            optimizer.load_state_dict(saved.optimizer)
         generator.set_state(saved.generator)
         torch.set_rng_state(saved.torch_rng)
         history = [EpochRecord(**r) for r in saved.history]
@@ -184,10 +214,10 @@ def fit(
         elif epoch - best_epoch >= options.patience:
             stopped_early = True
         finished = stopped_early or epoch == options.epochs or optimizer is None  # nothing to train: one epoch
-        if checkpoint_dir is not None and optimizer is not None:
-            checkpoint.save(checkpoint_dir, key, checkpoint.TrainState(
-                epoch, finished, [asdict(r) for r in history], best_epoch, best_value, best_valid, stopped_early,
-                model.state_dict(), best_state, optimizer.state_dict(), generator.get_state(), torch.get_rng_state()))
+        if on_state is not None and optimizer is not None:
+            on_state(TrainState(epoch, finished, [asdict(r) for r in history], best_epoch, best_value, best_valid,
+                                stopped_early, model.state_dict(), best_state, optimizer.state_dict(),
+                                generator.get_state(), torch.get_rng_state()))
         if on_epoch is not None:
             on_epoch(record)
     if best_state is not None:

@@ -268,8 +268,8 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from ..models import checkpoint
-    from ..models.trainer import TrainOptions, fit
+    from ..models import trainer
+    from . import _train_checkpoint as checkpoint
 
     cfg = ctx.config.train
     store = ctx.store
@@ -281,7 +281,7 @@ def _run(ctx: StageContext) -> StageResult:
         f"train: {cfg.backbone} on {device}, {data.num_users} users x {data.num_items} items, "
         f"{data.splits['train'].items.numel()} training interactions, features: {', '.join(data.features) or 'none'}"
     )
-    options = TrainOptions(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
+    options = trainer.TrainOptions(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
                            ks=tuple(cfg.eval_ks), stop_metric=cfg.stop_metric, seed=cfg.seed, max_block=cfg.eval_block)
     bar = ctx.progress(cfg.epochs, "train", unit="epoch")
 
@@ -289,13 +289,15 @@ def _run(ctx: StageContext) -> StageResult:
         bar.update(1)
         bar.set_postfix(loss=f"{r.loss:.4f}", **{cfg.stop_metric: f"{r.valid[cfg.stop_metric]:.4f}"})
 
+    folder = store.path(TRAIN_CHECKPOINT)  # the last epoch's state: a killed run continues from it
+    key = trainer.run_key(model, data.splits["train"], data.splits["valid"], options)
     try:
-        result = fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch,
-                     checkpoint_dir=store.path(TRAIN_CHECKPOINT))
+        result = trainer.fit(model, data.splits["train"], data.splits["valid"], data.splits["test"], options, on_epoch,
+                             resume=checkpoint.load(folder, key), on_state=lambda st: checkpoint.save(folder, key, st))
     finally:
         bar.close()
     written = _write_outputs(store, ctx.config, model, data, result, notes, device)
-    checkpoint.clear(store.path(TRAIN_CHECKPOINT))
+    checkpoint.clear(folder)
     ctx.console.print(metrics_table(result, cfg.eval_ks, f"{cfg.backbone}: best epoch {result.best_epoch}"))
     s = cfg.stop_metric
     return StageResult(
@@ -438,6 +440,7 @@ SPEC = StageSpec(
     config_keys=("train",),
     code=tuple(f"clearrec.models.{m}" for m in (
         "clear", "clear_dynamic", "base", "graph", "losses", "metrics", "trainer", "registry",
-        "lightgcn", "vbpr", "freedom", "lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknn_cbf")),
+        "lightgcn", "vbpr", "freedom", "lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknn_cbf"))
+    + ("clearrec.stages._train_checkpoint",),
     description="train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
 )

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from clearrec.models.trainer import TrainOptions, fit
+from clearrec.models.trainer import TrainOptions, fit, run_key
+from clearrec.stages import _train_checkpoint as checkpoint
 
 from test_models import _make, _splits
 from test_train_stage import config, run, write_workdir
@@ -37,7 +38,11 @@ def _train(name, ckpt=None, on_epoch=None, options=OPTIONS):
     (train, valid, test), edge_index = _splits()
     torch.manual_seed(0)
     model = _make(name, edge_index)
-    return model, fit(model, train, valid, test, options, on_epoch, checkpoint_dir=ckpt)
+    if ckpt is None:
+        return model, fit(model, train, valid, test, options, on_epoch)
+    key = run_key(model, train, valid, options)  # as the train stage does: key, load, save every epoch
+    return model, fit(model, train, valid, test, options, on_epoch, resume=checkpoint.load(ckpt, key),
+                      on_state=lambda state: checkpoint.save(ckpt, key, state))
 
 
 def _same(a, b):
@@ -111,9 +116,9 @@ def test_train_stage_resumes_and_removes_its_checkpoint(tmp_path, monkeypatch):
     reference_tensors, _ = store.read_tensors("model/model.safetensors")
     assert not store.path("cache/train_checkpoint").exists()
 
-    import clearrec.stages.train as train_stage
+    import clearrec.models.trainer as trainer
 
-    real_fit = train_stage.fit
+    real_fit = trainer.fit
 
     def killed_fit(*args, **kwargs):
         def stop(record):
@@ -121,11 +126,11 @@ def test_train_stage_resumes_and_removes_its_checkpoint(tmp_path, monkeypatch):
                 raise Killed
         return real_fit(*args[:5], stop, **kwargs)
 
-    monkeypatch.setattr(train_stage, "fit", killed_fit)
+    monkeypatch.setattr(trainer, "fit", killed_fit)  # the stage calls trainer.fit
     with pytest.raises(Killed):
         run(store, cfg)
     assert store.path("cache/train_checkpoint/checkpoint.json").is_file()
-    monkeypatch.setattr(train_stage, "fit", real_fit)
+    monkeypatch.setattr(trainer, "fit", real_fit)
     result, _ = run(store, cfg)
     assert result.counts["resumed_from_epoch"] == 2
     assert {k: store.read_json("model/metrics.json")[k] for k in ("valid", "test", "best_epoch")} == reference

@@ -1,4 +1,4 @@
-"""Per-epoch training checkpoints: resume an interrupted :func:`~clearrec.models.trainer.fit`.
+"""The train stage's per-epoch checkpoints on disk: resume an interrupted :func:`~clearrec.models.trainer.fit`.
 
 A checkpoint folder holds at most one ``epoch-<n>.safetensors`` at rest (model weights, the best
 epoch's weights, Adam's state and the RNG states, all as tensors) and ``checkpoint.json`` (the run's
@@ -17,43 +17,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from ..models.trainer import TrainState
 
 _JSON = "checkpoint.json"
 _FORMAT = 1
-
-
-@dataclass
-class TrainState:
-    """Everything :func:`fit` needs to continue after ``epoch`` as if it had never stopped."""
-
-    epoch: int  # last completed epoch (1-based)
-    finished: bool  # the loop ended (early stop or last epoch); only the test evaluation is left
-    history: list[dict[str, Any]]  # EpochRecord fields per epoch
-    best_epoch: int
-    best_value: float
-    best_valid: dict[str, float]
-    stopped_early: bool
-    model: dict[str, Tensor]  # state_dict after ``epoch``
-    best: dict[str, Tensor] | None  # state_dict of the best epoch
-    optimizer: dict[str, Any]  # torch optimizer state_dict
-    generator: Tensor  # (n,) uint8, the sampling generator's state
-    torch_rng: Tensor  # (n,) uint8, torch's global CPU RNG state
-
-
-def run_key(parts: list[Any], tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over JSON-able ``parts`` and the names, dtypes, shapes and bytes of ``tensors``."""
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _atomic_write(dest: Path, write: Callable[[str], Any]) -> None:
