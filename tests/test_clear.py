@@ -17,6 +17,7 @@ from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.models.diagnostics import Moments, energy_curve, neighbour_overlap, top_neighbours
 from clearrec.pipeline.store import ArtifactStore
+from conftest import SHARED_DATASETS
 
 SHAPES = [(300, 12, 7), (200, 5, 9), (64, 16, 16)]  # (N, dv, dt), dv != dt in two
 
@@ -432,3 +433,21 @@ def test_multi_projector_refuses_bad_input():
         p.transform("text", x["image"])
     with pytest.raises(ValueError, match="unknown modality 'video'"):
         p.transform("video", x["text"])
+
+
+def test_multi_projector_equals_two_modality_clear_on_lastfm_text_and_audio():
+    """Real data: Last.fm-2K's published MiniLM text (row norm 1) and VGGish audio (row norm ~1477)."""
+    mmrec = SHARED_DATASETS / "lastfm-2k" / "mmrec"
+    if not (mmrec / "vggish.npy").is_file() or not (mmrec / "all-MiniLM-L6-v2.npy").is_file():
+        pytest.skip(f"real-data check: {mmrec} is absent (it ships in ../shared beside the repo)")
+    x = {"text": np.load(mmrec / "all-MiniLM-L6-v2.npy", allow_pickle=False).astype(np.float64),
+         "audio": np.load(mmrec / "vggish.npy", allow_pickle=False).astype(np.float64)}
+    for opts in (ClearOptions(k=8), ClearOptions(ratio=0.5, strength=0.5, project_centered=True)):
+        ref = ClearProjector(opts).fit(x["text"], x["audio"])  # text in the first slot, audio in the second
+        p = MultiClearProjector(opts, ("text", "audio")).fit(x)
+        assert p.k_ == {"text": ref.k_, "audio": ref.k_}
+        np.testing.assert_allclose(p.transform("text", x["text"]), ref.transform_visual(x["text"]), rtol=0,
+                                   atol=1e-10 * np.abs(x["text"]).max())
+        np.testing.assert_allclose(p.transform("audio", x["audio"]), ref.transform_text(x["audio"]), rtol=0,
+                                   atol=1e-10 * np.abs(x["audio"]).max())
+        assert p.weights_["audio"] < 1e-2 < p.weights_["text"]  # 1 / total std: audio's scale is divided out
