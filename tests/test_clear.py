@@ -14,8 +14,10 @@ from clearrec.models.clear import (
     shared_directions,
 )
 from clearrec.models.clear_dynamic import DynamicClear
+from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.models.diagnostics import Moments, energy_curve, neighbour_overlap, top_neighbours
 from clearrec.pipeline.store import ArtifactStore
+from conftest import SHARED_DATASETS
 
 SHAPES = [(300, 12, 7), (200, 5, 9), (64, 16, 16)]  # (N, dv, dt), dv != dt in two
 
@@ -304,3 +306,148 @@ def test_moments_total_variance():
     m.update(x[:30])
     m.update(x[30:])
     assert m.total_variance() == pytest.approx(x.var(axis=0).sum(), rel=1e-9)
+
+
+# ---- CLEAR over M >= 2 named modalities ------------------------------------------------------
+def multi_data(n: int, dims: dict[str, int], scales: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+    """Correlated features through 4 shared factors, per-modality scale and non-zero means."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 4))
+    return {m: scales[m] * (z @ rng.standard_normal((4, d)) + rng.standard_normal((n, d)) + rng.uniform(-2, 2, d))
+            for m, d in dims.items()}
+
+
+def test_multi_projector_equals_two_modality_clear():
+    """M = 2: every setting gives ClearProjector's projected features to 1e-10."""
+    for n, dv, dt in SHAPES:
+        x = multi_data(n, {"image": dv, "text": dt}, {"image": 40.0, "text": 0.03}, seed=n)
+        for lam in (0.5, 1.0):
+            for centered in (False, True):
+                for rank in ({"k": 3}, {"ratio": 0.7}):
+                    opts = ClearOptions(strength=lam, project_centered=centered, **rank)
+                    ref = ClearProjector(opts).fit(x["image"], x["text"])
+                    p = MultiClearProjector(opts, ("image", "text")).fit(x)
+                    assert p.k_ == {"image": ref.k_, "text": ref.k_}
+                    scale_v, scale_t = np.abs(x["image"]).max(), np.abs(x["text"]).max()
+                    np.testing.assert_allclose(p.transform("image", x["image"]), ref.transform_visual(x["image"]),
+                                               rtol=0, atol=1e-10 * scale_v)
+                    np.testing.assert_allclose(p.transform("text", x["text"]), ref.transform_text(x["text"]),
+                                               rtol=0, atol=1e-10 * scale_t)
+    x = multi_data(120, {"image": 8, "text": 6}, {"image": 1.0, "text": 1.0})
+    for opts in (ClearOptions(k=2, visual=False), ClearOptions(k=2, directions="random", seed=3)):
+        ref = ClearProjector(opts).fit(x["image"], x["text"])
+        p = MultiClearProjector(opts, ("image", "text")).fit(x)
+        np.testing.assert_allclose(p.transform("image", x["image"]), ref.transform_visual(x["image"]), atol=1e-10)
+        np.testing.assert_allclose(p.transform("text", x["text"]), ref.transform_text(x["text"]), atol=1e-10)
+
+
+def stacked_from_features(x: dict[str, np.ndarray], m: str, weights: dict[str, float]) -> np.ndarray:
+    """``B_m`` measured directly: centred cross-covariances with every other modality, weighted."""
+    c = {j: v - v.mean(0) for j, v in x.items()}
+    return np.concatenate([weights[j] * c[m].T @ c[j] / len(c[m]) for j in x if j != m], axis=1)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+@pytest.mark.parametrize("centered", [False, True])
+def test_multi_projector_identity_three_modalities(lam, centered):
+    """M = 3: P_m B_m has singular values (1 - lambda) s_i (i <= k), s_i beyond; projecting every
+    modality lowers the top-k energy of each B_m measured on the projected features (at the fit
+    weights) to at most that of P_m B_m, which is below B_m's."""
+    dims, scales = {"image": 12, "text": 9, "audio": 16}, {"image": 1.0, "text": 0.02, "audio": 1500.0}
+    x = multi_data(400, dims, scales)
+    k = 3
+    p = MultiClearProjector(ClearOptions(k=k, strength=lam, project_centered=centered), dims).fit(x)
+    after = p.transform_all(x)
+    for m in dims:
+        B, s = p.stacked(m), p.spectrum(m)
+        np.testing.assert_allclose(B, stacked_from_features(x, m, p.weights_), rtol=0, atol=1e-12 * s[0])
+        np.testing.assert_allclose(s, np.linalg.svd(B, compute_uv=False), rtol=1e-10)
+        U = p.directions_[m]
+        PB = B - lam * U @ (U.T @ B)
+        expected = np.sort(np.concatenate([(1 - lam) * s[:k], s[k:]]))[::-1]
+        np.testing.assert_allclose(np.linalg.svd(PB, compute_uv=False), expected, rtol=0, atol=1e-10 * s[0])
+        s_after = np.linalg.svd(stacked_from_features(after, m, p.weights_), compute_uv=False)
+        s_pb = np.linalg.svd(PB, compute_uv=False)
+        assert np.sum(s_after[:k] ** 2) <= np.sum(s_pb[:k] ** 2) * (1 + 1e-10)
+        assert np.sum(s_after[:k] ** 2) < 0.5 * np.sum(s[:k] ** 2)
+    # the weights: w_j = 1 / total std, so the audio block does not swamp the text one
+    for m in dims:
+        tr = np.sum(np.var(x[m], axis=0))
+        assert p.weights_[m] == pytest.approx(1 / np.sqrt(tr), rel=1e-10)
+
+
+def test_multi_projector_streaming_and_state_round_trip(tmp_path):
+    dims = {"image": 7, "text": 5, "audio": 10}
+    x = multi_data(230, dims, {"image": 1.0, "text": 3.0, "audio": 900.0}, seed=4)
+    for kwargs, project in (({"k": 2, "project_centered": True}, None), ({"ratio": 0.8}, {"audio": False}),
+                            ({"k": 2, "directions": "random", "seed": 5}, None)):
+        opts = ClearOptions(**kwargs)
+        one = MultiClearProjector(opts, dims, project).fit(x, chunk_rows=10_000)
+        chunked = MultiClearProjector(opts, dims, project).fit(x, chunk_rows=37)
+        for m in dims:
+            np.testing.assert_allclose(chunked.transform(m, x[m]), one.transform(m, x[m]), rtol=0,
+                                       atol=1e-10 * np.abs(x[m]).max())
+        tensors, meta = chunked.state_dict()
+        store = ArtifactStore(tmp_path)
+        store.write_tensors("clear/multi.safetensors", tensors)
+        store.write_json("clear/multi.json", meta)
+        loaded, _ = store.read_tensors("clear/multi.safetensors")
+        q = MultiClearProjector.from_state(loaded, store.read_json("clear/multi.json"))
+        assert q.k_ == chunked.k_ and q.options == opts and q.project == chunked.project
+        for m in dims:
+            assert np.array_equal(q.transform(m, x[m]), chunked.transform(m, x[m]))
+            assert np.array_equal(q.spectrum(m), chunked.spectrum(m))
+        if project:
+            assert np.array_equal(q.transform("audio", x["audio"]), x["audio"])
+    with pytest.raises(ValueError, match=r"'directions.text' has shape \(5, 2\), expected \(5, 3\)"):
+        MultiClearProjector.from_state(tensors, {**meta, "k": {**meta["k"], "text": 3}})
+    with pytest.raises(ValueError, match="format"):
+        MultiClearProjector.from_state(tensors, {**meta, "format": "clearrec.clear/1"})
+
+
+def test_multi_projector_refuses_bad_input():
+    x = multi_data(50, {"image": 4, "text": 3, "audio": 5}, {"image": 1.0, "text": 1.0, "audio": 1.0})
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        MultiClearProjector(ClearOptions(k=1), ("text",))
+    with pytest.raises(ValueError, match="not lowercase identifiers"):
+        MultiClearProjector(ClearOptions(k=1), ("text", "Audio"))
+    with pytest.raises(ValueError, match="repeat"):
+        MultiClearProjector(ClearOptions(k=1), ("text", "text"))
+    with pytest.raises(ValueError, match="not among the modalities"):
+        MultiClearProjector(ClearOptions(k=1), ("text", "audio"), project={"image": False})
+    p = MultiClearProjector(ClearOptions(k=1), ("image", "text", "audio"))
+    with pytest.raises(ValueError, match="expected exactly the modalities"):
+        p.fit({"image": x["image"], "text": x["text"]})
+    with pytest.raises(ValueError, match="same number of rows"):
+        p.fit({**x, "audio": x["audio"][:40]})
+    bad = x["text"].copy()
+    bad[17, 1] = np.nan
+    with pytest.raises(ValueError, match="modality 'text'.*NaN"):
+        p.fit({**x, "text": bad})
+    with pytest.raises(ValueError, match="zero variance"):
+        p.fit({**x, "audio": np.ones_like(x["audio"])})
+    with pytest.raises(ValueError, match="not fitted"):
+        p.transform("text", x["text"])
+    p.fit(x)
+    with pytest.raises(ValueError, match="expected \\(N, 3\\)"):
+        p.transform("text", x["image"])
+    with pytest.raises(ValueError, match="unknown modality 'video'"):
+        p.transform("video", x["text"])
+
+
+def test_multi_projector_equals_two_modality_clear_on_lastfm_text_and_audio():
+    """Real data: Last.fm-2K's published MiniLM text (row norm 1) and VGGish audio (row norm ~1477)."""
+    mmrec = SHARED_DATASETS / "lastfm-2k" / "mmrec"
+    if not (mmrec / "vggish.npy").is_file() or not (mmrec / "all-MiniLM-L6-v2.npy").is_file():
+        pytest.skip(f"real-data check: {mmrec} is absent (it ships in ../shared beside the repo)")
+    x = {"text": np.load(mmrec / "all-MiniLM-L6-v2.npy", allow_pickle=False).astype(np.float64),
+         "audio": np.load(mmrec / "vggish.npy", allow_pickle=False).astype(np.float64)}
+    for opts in (ClearOptions(k=8), ClearOptions(ratio=0.5, strength=0.5, project_centered=True)):
+        ref = ClearProjector(opts).fit(x["text"], x["audio"])  # text in the first slot, audio in the second
+        p = MultiClearProjector(opts, ("text", "audio")).fit(x)
+        assert p.k_ == {"text": ref.k_, "audio": ref.k_}
+        np.testing.assert_allclose(p.transform("text", x["text"]), ref.transform_visual(x["text"]), rtol=0,
+                                   atol=1e-10 * np.abs(x["text"]).max())
+        np.testing.assert_allclose(p.transform("audio", x["audio"]), ref.transform_text(x["audio"]), rtol=0,
+                                   atol=1e-10 * np.abs(x["audio"]).max())
+        assert p.weights_["audio"] < 1e-2 < p.weights_["text"]  # 1 / total std: audio's scale is divided out
