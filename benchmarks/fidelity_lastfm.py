@@ -37,6 +37,9 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "lgmrec": ({"ui_layers": 2, "mm_layers": 2, "hyper_layers": 1, "hyper_num": 4, "keep_rate": 0.5, "alpha": 0.3,
                 "cl_weight": 1e-4, "reg_weight": 1e-6}, 1e-3),
     "mmgcn": ({"reg": 0.0}, 1e-4),
+    "lattice": ({"reg_weight": 0.0}, 1e-4),
+    "mgcn": ({"cl_weight": 1e-3}, 1e-3),
+    "smore": ({"layers": 3, "knn_k": 10, "reg_weight": 1e-5, "dropout": 0.0}, 1e-3),
 }
 
 

@@ -14,40 +14,16 @@ from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import hypergraph_step
 from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce
-from clearrec.models.metrics import ItemSets
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
 from clearrec.models.trainer import TrainOptions, fit
 from safetensors.torch import load_file, save_file
 
-NU, NI = 60, 40
+from test_models import NI, NU, _splits, one_thread  # noqa: F401  (one_thread: the autouse fixture)
+
 LEARNED = ("mmgcn", "bm3", "lgmrec", "bpr")
 HOOKED = ("mmgcn", "bm3", "lgmrec")
 ALL = ("mmgcn", "bm3", "lgmrec", "pop", "bpr", "itemknncbf")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _splits(seed=0, per_user=8):
-    """Users with a taste for one of 4 item clusters (the features below share the clusters)."""
-    g = torch.Generator().manual_seed(seed)
-    users, items, split = [], [], []
-    for u in range(NU):
-        cluster = torch.arange(u % 4, NI, 4)
-        chosen = cluster[torch.randperm(cluster.numel(), generator=g)[:per_user]]
-        for j, i in enumerate(chosen.tolist()):
-            users.append(u)
-            items.append(i)
-            split.append(0 if j < per_user - 2 else (1 if j == per_user - 2 else 2))
-    users, items, split = torch.tensor(users), torch.tensor(items), torch.tensor(split)
-    sets = [ItemSets.from_pairs(users[split == s], items[split == s], NU, NI) for s in range(3)]
-    return sets, torch.stack([users[split == 0], items[split == 0]])
 
 
 def _feat(seed, dim):
