@@ -22,7 +22,7 @@ Identifiers:
 ``clip-text:<image identifier>``             text: the text tower of that open_clip model
 ==========================================  =====================================================
 
-Both image and text loaders raise :class:`~clearrec.pipeline.errors.EncoderUnavailableError`
+Both image and text loaders raise :class:`~clearrec.models.errors.EncoderUnavailableError`
 naming the encoder and the reason when the weights cannot be had.
 """
 
