@@ -40,6 +40,7 @@ def test_help_imports_no_stage_and_no_heavy_library():
         "result = CliRunner().invoke(app, ['run', '--help'])\n"
         "assert result.exit_code == 0 and 'index' in result.output, result.output\n"
         "assert not [m for m in sys.modules if m.startswith('clearrec.stages')], 'a stage was imported'\n"
+        "assert 'pyarrow' not in sys.modules and 'numpy' not in sys.modules, 'help needs no data library'\n"
     )
     assert heavy_modules_after(code) == []
 

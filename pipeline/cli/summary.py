@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 
-from ..errors import ArtifactError
-from ..store import ArtifactStore
-from ..workdir import METRICS, USER_VECTORS, read_manifest
+if TYPE_CHECKING:
+    from ..store import ArtifactStore
 
 HEADLINE_METRICS = ("recall", "ndcg", "precision", "map")
 
@@ -29,6 +28,9 @@ def command(name: str, config: Path | None, workdir: Path, *args: str) -> str:
 
 def run_summary(root: Path, stage_names: Sequence[str], config: Path | None) -> list[str]:
     """Lines of the closing block for work directory ``root`` (pipeline order ``stage_names``)."""
+    from ..store import ArtifactStore  # pyarrow: only once a run has happened, never for --help
+    from ..workdir import METRICS, read_manifest
+
     store = ArtifactStore(root)
     stages = _read(store, read_manifest, {}).get("stages", {})
     lines = [f"Built in {root}:"]
@@ -69,6 +71,8 @@ def _headline_k(metrics: dict[str, Any]) -> int:
 def _first_user(root: Path) -> str | None:
     import pyarrow.parquet as pq
 
+    from ..workdir import USER_VECTORS
+
     path = root / USER_VECTORS
     try:
         ids = pq.ParquetFile(path).read_row_group(0, columns=["user_id"])["user_id"]
@@ -78,6 +82,8 @@ def _first_user(root: Path) -> str | None:
 
 
 def _read(store: ArtifactStore, read: Any, default: Any) -> Any:
+    from ..errors import ArtifactError
+
     try:
         return read(store)
     except ArtifactError:
