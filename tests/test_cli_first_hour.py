@@ -202,6 +202,7 @@ def test_query_unknown_user_suggests_the_id_in_its_case(built, capsys):
 
 
 # ---- 8: serve says "serving" when it answers ------------------------------------------------------
+@pytest.mark.slow
 def test_serve_says_serving_only_once_it_answers(built, tmp_path):
     config, work, _ = built
     with socket.socket() as s:

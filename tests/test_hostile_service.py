@@ -167,6 +167,7 @@ def _query_image_memory(workdir: str) -> tuple[float, float]:
         return (_rss_kib("VmHWM") - base) / 1024, (_rss_kib("VmRSS") - base) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="needs Linux /proc")
 def test_large_query_images_do_not_hold_memory(workdir):
     # measured in a fresh interpreter: a long test session's heap would blur the peak
