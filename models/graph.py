@@ -332,3 +332,20 @@ def info_nce(view1: Tensor, view2: Tensor, index: Tensor, temperature: float) ->
     weight = counts.to(logits.dtype)
     per_row = torch.logsumexp(logits + weight.log()[None, :], dim=1) - logits.diagonal()  # (n,)
     return (weight * per_row).sum() / index.numel()
+
+
+def content_side_loss(content: Tensor, side: Tensor, num_users: int, users: Tensor, pos_items: Tensor,
+                      neg_items: Tensor, reg_weight: float, cl_weight: float, temperature: float) -> Tensor:
+    """MGCN / SMORE's loss over ``content`` (ID, graph-propagated) and ``side`` (modality) views, (U+I, d) each.
+
+    BPR on ``content + side`` plus ``reg_weight`` x :func:`half_sq_norm` of the batch, plus
+    ``cl_weight`` x (item InfoNCE + user InfoNCE) between the two views.
+    """
+    out = content + side  # (U+I, d), users first
+    items = pos_items + num_users
+    u, p, n = out[users], out[items], out[neg_items + num_users]  # (B, d) each
+    loss = bpr_loss((u * p).sum(1), (u * n).sum(1)) + reg_weight * half_sq_norm(u, p, n)
+    if cl_weight > 0:
+        cl = info_nce(side, content, items, temperature) + info_nce(side, content, users, temperature)
+        loss = loss + cl_weight * cl
+    return loss

@@ -10,10 +10,8 @@ from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
 from .graph import (
-    bpr_loss,
     check_features,
-    half_sq_norm,
-    info_nce,
+    content_side_loss,
     knn_cosine,
     layer_mean,
     sparse_csr,
@@ -187,14 +185,8 @@ class MGCN(Backbone):
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         content, side = self.embeddings()
-        out = content + side
-        items = pos_items + self.num_users
-        u, p, n = out[users], out[items], out[neg_items + self.num_users]  # (B, d) each
-        loss = bpr_loss((u * p).sum(1), (u * n).sum(1)) + self.reg_weight * half_sq_norm(u, p, n)
-        if self.cl_weight > 0:
-            cl = info_nce(side, content, items, self.temperature) + info_nce(side, content, users, self.temperature)
-            loss = loss + self.cl_weight * cl
-        return loss
+        return content_side_loss(content, side, self.num_users, users, pos_items, neg_items, self.reg_weight,
+                                 self.cl_weight, self.temperature)
 
     def hparams(self) -> dict[str, Any]:
         return {
