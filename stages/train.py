@@ -34,7 +34,6 @@ from ..pipeline.workdir import (
     INTERACTIONS,
     ITEM_VECTORS,
     ITEMS,
-    MODALITIES,
     MODEL,
     MODEL_JSON,
     PROJECTOR_JSON,
@@ -42,6 +41,8 @@ from ..pipeline.workdir import (
     USER_VECTORS,
     USERS,
     clear_features,
+    declared_modalities,
+    project_modalities,
     TRAIN_CHECKPOINT,
     read_ids,
 )
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py); the models in the functions using them
 
-FEATURE_FILES = {m: clear_features(m) for m in MODALITIES}
 OUTPUTS = (MODEL, MODEL_JSON, CONTENT_PATHWAY, METRICS_JSON, TRAINING_CURVE, ITEM_VECTORS, USER_VECTORS)
 
 
@@ -104,7 +104,8 @@ def load_data(store: ArtifactStore) -> TrainData:
                             "check ingest.split / ingest.split_ratios")
 
     features, info = {}, {}
-    for m, name in FEATURE_FILES.items():
+    for m in project_modalities(store):  # the project stage's modalities, in declared order
+        name = clear_features(m)
         if not store.exists(name):
             continue
         ft = store.read_parquet(name, columns=["item_idx", "vector"], required=["item_idx", "vector"])
@@ -221,15 +222,12 @@ def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, stor
     if cls.uses_features:
         if not data.features:
             raise ConfigError(
-                f"train.backbone = {cfg.backbone!r} needs image or text features, but neither "
-                f"{FEATURE_FILES['image']} nor {FEATURE_FILES['text']} exists in the work directory; set "
-                "encode.image_encoder or encode.text_encoder to an encoder (not 'none') and rerun encode and project, "
-                "or set train.backbone = 'lightgcn'"
+                f"train.backbone = {cfg.backbone!r} needs item features, but no features/<name>_clear.parquet "
+                "exists in the work directory; declare a modality ([encode.modalities.<name>] with an encoder, "
+                "not 'none') and rerun encode and project, or set train.backbone = 'lightgcn'"
             )
-        for m in MODALITIES:
-            if m not in data.features:
-                log(f"{cfg.backbone}: no {m} features ({FEATURE_FILES[m]} absent); using the "
-                    f"{' and '.join(data.features)} modality only")
+        if len(data.features) == 1:
+            log(f"{cfg.backbone}: one modality only ({', '.join(data.features)})")
         if clear is not None and "modality_hook" not in accepts:
             log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
         elif clear is not None:
@@ -241,7 +239,7 @@ def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, stor
         if "item_graph" in accepts:
             item_graph, notes["item_graph_cache"] = _item_graph(store, cls, data, settings)
     elif data.features:
-        log(f"{cfg.backbone} uses no features; {', '.join(FEATURE_FILES[m] for m in data.features)} ignored")
+        log(f"{cfg.backbone} uses no features; {', '.join(clear_features(m) for m in data.features)} ignored")
     if not cls.uses_features and clear is not None:
         log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
     torch.manual_seed(cfg.seed)
@@ -435,7 +433,8 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
 SPEC = StageSpec(
     name="train",
     run=run,
-    inputs=(USERS, ITEMS, INTERACTIONS, *FEATURE_FILES.values(), PROJECTOR_JSON),
+    inputs=lambda config: (USERS, ITEMS, INTERACTIONS, *(clear_features(m) for m in declared_modalities(config)),
+                           PROJECTOR_JSON),
     outputs=OUTPUTS,
     config_keys=("train",),
     code=tuple(f"clearrec.models.{m}" for m in (
