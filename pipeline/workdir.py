@@ -60,10 +60,14 @@ def declared_modalities(config: Any) -> list[str]:
 
 
 def project_modalities(store: ArtifactStore) -> list[str]:
-    """The modalities the project stage wrote ``*_clear`` features for, in order (empty before it ran)."""
-    if not store.exists(PROJECTOR_JSON):
-        return []
-    return list(store.read_json(PROJECTOR_JSON).get("inputs", {}))
+    """The modalities the project stage wrote ``*_clear`` features for, in its order (``clear/projector.json``);
+    where that file does not list them, the ``features/*_clear.parquet`` present, by name."""
+    if store.exists(PROJECTOR_JSON):
+        inputs = store.read_json(PROJECTOR_JSON).get("inputs")
+        if isinstance(inputs, dict):
+            return list(inputs)
+    folder = store.path("features")
+    return sorted(p.name[: -len("_clear.parquet")] for p in folder.glob("*_clear.parquet")) if folder.is_dir() else []
 
 
 def imported(modality: str) -> str:

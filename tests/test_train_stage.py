@@ -67,7 +67,8 @@ def config(**overrides) -> Config:
 def run(store: ArtifactStore, cfg: Config):
     """The train stage; CLEAR's mode reaches it as the project stage writes it, in clear/projector.json."""
     if cfg.project.enabled and cfg.project.mode == "dynamic":
-        options = ClearOptions(**{f.name: getattr(cfg.project, f.name) for f in fields(ClearOptions)})
+        options = ClearOptions(**{f.name: getattr(cfg.project, f.name) for f in fields(ClearOptions)
+                                  if f.name not in ("visual", "text")})
         store.write_json("clear/projector.json", {"mode": "dynamic", **options.to_json(), "k": None})
     buf = io.StringIO()
     result = train.run(StageContext(store, cfg, Console(file=buf, width=120)))
@@ -167,14 +168,14 @@ def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
 
 def test_freedom_without_features_names_the_config_keys(tmp_path):
     store = write_workdir(tmp_path, image_dim=None, text_dim=None)
-    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom'.*encode.image_encoder"):
+    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom' needs item features.*encode.modalities"):
         run(store, config(**{"train.backbone": "freedom"}))
 
 
 def test_text_only_features_train_and_say_so(tmp_path):
     store = write_workdir(tmp_path, image_dim=None)
     _, out = run(store, config(**{"train.backbone": "freedom"}))
-    assert "no image features" in out
+    assert "one modality only (text)" in out
     assert store.read_json("model/model.json")["hyperparameters"]["modalities"] == ["text"]
 
 
