@@ -157,7 +157,7 @@ def _content_vectors(store: ArtifactStore, which: str):
         parts[modality] = (table["item_idx"].to_numpy(), table["item_id"].to_pylist(), x, valid)
         clear_on = bool(clear_meta.get("clear_enabled"))  # the *_clear features were projected
         blocks.append({"modality": modality, "dim": int(x.shape[1]), "source": name,
-                       "kind": _kind(raw_meta), "column": raw_meta.get("column"),
+                       "kind": _kind(modality, raw_meta), "column": raw_meta.get("column"),
                        "encoder": raw_meta.get("encoder"), "encoder_normalized": bool(raw_meta.get("normalized")),
                        "weights_sha256": raw_meta.get("weights_sha256"),
                        "text_template": raw_meta.get("text_template"), "missing": clear_meta.get("missing"),
@@ -182,11 +182,11 @@ def _content_vectors(store: ArtifactStore, which: str):
     return order, np.array([rows[int(i)] for i in order], dtype=object), layout.rows(dense), layout, blocks
 
 
-def _kind(meta: dict[str, Any]) -> str:
+def _kind(modality: str, meta: dict[str, Any]) -> str:
     """What a query of this modality is: "text", "image", or "imported" (no encoder: similar only)."""
     if meta.get("encoder") == "imported":
         return "imported"
-    return meta.get("kind") or ("text" if meta.get("text_template") is not None else "image")
+    return meta.get("kind") or ("text" if meta.get("text_template") is not None or modality == "text" else "image")
 
 
 def _fill_vectors(store: ArtifactStore) -> dict[str, np.ndarray]:

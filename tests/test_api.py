@@ -18,7 +18,7 @@ from serving_data import THEMES, PaletteEncoder, attach_vbpr, build_workdir, png
 from typer.testing import CliRunner
 
 import clearrec
-from clearrec.models.clear import ClearProjector
+from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.models.encoders import load_text_encoder
 from clearrec.models.images import safe_open_image
 from clearrec.pipeline.api import UnknownIdError
@@ -177,10 +177,10 @@ def test_add_items_with_vbpr_uses_its_content_pathway_for_the_cf_index(built, te
 
     store = ArtifactStore(root)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
-    proj = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
+    proj = MultiClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
     texts = ["all-terrain jogging stroller.", "glass baby bottle. slow flow"]  # "{title}. {description}", as encode
-    text = proj.transform_text(text_encoder.encode(texts))
-    image = proj.transform_visual(PaletteEncoder().encode([safe_open_image(png(4))]))
+    text = proj.transform("text", text_encoder.encode(texts))
+    image = proj.transform("image", PaletteEncoder().encode([safe_open_image(png(4))]))
     fill = arrow_to_vectors(store.read_parquet("features/image_clear.parquet")["vector"])[0][built[1]["img_valid"]]
     image = np.concatenate([image, fill.mean(0, keepdims=True)])  # n2 has no image: filled like the catalog
     model = load_model(store)
@@ -200,7 +200,7 @@ def test_add_items_rejects_bad_rows(rec, built):
         rec.add_items([{"item_id": "a", "title": "x"}, {"item_id": "a", "title": "y"}])
     with pytest.raises(ValueError, match="leaves the catalog root"):
         rec.add_items([{"item_id": "b", "title": "x", "image": "../../etc/passwd"}])
-    with pytest.raises(ValueError, match="neither text nor an image"):
+    with pytest.raises(ValueError, match="nothing to encode"):
         rec.add_items([{"item_id": "c", "title": "", "description": None}])
     with pytest.raises(ValueError, match="decompression_bomb|exceeds"):
         clearrec.open(built[0], encoders={"image": PaletteEncoder()}, max_image_pixels=10).add_items(
@@ -261,9 +261,9 @@ def test_checksum_is_checked_without_a_manifest_and_for_the_projector(built, tmp
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    rec = clearrec.open(root, encoders={"text": text_encoder})
-    with pytest.raises(IntegrityError):
-        rec.search_text("stroller")
+    rec = clearrec.open(root, encoders={"text": text_encoder, "image": PaletteEncoder()})
+    with pytest.raises(IntegrityError):  # new items are projected as the catalog's *_clear features were
+        rec.add_items([{"item_id": "new", "title": "stroller"}])
     faiss_file = root / "index" / "items.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes() + b"\0")
     with pytest.raises(IntegrityError):
