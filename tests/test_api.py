@@ -184,7 +184,7 @@ def test_add_items_with_vbpr_uses_its_content_pathway_for_the_cf_index(built, te
     fill = arrow_to_vectors(store.read_parquet("features/image_clear.parquet")["vector"])[0][built[1]["img_valid"]]
     image = np.concatenate([image, fill.mean(0, keepdims=True)])  # n2 has no image: filled like the catalog
     model = load_model(store)
-    expected = model.content_item_vectors(torch.from_numpy(image), torch.from_numpy(text)).numpy()  # (2, 16)
+    expected = model.content_item_vectors({"image": torch.from_numpy(image), "text": torch.from_numpy(text)}).numpy()
     got = np.stack([rec.items.index.reconstruct(rec.items.row_of[i]) for i in ("n1", "n2")])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     user = rec._user_vectors[rec._user_row["user00"]]

@@ -158,7 +158,7 @@ def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
     assert first != second and store.exists(first) and store.exists(second)
     image, text = (torch.from_numpy(arrow_to_vectors(store.read_parquet(f"features/{m}_clear.parquet")["vector"])[0])
                    for m in ("image", "text"))
-    rows, cols, _ = FREEDOM.build_item_graph(image, text, 10, 0.1)
+    rows, cols, _ = FREEDOM.build_item_graph({"image": image, "text": text}, 10)
     cached, _ = store.read_tensors(second)
     assert np.array_equal(cached["rows"], rows.numpy()) and np.array_equal(cached["cols"], cols.numpy())
     stale, _ = store.read_tensors(first)
@@ -203,8 +203,8 @@ def test_dynamic_clear_mode_refits_once_per_epoch_and_saves_its_directions(tmp_p
         assert len(refits) == 3 and refits[0][:2] == (2, 1.0) and refits[0][2][1] == 16
         assert store.read_json("model/model.json")["clear_dynamic"]["k_requested"] == 2
         tensors, _ = store.read_tensors("model/model.safetensors")
-        assert tensors["modality_hook.visual_dirs"].shape == (16, 2)
-        assert tensors["modality_hook.text_dirs"].shape == (16, 2)
+        assert tensors["modality_hook.dirs_image"].shape == (16, 2)
+        assert tensors["modality_hook.dirs_text"].shape == (16, 2)
     refits.clear()
     run(write_workdir(tmp_path / "static"), config(**{"train.backbone": "freedom", "train.epochs": 1}))
     assert not refits
@@ -219,10 +219,11 @@ def test_dynamic_vbpr_projects_new_items_with_the_saved_directions(tmp_path):
     data = train.load_data(store)
     # the catalog's own features through the cold-start pathway: the same content half as the
     # trained item vectors, whatever else is in the batch (no refit on the new rows)
-    new = model.content_item_vectors(data.features["image"][:5], data.features["text"][:5])
+    image, text = data.features["image"], data.features["text"]
+    new = model.content_item_vectors({"image": image[:5], "text": text[:5]})
     torch.testing.assert_close(new[:, 16:], items[:5, 16:], rtol=1e-5, atol=1e-5)
-    both = model.content_item_vectors(data.features["image"][:5] * 3, data.features["text"][:5])
-    torch.testing.assert_close(model.content_item_vectors(data.features["image"][:1] * 3, data.features["text"][:1]),
+    both = model.content_item_vectors({"image": image[:5] * 3, "text": text[:5]})
+    torch.testing.assert_close(model.content_item_vectors({"image": image[:1] * 3, "text": text[:1]}),
                                both[:1], rtol=1e-5, atol=1e-5)
 
 
