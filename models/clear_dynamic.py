@@ -117,11 +117,10 @@ class DynamicClear(nn.Module):
                 for kind in _KINDS:
                     delattr(self, kind + m)
         for m in saved:
-            for kind in _KINDS:
-                value = state_dict.get(prefix + kind + m)
-                if value is not None:
-                    device = getattr(self, kind + m).device if m in self.modalities else self._anchor.device
-                    self.register_buffer(kind + m, torch.empty_like(value, device=device))
+            for kind in _KINDS:  # a mean absent from the state stays empty: a strict load reports it missing
+                value = state_dict.get(prefix + kind + m, torch.empty(0))
+                device = getattr(self, kind + m).device if m in self.modalities else self._anchor.device
+                self.register_buffer(kind + m, torch.empty_like(value, device=device))
         self.modalities = tuple(saved)
         super()._load_from_state_dict(state_dict, prefix, *args)
 

@@ -119,6 +119,8 @@ def test_buffers_per_modality_round_trip_and_follow_the_saved_state():
     two.refit({"image": e["image"], "text": e["text"]})
     two.load_state_dict(state)  # a state of other modalities replaces the buffers (strict load)
     assert set(two.modalities) == set(e) and torch.equal(two.dirs_audio, state["dirs_audio"])
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"mean_audio\""):
+        DynamicClear().load_state_dict({k: v for k, v in state.items() if k != "mean_audio"})
     fresh.refit({"image": e["image"], "text": e["text"]})  # a refit on fewer modalities drops the others
     assert "dirs_audio" not in fresh.state_dict()
     with pytest.raises(ValueError, match=r"fit on the modalities \['image', 'text'\]"):

@@ -169,7 +169,8 @@ def test_graph_cache_keys_on_the_resolved_modality_weights(tmp_path):
     store = write_workdir(tmp_path)
     names = []
     for weights in ({}, {"image": 1, "text": 9}, {"image": 0.5, "text": 0.5}):
-        run(store, config(**{"train.backbone": "freedom", "train.epochs": 1, "train.freedom.modality_weights": weights}))
+        run(store, config(**{"train.backbone": "freedom", "train.epochs": 1,
+                             "train.freedom.modality_weights": weights}))
         info = store.read_json("model/model.json")
         names.append(info["item_graph_cache"])
     assert names[0] == names[1] != names[2]  # 1 : 9 is the default 0.1 / 0.9 once normalised
