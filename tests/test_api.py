@@ -24,7 +24,7 @@ from clearrec.models.images import safe_open_image
 from clearrec.pipeline.api import UnknownIdError
 from clearrec.pipeline.cli import app
 from clearrec.pipeline.config import Config
-from clearrec.pipeline.errors import EncoderUnavailableError, IntegrityError
+from clearrec.pipeline.errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
 from clearrec.stages import index as index_stage
@@ -235,6 +235,21 @@ def test_searches_stay_consistent_while_items_are_added(rec, built):
 
 
 # ---- integrity ---------------------------------------------------------------------------
+def test_vbpr_content_pathway_in_the_old_two_modality_form_asks_to_retrain(built, tmp_path):
+    from clearrec.pipeline._serving import load_content_pathway
+
+    root = _copy(built, tmp_path)
+    attach_vbpr(root)
+    store = ArtifactStore(root)
+    assert load_content_pathway(store).modalities == ("image", "text")
+    meta = store.read_json("model/model.json")
+    dims = meta["content_pathway"].pop("dims")
+    meta["content_pathway"] |= {"text_dim": dims["text"], "image_dim": dims["image"]}
+    store.write_json("model/model.json", meta)
+    with pytest.raises(ArtifactError, match="older form.*rerun 'clearrec run --only train'"):
+        load_content_pathway(store)
+
+
 def _copy(built, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(built[0], target)
