@@ -23,7 +23,8 @@ class ContentPathway(nn.Module):
     Args:
         dims: modality name -> ``d_m``, in the order the features are concatenated.
         embedding_dim: ``d``.
-        modality_hook, content: the backbone's modules (new ones when None).
+        modality_hook: the backbone's hook (CLEAR's dynamic mode), or None.
+        content: the backbone's content layer (a new one when None).
     """
 
     def __init__(self, dims: Mapping[str, int], embedding_dim: int, modality_hook: nn.Module | None = None,
