@@ -510,13 +510,15 @@ def load_content_pathway(store: ArtifactStore) -> Any:
         return None
     from safetensors.torch import load as load_tensors
 
-    from ..models.clear import ClearOptions
     from ..models.clear_dynamic import DynamicClear
     from ..models.vbpr import ContentPathway
 
     data = verified_bytes(store, CONTENT_PATHWAY, stage_outputs(store, "train").get(CONTENT_PATHWAY), "train")
-    hook = DynamicClear(ClearOptions.from_json(meta["clear_dynamic"])) if meta.get("clear_dynamic") else None
-    pathway = ContentPathway(settings["text_dim"], settings["image_dim"], settings["embedding_dim"], hook)
+    if "dims" not in settings:
+        raise ArtifactError(f"{MODEL_JSON} describes the content pathway in an older form (no per-modality dims); "
+                            "rerun 'clearrec run --only train'")
+    hook = DynamicClear.from_json(meta["clear_dynamic"]) if meta.get("clear_dynamic") else None
+    pathway = ContentPathway(settings["dims"], settings["embedding_dim"], hook)
     pathway.load_state_dict(load_tensors(data))
     return pathway.eval()
 

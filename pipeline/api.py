@@ -264,7 +264,7 @@ class Recommender:
             return None, [f"backbone {backbone!r} has no content pathway: the new items are in the content index "
                           "(similar, search_text, search_image) but not in recommend() until the model is retrained"]
         x = {m: torch_from(features[m]) for m in features}
-        vectors = self._queries.run(pathway.item_vectors, x)  # (B, 2d)
+        vectors = self._queries.run(pathway.item_vectors, {m: x[m] for m in pathway.modalities if m in x})  # (B, 2d)
         return vectors.numpy(), []
 
     def _content_pathway(self) -> Any:

@@ -148,8 +148,7 @@ def attach_vbpr(root: Path, embedding_dim: int = 8, seed: int = 0) -> None:
     store = ArtifactStore(root)
     data = load_data(store)
     torch.manual_seed(seed)
-    model = VBPR(data.num_users, data.num_items, data.features.get("image"), data.features.get("text"),
-                 embedding_dim=embedding_dim)
+    model = VBPR(data.num_users, data.num_items, data.features, embedding_dim=embedding_dim)
     store.write_tensors("model/model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()})
     pathway = model.content_pathway()
     store.write_tensors("model/content.safetensors", {k: v.contiguous() for k, v in pathway.state_dict().items()})

@@ -24,7 +24,7 @@ from clearrec.models.images import safe_open_image
 from clearrec.pipeline.api import UnknownIdError
 from clearrec.pipeline.cli import app
 from clearrec.pipeline.config import Config
-from clearrec.pipeline.errors import EncoderUnavailableError, IntegrityError
+from clearrec.pipeline.errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
 from clearrec.stages import index as index_stage
@@ -184,7 +184,7 @@ def test_add_items_with_vbpr_uses_its_content_pathway_for_the_cf_index(built, te
     fill = arrow_to_vectors(store.read_parquet("features/image_clear.parquet")["vector"])[0][built[1]["img_valid"]]
     image = np.concatenate([image, fill.mean(0, keepdims=True)])  # n2 has no image: filled like the catalog
     model = load_model(store)
-    expected = model.content_item_vectors(torch.from_numpy(image), torch.from_numpy(text)).numpy()  # (2, 16)
+    expected = model.content_item_vectors({"image": torch.from_numpy(image), "text": torch.from_numpy(text)}).numpy()
     got = np.stack([rec.items.index.reconstruct(rec.items.row_of[i]) for i in ("n1", "n2")])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     user = rec._user_vectors[rec._user_row["user00"]]
@@ -235,6 +235,21 @@ def test_searches_stay_consistent_while_items_are_added(rec, built):
 
 
 # ---- integrity ---------------------------------------------------------------------------
+def test_vbpr_content_pathway_in_the_old_two_modality_form_asks_to_retrain(built, tmp_path):
+    from clearrec.pipeline._serving import load_content_pathway
+
+    root = _copy(built, tmp_path)
+    attach_vbpr(root)
+    store = ArtifactStore(root)
+    assert load_content_pathway(store).modalities == ("image", "text")
+    meta = store.read_json("model/model.json")
+    dims = meta["content_pathway"].pop("dims")
+    meta["content_pathway"] |= {"text_dim": dims["text"], "image_dim": dims["image"]}
+    store.write_json("model/model.json", meta)
+    with pytest.raises(ArtifactError, match="older form.*rerun 'clearrec run --only train'"):
+        load_content_pathway(store)
+
+
 def _copy(built, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(built[0], target)
