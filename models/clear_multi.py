@@ -320,7 +320,9 @@ class MultiClearProjector:
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"projector state has format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
         proj = cls(ClearOptions.from_json(meta), meta["modalities"], meta["project"])
-        ms, dims, ks = proj.modalities, meta["dims"], meta["k"]
+        ms, dims, ks = proj.modalities, meta["dims"], meta.get("k_per_modality", meta["k"])
+        if isinstance(ks, int):  # one rank for every modality, as clear/projector.json writes it then
+            ks = dict.fromkeys(ms, ks)
         expected = {"weights": (len(ms),)}
         for m in ms:
             rest = sum(dims[j] for j in ms if j != m)

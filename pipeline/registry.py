@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 DESCRIPTIONS: dict[str, str] = {  # stage name (in run order) -> its StageSpec.description
     "ingest": "raw items + interactions -> items / users / interactions (split) / rejects",
-    "encode": "encode item images and text into feature vectors (features/image.parquet, features/text.parquet)",
+    "encode": "encode each declared modality into feature vectors (features/<name>.parquet)",
     "project": "fit the CLEAR projector; write projected features and diagnostics",
     "train": "train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
     "index": "FAISS indexes over the item vectors and the projected content, tuned to a recall target",

@@ -119,12 +119,11 @@ def workdir_sections(root: Path, n_users: int = 3, top_k: int = 10) -> list[Sect
 
 
 def _modalities(store: ArtifactStore) -> list[str]:
-    """The work directory's modalities: the project stage's, else the encode stage's feature files (by name)."""
+    """The work directory's modalities: the project stage's in its order, then any other encode output by name."""
     names = project_modalities(store)
-    if names:
-        return names
     folder = store.path("features")
-    return sorted(p.stem for p in folder.glob("*.parquet") if not p.stem.endswith("_clear")) if folder.is_dir() else []
+    found = sorted(p.stem for p in folder.glob("*.parquet") if not p.stem.endswith("_clear")) if folder.is_dir() else []
+    return names + [m for m in found if m not in names]
 
 
 def workdir_notices(root: Path) -> list[str]:

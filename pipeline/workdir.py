@@ -60,12 +60,14 @@ def declared_modalities(config: Any) -> list[str]:
 
 
 def project_modalities(store: ArtifactStore) -> list[str]:
-    """The modalities the project stage wrote ``*_clear`` features for, in its order (``clear/projector.json``);
-    where that file does not list them, the ``features/*_clear.parquet`` present, by name."""
+    """The modalities the project stage wrote ``*_clear`` features for, in its order (``clear/projector.json``
+    ``modalities``); where that file does not list them, the ``features/*_clear.parquet`` present, by name."""
     if store.exists(PROJECTOR_JSON):
-        inputs = store.read_json(PROJECTOR_JSON).get("inputs")
-        if isinstance(inputs, dict):
-            return list(inputs)
+        info = store.read_json(PROJECTOR_JSON)
+        if isinstance(info.get("modalities"), list):
+            return list(info["modalities"])
+        if isinstance(info.get("inputs"), dict):
+            return list(info["inputs"])
     folder = store.path("features")
     return sorted(p.name[: -len("_clear.parquet")] for p in folder.glob("*_clear.parquet")) if folder.is_dir() else []
 

@@ -116,6 +116,7 @@ def run(ctx: StageContext) -> StageResult:
     info: dict[str, Any] = {
         "enabled": cfg.enabled, "applied": projector is not None, "reason": reason, "mode": mode,
         "missing": missing,
+        "modalities": present,  # in declared order (JSON objects are written with sorted keys)
         "inputs": {s.modality: {"dim": s.dim, "encoder": s.meta.get("encoder"), "rows": scan.n_rows} for s in sources},
         "project": switches,
         "counts": scan.counts,

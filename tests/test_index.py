@@ -179,11 +179,12 @@ def test_stage_builds_the_content_index_from_normalised_blocks(tmp_path):
     img_ok[7] = txt_ok[7] = False  # no content at all: not in the content index
     write_clear(store, "image", image, img_ok)
     write_clear(store, "text", text, txt_ok)
-    run_index(tmp_path)
+    run_index(tmp_path, content_features="projected")
     info = store.read_json("index/index_info.json")["content"]
     assert [(b["modality"], b["start"], b["dim"], b["encoder"]) for b in info["blocks"]] == [
         ("image", 0, 12, "enc-image"), ("text", 12, 20, "enc-text")]
-    assert set(info["recall_by_query"]) == {"both", "image", "text"} and info["recall"] == 1.0
+    assert [b["projected"] for b in info["blocks"]] == [True, True] and info["features"] == "projected"
+    assert set(info["recall_by_query"]) == {"all", "image", "text"} and info["recall"] == 1.0
     ids = store.read_parquet("index/content_ids.parquet")["item_id"].to_pylist()
     assert ids == [f"it{i}" for i in range(n) if i != 7] and info["ntotal"] == n - 1
     rows = faiss.read_index(str(store.path("index/content.faiss"))).reconstruct_n(0, n - 1)  # (n - 1, 32)
@@ -192,9 +193,45 @@ def test_stage_builds_the_content_index_from_normalised_blocks(tmp_path):
                                rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(rows[:, :12], axis=1), np.where(img_ok[keep], 1.0, 0.0), atol=1e-5)
 
-    run_index(tmp_path, content=False)  # switching the content index off removes its files
+    run_index(tmp_path, content=False, content_features="projected")  # switching the content index off removes its files
     assert store.read_json("index/index_info.json")["content"] is None
     assert not store.exists("index/content.faiss") and not store.exists("index/content_ids.parquet")
+
+
+def test_content_index_holds_the_raw_features_by_default_and_fills_as_project_did(tmp_path):
+    store = ArtifactStore(tmp_path)
+    n = 120
+    write_model(store, clustered(n), clustered(40, seed=9))
+    raw = {"image": clustered(n, d=12, seed=10), "text": clustered(n, d=20, seed=11)}
+    ok = np.ones(n, dtype=bool)
+    ok[[3, 4]] = False  # no image vector: project filled it with the mean (encode.missing = "mean")
+    fill = raw["image"][ok].mean(0)
+    for m, x in raw.items():
+        valid = ok if m == "image" else np.ones(n, dtype=bool)
+        store.write_parquet(f"features/{m}.parquet", pa.table({
+            "item_idx": pa.array(np.arange(n), pa.int64()), "item_id": [f"it{i}" for i in range(n)],
+            "vector": vectors_to_arrow(x, valid)}),
+            metadata={"modality": m, "kind": m, "encoder": f"enc-{m}", "dim": x.shape[1], "normalized": False})
+        projected = x - x.mean(0)  # stands in for the CLEAR projection: anything but the raw features
+        write_clear(store, m, projected, np.ones(n, dtype=bool))
+    store.write_json("clear/projector.json", {"modalities": ["text", "image"], "inputs": {"image": {}, "text": {}}})
+    store.write_tensors("clear/fill.safetensors", {"image": np.zeros(12, np.float32), "image.raw": fill.astype(np.float32),
+                                                   "text": np.zeros(20, np.float32),
+                                                   "text.raw": raw["text"].mean(0).astype(np.float32)})
+    s = ArtifactStore(tmp_path)
+    meta = s.parquet_metadata("features/image_clear.parquet")
+    s.write_parquet("features/image_clear.parquet", s.read_parquet("features/image_clear.parquet"),
+                    metadata={**meta, "missing": "mean"})
+    run_index(tmp_path)
+    info = store.read_json("index/index_info.json")["content"]
+    assert info["features"] == "raw" and [b["modality"] for b in info["blocks"]] == ["text", "image"]  # project's order
+    assert [b["projected"] for b in info["blocks"]] == [False, False] and [b["kind"] for b in info["blocks"]] == [
+        "text", "image"]
+    rows = faiss.read_index(str(store.path("index/content.faiss"))).reconstruct_n(0, n)  # (n, 32)
+    image = np.where(ok[:, None], raw["image"], fill)
+    np.testing.assert_allclose(rows[:, 20:], image / np.linalg.norm(image, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows[:, :20], raw["text"] / np.linalg.norm(raw["text"], axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_stage_auto_hnsw_meets_the_recall_target(tmp_path):

@@ -559,7 +559,7 @@ def test_mmrec_importer_writes_imported_features(tmp_path):
     vec, valid = arrow_to_vectors(img.column("vector"))
     assert valid.tolist() == [True, True, True, False, True]
     np.testing.assert_array_equal(vec[valid], image[valid])
-    assert img.column("status").to_pylist()[3] == "invalid" and "row 3" in img.column("error").to_pylist()[3]
+    assert img.column("status").to_pylist()[3] == "non_finite" and "row 3" in img.column("error").to_pylist()[3]
     meta = store.parquet_metadata("imported/image.parquet")
     assert meta["modality"] == "image" and meta["dim"] == 6 and meta["encoder"] == "imported"
     txt, _ = arrow_to_vectors(store.read_parquet("imported/text.parquet").column("vector"))

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from clearrec.models.clear import ClearOptions, ClearProjector
+from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.pipeline.config import Config
 from clearrec.pipeline.errors import ArtifactError, InputDataError
 from clearrec.pipeline.runner import Runner
@@ -105,26 +106,26 @@ def test_projected_files_match_projector_and_contract(planted_store):
     result = go(store, cfg)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
     info = store.read_json("clear/projector.json")
-    assert info["k"] == R and info["strength"] == 1.0 and info["dims"] == {"visual": DV, "text": DT}
-    assert info["applied"] and "fit_seconds" not in info and 0 < info["energy_removed"] <= 1
+    assert info["k"] == R and info["strength"] == 1.0 and info["dims"] == {"image": DV, "text": DT}
+    assert info["applied"] and "fit_seconds" not in info and 0 < info["energy_removed"]["image|text"] <= 1
     assert info["mode"] == "static" and info["k_requested"] == R and "seed" not in info  # seed: no effect here
     assert result.counts["fit_seconds"] >= 0  # timings go to the manifest, so the file is deterministic
-    proj = ClearProjector.from_state(tensors, info)
+    proj = MultiClearProjector.from_state(tensors, info)
     t, yv, ok = read_clear(store, "image")
     assert t.column_names == ["item_idx", "item_id", "vector", "status", "error", "content_sha256", "filled"]
-    np.testing.assert_allclose(yv, proj.transform_visual(xv), atol=1e-5)
+    np.testing.assert_allclose(yv, proj.transform("image", xv), atol=1e-5)
     meta = store.parquet_metadata("features/image_clear.parquet")
     assert meta["projector"] == store.checksum("clear/projector.safetensors") and meta["clear_enabled"] is True
     assert meta["encoder"] == "test-image" and meta["dim"] == DV
     _, yt, _ = read_clear(store, "text")
-    np.testing.assert_allclose(yt, proj.transform_text(xt), atol=1e-5)
+    np.testing.assert_allclose(yt, proj.transform("text", xt), atol=1e-5)
     # the stage's analytic "after" spectrum is the measured cross-covariance spectrum of the written files
     yv64, yt64 = yv.astype(np.float64), yt.astype(np.float64)
     C = (yv64 - yv64.mean(0)).T @ (yt64 - yt64.mean(0)) / N
     measured = np.linalg.svd(C, compute_uv=False)
     diag = store.read_json("clear/diagnostics.json")
     np.testing.assert_allclose(measured, diag["spectrum_after"], atol=1e-4 * diag["spectrum_before"][0])
-    assert diag["energy_curve_after"][-1] == pytest.approx(1 - info["energy_removed"], abs=1e-9)
+    assert diag["energy_curve_after"][-1] == pytest.approx(1 - info["energy_removed"]["image|text"], abs=1e-9)
     assert diag["energy_curve_before"][-1] == pytest.approx(1.0)
 
 
@@ -158,18 +159,18 @@ def test_missing_policy_mean_fills_and_flags(tmp_path):
     result = go(store, cfg)
     assert result.counts["fit_items"] == N - 4  # items with both vectors
     tensors, _ = store.read_tensors("clear/projector.safetensors")
-    proj = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
+    proj = MultiClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
     t, yv, ok = read_clear(store, "image")
     assert ok.all() and t.column("filled").to_numpy().tolist() == (~okv).tolist()
     assert t.column("status").to_pylist()[3] == "decode_error"  # status kept
     fill = xv[okv].astype(np.float64).mean(0)
-    np.testing.assert_allclose(yv[3], proj.transform_visual(fill), atol=1e-4)
-    np.testing.assert_allclose(yv[okv], proj.transform_visual(xv[okv]), atol=1e-5)
+    np.testing.assert_allclose(yv[3], proj.transform("image", fill), atol=1e-4)
+    np.testing.assert_allclose(yv[okv], proj.transform("image", xv[okv]), atol=1e-5)
     assert store.parquet_metadata("features/image_clear.parquet")["filled"] == 3
     # the projector is the one fit on the items with both vectors
     both = okv & okt
     ref = ClearProjector(ClearOptions(k=R)).fit(xv[both], xt[both])
-    np.testing.assert_allclose(proj.spectrum(), ref.spectrum(), rtol=1e-5)
+    np.testing.assert_allclose(proj.spectrum("image") / proj.weights_["text"], ref.spectrum(), rtol=1e-5)
 
 
 def test_missing_policy_drop_keeps_nulls(tmp_path):
@@ -197,10 +198,10 @@ def test_fit_on_train_uses_train_items_only(tmp_path):
     result = go(store, cfg)
     assert result.counts["fit_items"] == len(train)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
-    got = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
+    got = MultiClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
     ref = ClearProjector(ClearOptions(k=R)).fit(xv[train], xt[train])
-    np.testing.assert_allclose(got.spectrum(), ref.spectrum(), rtol=1e-5)
-    np.testing.assert_allclose(got.directions_visual_, ref.directions_visual_, atol=1e-5)
+    np.testing.assert_allclose(got.spectrum("image") / got.weights_["text"], ref.spectrum(), rtol=1e-5)
+    np.testing.assert_allclose(got.directions_["image"], ref.directions_visual_, atol=1e-5)
     # every item is still projected
     _, yv, _ = read_clear(store, "image")
     np.testing.assert_allclose(yv, ref.transform_visual(xv), atol=1e-4)
@@ -223,7 +224,7 @@ def test_small_chunks_equal_big_chunks(tmp_path):
     # float32 chunk products: equal to float32 precision relative to the largest singular value
     np.testing.assert_allclose(ad["spectrum_before"], bd["spectrum_before"], atol=1e-6 * bd["spectrum_before"][0])
     assert ad["overlap@10"] == pytest.approx(bd["overlap@10"], abs=1e-6)  # same seeded sample
-    np.testing.assert_allclose(ap["directions_visual"], bp["directions_visual"], atol=1e-5)
+    np.testing.assert_allclose(ap["directions.image"], bp["directions.image"], atol=1e-5)
 
 
 def test_one_modality_passes_through_and_says_why(tmp_path):
@@ -257,7 +258,8 @@ def test_dynamic_mode_passes_through(planted_store):
 
 def test_ratio_random_directions_and_modality_switch(planted_store):
     store, cfg, xv, xt = planted_store
-    go(store, cfg.with_overrides({"project.ratio": 0.9, "project.directions": "random", "project.text": False}))
+    go(store, cfg.with_overrides({"project.ratio": 0.9, "project.directions": "random",
+                                  "project.modalities": {"text": False}}))
     info = store.read_json("clear/projector.json")
     shared = ClearProjector(ClearOptions(ratio=0.9)).fit(xv, xt)
     assert info["k"] == shared.k_ and info["directions"] == "random" and info["ratio"] == 0.9
