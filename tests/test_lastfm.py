@@ -70,8 +70,10 @@ def test_pipeline_runs_to_a_projector_over_both_and_a_served_index(table_run):
     rec = clearrec.open(table_run)
     assert len(rec.recommend("0", 10)) == 10
     assert len(rec.similar("0", 10)) == 10
-    titles = {h.title for h in rec.search_text("heavy metal, thrash metal", 10)}
-    assert titles & {"Metallica", "Megadeth", "Slayer", "Iron Maiden", "Anthrax", "Pantera"}
+    tags = dict(zip(store.read_parquet("items.parquet")["item_id"].to_pylist(),
+                    store.read_parquet("items.parquet")["description"].to_pylist()))
+    hits = rec.search_text("heavy metal, thrash metal", 10)
+    assert sum("thrash metal" in tags[h.item_id] for h in hits) >= 8  # the artists listeners tagged so
 
 
 def test_the_mmrec_folder_gives_the_same_features(table_run, tmp_path):
@@ -92,9 +94,9 @@ def test_the_mmrec_folder_gives_the_same_features(table_run, tmp_path):
 
 def test_shortened_study_clear_off_and_on_both_learn(table_run, tmp_path):
     """A lower-bound check of the study in RESULTS.md: FREEDOM with CLEAR off and on, one seed, 10 epochs,
-    both well above the popularity ranking (test Recall@20 0.25 here, RESULTS.md)."""
+    both well above the popularity ranking (test Recall@20 0.12, RESULTS.md)."""
     cfg = load_config(REPO / "benchmarks" / "lastfm2k.toml")
     res = Harness(cfg, table_run, tmp_path / "exp", console=QUIET).compare(["freedom"], seeds=[0], epochs=10)
     rows = {r["clear"]: r for r in res["rows"]}
     for clear in ("off", "on"):
-        assert rows[clear]["n"] == 1 and rows[clear]["test"]["recall@20"]["mean"] > 0.3, clear
+        assert rows[clear]["n"] == 1 and rows[clear]["mean"]["recall@20"] > 0.2, clear
