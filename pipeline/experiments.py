@@ -222,7 +222,9 @@ class Harness:
                                "seconds": {s.name: entries.get(s.name, {}).get("seconds") for s in self.run_stages}}
         if store.exists(PROJECTOR_JSON):
             proj = store.read_json(PROJECTOR_JSON)
-            res["clear_k"], res["clear_strength"] = proj.get("k"), proj.get("strength")
+            k = proj.get("k")  # one rank, or one per modality when the energy ratio picks different ones
+            res["clear_k"] = ", ".join(f"{m} {v}" for m, v in k.items()) if isinstance(k, dict) else k
+            res["clear_strength"] = proj.get("strength")
         return res
 
     def _header(self, kind: str, seeds: Sequence[int], epochs: int | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.pipeline.config import load_config
 from clearrec.pipeline.errors import ArtifactError, ConfigError, StageError
 from clearrec.pipeline.registry import STAGES
+from clearrec.pipeline.report import write_report
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
 
@@ -211,6 +212,9 @@ def test_three_modalities_run_to_a_served_index(tmp_path):
     content = store.read_json("index/index_info.json")["content"]
     assert [b["modality"] for b in content["blocks"]] == names and content["features"] == "raw"
     assert {b["kind"] for b in content["blocks"]} == {"imported"}
+
+    html, _ = (p.read_text() for p in write_report(tmp_path / "w"))
+    assert all(pair in html for pair in ("audio - video", "audio - lyrics", "video - lyrics"))  # the pairwise table
 
     rec = clearrec.open(tmp_path / "w")
     hits = rec.similar("0", 5)
