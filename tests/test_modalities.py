@@ -151,7 +151,7 @@ def test_bad_rows_get_a_status_and_bad_files_an_error_naming_them(tmp_path):
     np.save(tmp_path / "audio.npy", audio[:50])  # fewer rows than item ids
     with pytest.raises(StageError, match=r"audio.npy has 50 rows but the catalog's item ids go up to 59"):
         run_to(tmp_path, write_config(tmp_path, {"audio": THREE["audio"]}))
-    np.save(tmp_path / "audio.npy", audio.astype(np.int64))
+    np.save(tmp_path / "audio.npy", np.nan_to_num(audio).astype(np.int64))
     with pytest.raises(StageError, match=r"audio.npy holds a 2-D int64 array"):
         run_to(tmp_path, write_config(tmp_path, {"audio": THREE["audio"]}))
     pq.write_table(pa.table({"item_id": ["1", "1"], "vector": [[1.0], [2.0]]}), tmp_path / "video.parquet")
