@@ -30,6 +30,9 @@ DATA = REPO.parent / "shared" / "datasets" / "lastfm-2k" / "mmrec"
 
 # name -> (constructor settings, Adam lr): the reference settings (first grid values)
 SETTINGS: dict[str, tuple[dict, float]] = {
+    "lightgcn": ({"layers": 1, "reg": 1e-2}, 1e-3),
+    "vbpr": ({"reg": 2.0}, 1e-3),
+    "freedom": ({"dropout": 0.8, "reg_weight": 0.0}, 1e-3),
     "pop": ({}, 1e-3),
     "itemknncbf": ({"knn_k": 10, "shrink": 10.0}, 1e-3),
     "bpr": ({"reg": 2.0}, 1e-3),
@@ -70,8 +73,10 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dic
     args = {"num_users": nu, "num_items": ni, **kwargs, **(overrides or {})}
     if "edge_index" in accepts:
         args["edge_index"] = pairs[0]
-    if "features" in accepts:
+    if "features" in accepts:  # a mapping modality name -> (I, d) features
         args["features"] = feats
+    elif "image_features" in accepts:
+        args["image_features"], args["text_features"] = feats["image"], feats["text"]
     if "embedding_dim" in accepts:
         args["embedding_dim"] = 64
     torch.manual_seed(seed)

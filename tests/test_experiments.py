@@ -17,13 +17,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from clearrec.pipeline.config import ProjectConfig, load_config
-from clearrec.pipeline.errors import TrainingError
+from clearrec.pipeline.errors import ConfigError, TrainingError
 from clearrec.pipeline.experiment_tables import NOISE_EXPLAINED
 from clearrec.pipeline.experiments import (
     ABLATIONS,
     NOISE_RULE,
     TABLE_METRICS,
     Harness,
+    backbone_grid,
+    backbone_names,
+    featureless,
     grid_points,
     noise_check,
 )
@@ -64,7 +67,7 @@ def _train(ctx):
     t = ctx.config.train
     if t.seed == 13:
         raise TrainingError("loss became NaN")
-    if t.backbone == "lightgcn":
+    if featureless(t.backbone):
         assert not ctx.store.exists("clear/projector.json")  # no project stage for a backbone without features
         clear = 0.0
     else:
@@ -118,9 +121,38 @@ def test_noise_check_rule():
 
 def test_grid_points_per_backbone():
     assert grid_points("lightgcn", None, False) == [{}]
-    pts = grid_points("vbpr", {"train.freedom.dropout": [0.8, 0.9], "train.lr": [1e-3, 1e-2]}, True)
-    assert {tuple(sorted(p)) for p in pts} == {("train.lr", "train.vbpr.reg")}
-    assert len(pts) == 4
+    given = {"train.freedom.dropout": [0.8, 0.9], "train.bm3.layers": [2], "train.lr": [1e-3, 1e-2]}
+    pts = grid_points("vbpr", given, True)
+    assert {tuple(sorted(p)) for p in pts} == {("train.lr", "train.vbpr.reg")}  # other backbones' keys left out
+    assert len(pts) == 7 * 2  # the reference's 7 values of vbpr.reg x the 2 given learning rates
+    replaced = grid_points("bm3", {"train.bm3.layers": [3]}, True)  # a given key replaces the reference's values
+    assert {p["train.bm3.layers"] for p in replaced} == {3} and len(replaced) == 2 * 2
+
+
+def test_reference_grids_live_with_the_config_and_are_valid_settings():
+    assert backbone_grid("mgcn") == {"train.mgcn.cl_weight": [1e-3, 1e-2, 1e-1]}
+    assert backbone_grid("lattice") == {"train.lattice.reg_weight": [0.0, 1e-5, 1e-4, 1e-3],
+                                        "train.lr": [1e-4, 5e-4, 1e-3, 5e-3]}
+    assert backbone_grid("lgmrec") == {} and grid_points("lgmrec", None, True) == [{}]  # one-value lists only
+    sizes = {b: len(grid_points(b, None, True)) for b in backbone_names()}
+    assert sizes == {"lightgcn": 20, "vbpr": 7, "freedom": 8, "lattice": 16, "mgcn": 3, "smore": 32, "mmgcn": 30,
+                     "bm3": 8, "lgmrec": 1, "pop": 1, "bpr": 7, "itemknncbf": 1}
+    cfg = load_config(SAMPLE_DATA / "clearrec.toml")
+    for b in backbone_names():
+        for point in grid_points(b, None, True):
+            train = cfg.with_overrides({"train.backbone": b, **point}).train  # every point is a valid config
+            for key, value in point.items():
+                node = train
+                for part in key.split(".")[1:]:
+                    node = getattr(node, part)
+                assert node == value, (b, key)
+
+
+def test_backbone_names_are_the_registry():
+    from clearrec.models.registry import BACKBONES
+
+    assert set(backbone_names()) == set(BACKBONES)
+    assert {b for b in backbone_names() if featureless(b)} == {"lightgcn", "pop", "bpr"}
 
 
 # ---- harness on the toy pipeline ---------------------------------------------------------
@@ -183,6 +215,27 @@ def test_compare_grid_selected_on_valid_not_test(toy):
     for row in res["rows"]:
         assert row["grid"] == {"train.vbpr.reg": 1e-2}  # best on valid, although 1e-3 is best on test
         assert len(row["grid_valid"]) == 2
+
+
+def test_compare_reference_grid_selected_on_valid(toy):
+    res = toy.compare(["vbpr"], seeds=[0, 1], default_grid=True)
+    assert CALLS["train"] == 7 * 2 * 2  # the 7 points of the reference grid x CLEAR off / on x 2 seeds
+    for row in res["rows"]:
+        assert row["grid"] == {"train.vbpr.reg": 1e-2}  # best on valid, although 1e-3 is best on test
+        assert len(row["grid_valid"]) == 7
+        clear = 0.02 + 0.004 if row["clear"] == "on" else 0.0
+        assert row["mean"]["recall@20"] == pytest.approx(0.10 + clear + 0.0005)  # test at the chosen point
+    assert "train.vbpr.reg=0.01" in (toy.out.root / "compare.md").read_text()
+
+
+def test_compare_every_backbone(toy):
+    res = toy.compare(list(backbone_names()), seeds=[0], epochs=2)
+    rows = {(r["backbone"], r["clear"]) for r in res["rows"]}
+    plain = {"lightgcn", "pop", "bpr"}
+    assert rows == {(b, "n/a") for b in plain} | {(b, c) for b in set(backbone_names()) - plain for c in ("off", "on")}
+    assert CALLS["train"] == len(rows) and all(r["n"] == 1 for r in res["rows"])
+    with pytest.raises(ConfigError, match="unknown backbone.*'lightgnc'.*or all"):
+        toy.compare(["lightgnc"], seeds=[0])
 
 
 def test_failed_runs_are_reported_not_fatal(toy):
