@@ -8,9 +8,12 @@ yaml, trains it on one thread with one seed and prints, per backbone: the best-v
 epochs run, the median seconds per epoch of training and of the validation pass, the process
 CPU seconds of the whole run, valid R@20 and test R@10 / R@20 / N@10 / N@20 at the best-valid
 epoch. Backbones are built through the registry, so another one is one more ``SETTINGS`` line.
+With several seeds it also prints, per backbone, test R@20 mean +- sd over the seeds next to the
+reference's figure (the issue's table, one seed) and a verdict (:func:`verdict`).
 
     nice .venv/bin/python benchmarks/fidelity_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bm3,lgmrec --seed 999
+    nice .venv/bin/python benchmarks/fidelity_lastfm.py --models lightgcn --seeds 999,1,2          # + mean, verdict
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bpr --set bpr.reg=1e-4   # another setting
 """
 
@@ -44,6 +47,29 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "mgcn": ({"cl_weight": 1e-3}, 1e-3),
     "smore": ({"layers": 3, "knn_k": 10, "reg_weight": 1e-5, "dropout": 0.0}, 1e-3),
 }
+
+# name -> the reference implementation's test R@20 on this data (MMRec, seed 999; None: it did not finish)
+REFERENCE_R20: dict[str, float | None] = {
+    "lightgcn": 0.4168, "vbpr": 0.3979, "freedom": 0.3877, "lattice": 0.2495, "bm3": 0.3056, "mgcn": 0.4064,
+    "lgmrec": 0.4119, "smore": 0.2018, "mmgcn": None,
+}
+
+
+def verdict(ours: list[float], reference: float) -> tuple[float, float, str]:
+    """``(mean, sd, verdict)`` of our per-seed figures against the reference's single run.
+
+    "at or above" when our mean is at least the reference's; "within noise" when it is below by
+    at most 2 SE, SE = sd * sqrt(1/n + 1) (the project's 2-SE rule, the one reference run given
+    our seed sd, since one run has none); else "below, beyond noise". ``sd`` is the sample std
+    (ddof 1) over the ``n >= 2`` seeds.
+    """
+    if len(ours) < 2:
+        raise ValueError("a verdict needs at least 2 seeds")
+    mean, sd = statistics.mean(ours), statistics.stdev(ours)
+    if mean >= reference:
+        return mean, sd, "at or above"
+    se = sd * (1 / len(ours) + 1) ** 0.5
+    return mean, sd, "within noise" if reference - mean <= 2 * se else "below, beyond noise"
 
 
 def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
@@ -106,7 +132,7 @@ def _value(text: str) -> bool | int | float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
-    ap.add_argument("--seed", type=int, default=999)
+    ap.add_argument("--seed", "--seeds", dest="seeds", default="999", help="one seed, or comma-separated seeds")
     ap.add_argument("--epochs", type=int, default=1000, help="most epochs per backbone")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
@@ -119,14 +145,32 @@ def main() -> None:
         if not key or model not in SETTINGS:
             ap.error(f"--set {item!r}: expected MODEL.KEY=VALUE with MODEL in {', '.join(SETTINGS)}")
         overrides.setdefault(model, {})[key] = _value(value)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     torch.set_num_threads(args.threads)
-    print(f"Last.fm-2K, seed {args.seed}, {args.threads} thread(s), torch {torch.__version__}, overrides {overrides or 'none'}")
-    print("| model | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | test N@10 | test N@20 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models.split(","):
-        r = run(name.strip(), args.seed, args.epochs, overrides.get(name.strip()))
-        print(f"| {name} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | {r['valid']:.4f} | "
-              f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
+    print(f"Last.fm-2K, seeds {seeds}, {args.threads} thread(s), torch {torch.__version__}, overrides {overrides or 'none'}")
+    print("| model | seed | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | "
+          "test N@10 | test N@20 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    summary = []
+    for name in (n.strip() for n in args.models.split(",")):
+        r20 = []
+        for seed in seeds:
+            r = run(name, seed, args.epochs, overrides.get(name))
+            r20.append(r["recall@20"])
+            print(f"| {name} | {seed} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | "
+                  f"{r['valid']:.4f} | {r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | "
+                  f"{r['ndcg@20']:.4f} |", flush=True)
+        ref = REFERENCE_R20.get(name)
+        if len(seeds) > 1 and ref is not None and name not in overrides:
+            mean, sd, word = verdict(r20, ref)
+            summary.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {ref:.4f} | {mean - ref:+.4f} | {word} |")
+    if summary:
+        print(f"\ntest R@20 over seeds {seeds} against the reference's (seed 999):\n")
+        print("| model | ours, mean ± sd | reference | ours - reference | verdict |\n|---|---|---|---|---|")
+        print("\n".join(summary))
 
 
 if __name__ == "__main__":
