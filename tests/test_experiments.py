@@ -342,6 +342,25 @@ def test_sample_compare_and_ablations_cli(sample):
 
 
 @pytest.mark.slow
+def test_sample_compare_every_backbone_and_a_reference_grid_cli(sample):
+    cfg, root = sample
+    common = ["--config", str(SAMPLE_DATA / "clearrec.toml"), "--workdir", str(root / "work"), "--seeds", "0",
+              "--epochs", "1", *_sets()]
+    _cli("compare", *common, "--out", str(root / "exp-all"), "--backbones", "all")
+    out = json.loads((root / "exp-all" / "compare.json").read_text())
+    assert out["backbones"] == list(backbone_names())
+    assert {r["backbone"] for r in out["rows"]} == set(backbone_names())
+    assert all(r["n"] == 1 and not r["failed"] for r in out["rows"]), [r["failed"] for r in out["rows"]]
+    _cli("compare", *common, "--out", str(root / "exp-grid"), "--backbones", "mgcn", "--grid")
+    out = json.loads((root / "exp-grid" / "compare.json").read_text())
+    assert len(out["runs"]) == 3 * 2  # the reference's 3 values of cl_weight x CLEAR off / on
+    for row in out["rows"]:
+        valid = row["grid_valid"]
+        assert len(valid) == 3 and row["grid"] == {"train.mgcn.cl_weight": [1e-3, 1e-2, 1e-1][valid.index(max(valid))]}
+        assert row["valid_select"] == max(valid)
+
+
+@pytest.mark.slow
 def test_sample_sweep_and_reports(sample):
     cfg, root = sample
     _cli("sweep", "--config", str(SAMPLE_DATA / "clearrec.toml"), "--workdir", str(root / "work"),
