@@ -14,6 +14,7 @@ reference's figure (the issue's table, one seed) and a verdict (:func:`verdict`)
     nice .venv/bin/python benchmarks/fidelity_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bm3,lgmrec --seed 999
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models lightgcn --seeds 999,1,2          # + mean, verdict
+    nice .venv/bin/python benchmarks/fidelity_lastfm.py --models vbpr --grid                     # selected on valid
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bpr --set bpr.reg=1e-4   # another setting
 """
 
@@ -84,7 +85,9 @@ def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
     return pairs, feats, int(users.max()) + 1, int(items.max()) + 1
 
 
-def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dict:
+def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: float | None = None) -> dict:
+    """Train backbone ``name`` (its ``SETTINGS``, then ``overrides``; Adam at ``lr``, default its
+    setting's) on one seed; the run's epochs, timings and metrics at the best-valid epoch."""
     import inspect
 
     from clearrec.models.metrics import ItemSets
@@ -94,7 +97,8 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dic
     pairs, feats, nu, ni = load()
     train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
     cls = backbone_class(name)
-    kwargs, lr = SETTINGS[name]
+    kwargs, default_lr = SETTINGS[name]
+    lr = default_lr if lr is None else lr
     accepts = inspect.signature(cls).parameters
     args = {"num_users": nu, "num_items": ni, **kwargs, **(overrides or {})}
     if "edge_index" in accepts:
@@ -120,6 +124,22 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dic
             "valid": result.valid["recall@20"], **{k: result.test[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
 
 
+def grid(name: str) -> list[tuple[str, dict, float | None]]:
+    """``(label, constructor overrides, lr or None)`` per point of ``name``'s reference grid, as
+    ``clearrec compare --grid`` expands it (``train.<name>.<key>`` and ``train.lr`` keys)."""
+    from clearrec.pipeline.experiments import grid_points
+
+    out = []
+    for point in grid_points(name, None, True):
+        kwargs = {k.split(".")[-1]: v for k, v in point.items() if k.startswith(f"train.{name}.")}
+        unknown = sorted(set(point) - {f"train.{name}.{k}" for k in kwargs} - {"train.lr"})
+        if unknown:
+            raise SystemExit(f"{name}: the grid key(s) {unknown} are not constructor settings or train.lr")
+        label = " ".join(f"{k.removeprefix('train.').removeprefix(name + '.')}={v}" for k, v in point.items()) or "-"
+        out.append((label, kwargs, point.get("train.lr")))
+    return out
+
+
 def _value(text: str) -> bool | int | float:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -135,6 +155,9 @@ def main() -> None:
     ap.add_argument("--seed", "--seeds", dest="seeds", default="999", help="one seed, or comma-separated seeds")
     ap.add_argument("--epochs", type=int, default=1000, help="most epochs per backbone")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", action="store_true",
+                    help="run every point of each backbone's reference grid (as clearrec compare --grid) and "
+                         "report test at the point with the best mean valid R@20")
     ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="override one constructor setting (a float, an int or true/false), e.g. bpr.reg=1e-4")
     args = ap.parse_args()
@@ -154,23 +177,35 @@ def main() -> None:
     print("| model | seed | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | "
           "test N@10 | test N@20 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    summary = []
+    summary, chosen = [], []
     for name in (n.strip() for n in args.models.split(",")):
-        r20 = []
-        for seed in seeds:
-            r = run(name, seed, args.epochs, overrides.get(name))
-            r20.append(r["recall@20"])
-            print(f"| {name} | {seed} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | "
-                  f"{r['valid']:.4f} | {r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | "
-                  f"{r['ndcg@20']:.4f} |", flush=True)
+        points = grid(name) if args.grid else [("", {}, None)]
+        per_point = []
+        for label, kwargs, lr in points:
+            rs = []
+            for seed in seeds:
+                r = run(name, seed, args.epochs, {**kwargs, **overrides.get(name, {})}, lr)
+                rs.append(r)
+                print(f"| {name} {label} | {seed} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | "
+                      f"{r['cpu_s']:.0f} | {r['valid']:.4f} | {r['recall@10']:.4f} | {r['recall@20']:.4f} | "
+                      f"{r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
+            per_point.append((statistics.mean(r["valid"] for r in rs), label, [r["recall@20"] for r in rs]))
         ref = REFERENCE_R20.get(name)
-        if len(seeds) > 1 and ref is not None and name not in overrides:
-            mean, sd, word = verdict(r20, ref)
+        if args.grid:
+            valid, label, r20 = max(per_point, key=lambda p: p[0])
+            sd = f" ± {statistics.stdev(r20):.4f}" if len(r20) > 1 else ""
+            chosen.append(f"| {name} | {len(points)} | {label} | {valid:.4f} | {statistics.mean(r20):.4f}{sd} |")
+        elif len(seeds) > 1 and ref is not None and name not in overrides:
+            mean, sd, word = verdict(per_point[0][2], ref)
             summary.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {ref:.4f} | {mean - ref:+.4f} | {word} |")
     if summary:
         print(f"\ntest R@20 over seeds {seeds} against the reference's (seed 999):\n")
         print("| model | ours, mean ± sd | reference | ours - reference | verdict |\n|---|---|---|---|---|")
         print("\n".join(summary))
+    if chosen:
+        print(f"\nreference grid, selected on mean valid R@20 over seeds {seeds}:\n")
+        print("| model | points | selected | valid R@20 | test R@20 |\n|---|---|---|---|---|")
+        print("\n".join(chosen))
 
 
 if __name__ == "__main__":
