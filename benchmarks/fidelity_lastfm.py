@@ -173,9 +173,10 @@ def main() -> None:
     except ValueError:
         ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     torch.set_num_threads(args.threads)
-    print(f"Last.fm-2K, seeds {seeds}, {args.threads} thread(s), torch {torch.__version__}, overrides {overrides or 'none'}")
-    print("| model | seed | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | "
-          "test N@10 | test N@20 |")
+    print(f"Last.fm-2K, seeds {seeds}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"overrides {overrides or 'none'}")
+    print("| model | seed | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | "
+          "test R@20 | test N@10 | test N@20 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     summary, chosen = [], []
     for name in (n.strip() for n in args.models.split(",")):
@@ -186,9 +187,10 @@ def main() -> None:
             for seed in seeds:
                 r = run(name, seed, args.epochs, {**kwargs, **overrides.get(name, {})}, lr)
                 rs.append(r)
-                print(f"| {name} {label} | {seed} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | "
-                      f"{r['cpu_s']:.0f} | {r['valid']:.4f} | {r['recall@10']:.4f} | {r['recall@20']:.4f} | "
-                      f"{r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
+                print(f"| {name} {label} | {seed} | {r['best']} / {r['run']} | "
+                      f"{r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | {r['valid']:.4f} | "
+                      f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |",
+                      flush=True)
             per_point.append((statistics.mean(r["valid"] for r in rs), label, [r["recall@20"] for r in rs]))
         ref = REFERENCE_R20.get(name)
         if args.grid:

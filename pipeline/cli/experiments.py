@@ -86,7 +86,8 @@ def compare(
     set_: SetOpt = None,
     out_dir: OutOpt = None,
     backbones: Annotated[str, typer.Option(
-        "--backbones", help="Comma-separated backbones, or 'all' (every registered backbone).")] = "lightgcn,vbpr,freedom",
+        "--backbones", help="Comma-separated backbones, or 'all' (every registered backbone).",
+    )] = "lightgcn,vbpr,freedom",
     seeds: SeedsOpt = "0,1,2",
     epochs: EpochsOpt = None,
     grid: Annotated[bool, typer.Option(
