@@ -88,11 +88,13 @@ def write_items(workdir: Path, rows: list[dict], catalog_root: Path) -> None:
                                                                            "source": "benchmark"})
 
 
-def make_config(folder: Path, **encode):
+def make_config(folder: Path, image_encoder: str = "none", text_encoder: str = "none", **encode):
+    """An ``[encode]`` section with an image and / or a text modality ("none": left out)."""
     from clearrec.pipeline.config import load_config
 
+    tables = {m: {"encoder": e} for m, e in (("image", image_encoder), ("text", text_encoder)) if e != "none"}
     path = folder / "clearrec.toml"
-    path.write_text(tomli_w.dumps({"encode": encode}))
+    path.write_text(tomli_w.dumps({"encode": {**encode, "modalities": tables}}))
     return load_config(path)
 
 
@@ -106,7 +108,8 @@ def stage_run(modality: str, encoder, cfg, workdir: Path) -> None:
 
     ctx = StageContext(ArtifactStore(workdir), cfg, Console(stderr=True, quiet=True))
     fields = ["title", "description"] if modality == "text" else []
-    encode._encode(ctx, modality, getattr(cfg.encode, f"{modality}_encoder"), encoder, fields)
+    table = cfg.encode.modalities[modality]
+    encode._encode(ctx, modality, table, encode.resolve_spec(table.encoder, cfg), encoder, fields)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -153,7 +156,7 @@ def bench_text(tmp: Path, n: int, batch: int, shard: int, threads: int, repeat: 
             for feats in batches:
                 enc.model(feats)
 
-    cfg = make_config(tmp, image_encoder="none", batch_size=batch, shard_size=shard, threads=threads)
+    cfg = make_config(tmp, text_encoder="all-MiniLM-L6-v2", batch_size=batch, shard_size=shard, threads=threads)
 
     for r in range(repeat):  # a fresh work directory per pass: nothing cached
         write_items(tmp / f"w{r}", rows, tmp)
@@ -213,7 +216,7 @@ def memory_child(config_path: str, workdir: str) -> None:
     from clearrec.models.encoders import load_text_encoder
 
     cfg = load_config(config_path)
-    load_text_encoder(cfg.encode.text_encoder)  # imports sentence-transformers / transformers before measuring
+    load_text_encoder(cfg.encode.modalities["text"].encoder)  # imports sentence-transformers / transformers before measuring
     before = _status_kib("VmRSS")
     t0 = time.perf_counter()
     Runner([encode.SPEC], cfg, workdir, console=Console(stderr=True, quiet=True)).run()
@@ -235,7 +238,7 @@ def bench_memory(tmp: Path, sizes: list[int]) -> list[dict]:
         folder.mkdir()
         write_items(folder / "w", texts_rows(n, seed=1), folder)
         (folder / "clearrec.toml").write_text(tomli_w.dumps({"encode": {
-            "image_encoder": "none", "text_encoder": str(model), "batch_size": 256, "threads": 1}}))
+            "modalities": {"text": {"encoder": str(model)}}, "batch_size": 256, "threads": 1}}))
         res = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "clearrec.toml"),
                               str(folder / "w")], capture_output=True, text=True, check=True)
         out.append({"n": n, **json.loads(res.stdout.strip().splitlines()[-1])})

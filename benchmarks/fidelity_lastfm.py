@@ -105,8 +105,6 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
         args["edge_index"] = pairs[0]
     if "features" in accepts:  # a mapping modality name -> (I, d) features
         args["features"] = feats
-    elif "image_features" in accepts:
-        args["image_features"], args["text_features"] = feats["image"], feats["text"]
     if "embedding_dim" in accepts:
         args["embedding_dim"] = 64
     torch.manual_seed(seed)

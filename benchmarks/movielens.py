@@ -47,10 +47,9 @@ split = "random"
 split_ratios = [0.8, 0.1, 0.1]
 seed = 2024
 
-[encode]
-image_encoder = "none"  # MovieLens-100K has no item images
-text_encoder = "all-MiniLM-L6-v2"
-text_template = "{title}. {description}"  # "Toy Story (1995). Animation, Children's, Comedy"
+[encode.modalities.text]  # MovieLens-100K has no item images: text is its one modality
+encoder = "all-MiniLM-L6-v2"
+template = "{title}. {description}"  # "Toy Story (1995). Animation, Children's, Comedy"
 """
 
 

@@ -86,7 +86,7 @@ def run_ours(model_name: str, epochs: int) -> dict:
         model = LightGCN(NUM_USERS, NUM_ITEMS, edges, 64, layers=3, reg=1e-4)
     else:
         image, text = features()
-        model = FREEDOM(NUM_USERS, NUM_ITEMS, edges, image_features=image, text_features=text)
+        model = FREEDOM(NUM_USERS, NUM_ITEMS, edges, {"image": image, "text": text})
         del image, text
     cpu = [time.process_time()]
     result = fit(model, train, valid, test, TrainOptions(epochs=epochs + 1, patience=10_000),

@@ -13,7 +13,7 @@ class ModalityHook(Protocol):
     """A transform of a backbone's encoded modality embeddings (CLEAR's dynamic mode).
 
     The backbone calls :meth:`refit` with its encoded embeddings of every item by modality
-    name (``{"image": (I, d), "text": (I, d)}``) once per epoch (in ``pre_epoch``, without
+    name (``{name: (I, d_m)}``, two modalities or more) once per epoch (in ``pre_epoch``, without
     gradient) and the hook itself wherever the embeddings are used; the call returns the
     transformed embeddings under the same names. Gradients flow through the call, not
     through the refit.
@@ -31,7 +31,7 @@ class Backbone(nn.Module):
     ``score(u, i) = user_vectors[u] @ item_vectors[i]``) and :meth:`loss` (the training loss of a
     batch of ``(user, positive item, negative item)`` triples). ``uses_graph`` /
     ``uses_features`` say which constructor inputs the class takes (``edge_index``;
-    ``image_features`` / ``text_features``). No training loop, sampling or file I/O here.
+    ``features``, a mapping modality name -> (I, d_m)). No training loop, sampling or file I/O here.
     """
 
     uses_graph: ClassVar[bool] = False

@@ -267,6 +267,23 @@ class MultiClearProjector:
         """Share of ``B_m``'s energy ``sum s_i^2`` in its top-k singular values."""
         return energy_share(self.spectrum(name), self.k_[name])
 
+    def pair_spectra(self, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+        """Singular values of ``C_ab`` and of the projected features' ``P_a^T C_ab P_b`` (exact, from the fit)."""
+        self._require_fitted()
+        C = self.cross_covariances_[(a, b)] if (a, b) in self.cross_covariances_ else self.cross_covariances_[(b, a)].T
+        after = C
+        for side, name in ((0, a), (1, b)):
+            lam = self.options.strength if self.project[name] else 0.0
+            U = self.directions_[name]  # (d, k)
+            after = after - lam * U @ (U.T @ after) if side == 0 else after - lam * (after @ U) @ U.T
+        return _svd(C, compute_uv=False), _svd(after, compute_uv=False)
+
+    def energy_removed(self, a: str, b: str) -> float:
+        """``1 - ||P_a^T C_ab P_b||_F^2 / ||C_ab||_F^2``: the share of the pair's cross-covariance energy removed."""
+        before, after = self.pair_spectra(a, b)
+        total = float(np.sum(before**2))
+        return 0.0 if total == 0 else 1.0 - float(np.sum(after**2)) / total
+
     def _require_fitted(self) -> None:
         if self.k_ is None:
             raise ValueError("the projector is not fitted: call fit(), or partial_fit() then finalize(), first")

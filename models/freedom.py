@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch import Tensor, nn
 from .base import ModalityHook, Backbone
 from .graph import (
     bpr_loss,
+    check_features,
     csr_mm,
     edge_norm,
     item_item_graph,
@@ -61,38 +64,42 @@ class FREEDOM(Backbone):
     r"""FREEDOM (Zhou & Shen, "A Tale of Two Graphs: Freezing and Denoising Graph Structures for
     Multimodal Recommendation", ACM MM 2023).
 
-    1. A frozen item-item graph :math:`S = w_v S_v + (1 - w_v) S_t`, where :math:`S_m` is the
+    1. A frozen item-item graph :math:`S = \sum_m w_m S_m`, where :math:`S_m` is the
        normalised cosine kNN graph (``knn_k`` neighbours) of modality ``m``'s input features,
-       built once (or passed in as ``item_graph``).
+       built once (or passed in as ``item_graph``); the weights :math:`w_m` are
+       ``modality_weights`` normalised to sum 1 (see :func:`mixing_weights`: by default the
+       reference's image 0.1 / text 0.9 when the modalities are exactly image and text,
+       equal weights otherwise).
     2. Each epoch, degree-sensitive pruning keeps a ``1 - dropout`` share of the user-item edges,
        drawn without replacement with probability :math:`\propto 1/\sqrt{d_u d_i}`, and
        re-normalises them: :math:`\tilde A`. Evaluation uses the full graph :math:`\hat A`.
     3. :math:`[E_u; E_i] = \mathrm{mean}_{l=0..L} \tilde A^l [U; I]`, item vectors
        :math:`E_i + S^{L_m} I`, user vectors :math:`E_u`; ``score = dot``.
     4. Loss :math:`= \mathrm{BPR}(E_u, E_i) + \lambda \sum_m \mathrm{BPR}(E_u, W_m x_m)` over the
-       available modalities, with the raw features :math:`x_m` trainable if
-       ``trainable_features``.
+       modalities, with the raw features :math:`x_m` trainable if ``trainable_features``.
 
-    A missing modality is simply left out (its graph and its alignment term); at least one of
-    ``image_features`` / ``text_features`` is required.
+    Any number of modalities (one graph, one projection and one alignment term each); with
+    exactly ``image`` + ``text`` and the default weights this is the reference's model.
 
     Args:
         num_users, num_items: ``U``, ``I``.
         edge_index: (2, E) training ``(user, item)`` pairs.
-        image_features: (I, d_v) or None. Rows of zeros mean "no vector" (no kNN edges).
-        text_features: (I, d_t) or None.
+        features: modality name -> (I, d_m) features (one or more). Rows of zeros mean "no
+            vector" (no kNN edges).
         embedding_dim: ``d`` of the ID embeddings and of the feature projections.
         layers: ``L``, LightGCN layers on the user-item graph.
         mm_layers: ``L_m``, propagation steps on the item-item graph.
         knn_k: neighbours per item in the item-item graph.
-        image_weight: ``w_v`` (used only when both modalities are present).
+        modality_weights: modality name -> weight of its kNN graph in ``S`` (>= 0, positive sum,
+            normalised to sum 1; exactly the modalities of ``features``); None or empty: the
+            default rule above.
         dropout: share of user-item edges pruned each epoch.
         reg_weight: ``lambda``, weight of the feature-alignment BPR terms.
         trainable_features: let Adam update the input feature matrices (reference: True).
         item_graph: optional precomputed ``(rows, cols, values)`` of ``S`` (a cache).
-        modality_hook: optional transform of the projected features ``{"image": W_v x_v, "text": W_t x_t}``
-            before the alignment terms (CLEAR's dynamic mode, refit in :meth:`pre_epoch`);
-            needs both modalities.
+        modality_hook: optional transform of the projected features ``{name: W_m x_m}`` before
+            the alignment terms (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs two
+            modalities or more.
     """
 
     uses_graph = True
@@ -103,13 +110,12 @@ class FREEDOM(Backbone):
         num_users: int,
         num_items: int,
         edge_index: Tensor,
-        image_features: Tensor | None = None,
-        text_features: Tensor | None = None,
+        features: Mapping[str, Tensor],
         embedding_dim: int = 64,
         layers: int = 2,
         mm_layers: int = 1,
         knn_k: int = 10,
-        image_weight: float = 0.1,
+        modality_weights: Mapping[str, float] | None = None,
         dropout: float = 0.8,
         reg_weight: float = 1e-4,
         trainable_features: bool = True,
@@ -117,33 +123,27 @@ class FREEDOM(Backbone):
         modality_hook: ModalityHook | None = None,
     ):
         super().__init__()
-        if image_features is None and text_features is None:
-            raise ValueError("FREEDOM needs image or text features (or both); got neither")
-        if modality_hook is not None and (image_features is None or text_features is None):
-            raise ValueError("a modality hook (CLEAR dynamic mode) needs both image and text features")
+        feats = check_features(features, num_items, "FREEDOM", modality_hook)
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.layers, self.mm_layers = embedding_dim, layers, mm_layers
-        self.knn_k, self.image_weight, self.dropout = knn_k, image_weight, dropout
+        self.knn_k, self.dropout = knn_k, dropout
+        self.modality_weights = mixing_weights(list(feats), modality_weights)
+        self.given_weights = dict(modality_weights or {})
         self.reg_weight, self.trainable_features = reg_weight, trainable_features
         self.modality_hook = modality_hook
-        for name, feats in (("image", image_features), ("text", text_features)):
-            if feats is not None and (feats.ndim != 2 or feats.shape[0] != num_items):
-                raise ValueError(f"{name}_features has shape {tuple(feats.shape)}, expected ({num_items}, d)")
         if item_graph is None:  # before the features are copied, to keep peak memory down
-            item_graph = self.build_item_graph(image_features, text_features, knn_k, image_weight)
+            item_graph = self.build_item_graph(feats, knn_k, modality_weights)
 
         self.user_embedding = nn.Parameter(torch.empty(num_users, embedding_dim))  # (U, d)
         self.item_embedding = nn.Parameter(torch.empty(num_items, embedding_dim))  # (I, d)
-        self.image_proj = self.text_proj = None
-        for name, feats in (("image", image_features), ("text", text_features)):
-            if feats is None:
-                continue
-            feats = feats.detach().to(torch.float32)  # (I, d_m)
+        self.modalities = tuple(feats)
+        self.proj = nn.ModuleDict()  # name -> W_m: (d_m) -> (d)
+        for name, x in feats.items():
             if trainable_features:  # Adam updates it in place: never the caller's tensor
-                setattr(self, f"{name}_features", nn.Parameter(feats.clone()))
+                setattr(self, f"{name}_features", nn.Parameter(x.clone()))
             else:
-                self.register_buffer(f"{name}_features", feats, persistent=False)
-            setattr(self, f"{name}_proj", nn.Linear(feats.shape[1], embedding_dim))
+                self.register_buffer(f"{name}_features", x, persistent=False)
+            self.proj[name] = nn.Linear(x.shape[1], embedding_dim)
 
         mm = sparse_csr(*item_graph, (num_items, num_items))
         self.register_buffer("mm_adj", mm, persistent=False)
@@ -160,25 +160,20 @@ class FREEDOM(Backbone):
     def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.user_embedding)
         nn.init.xavier_uniform_(self.item_embedding)
-        for proj in (self.image_proj, self.text_proj):
-            if proj is not None:
-                proj.reset_parameters()
+        for proj in self.proj.values():
+            proj.reset_parameters()
 
     @staticmethod
     def build_item_graph(
-        image_features: Tensor | None, text_features: Tensor | None, knn_k: int = 10, image_weight: float = 0.1
+        features: Mapping[str, Tensor], knn_k: int = 10, modality_weights: Mapping[str, float] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The frozen item-item graph ``S`` from the input features -> ``(rows, cols, values)``.
+        """The frozen item-item graph ``S = sum_m w_m S_m`` from the input features -> ``(rows, cols, values)``.
 
-        Both modalities: ``image_weight * S_v + (1 - image_weight) * S_t``; one: that one's graph.
+        ``w`` is :func:`mixing_weights` of the modality names and ``modality_weights``; a
+        modality of weight 0 adds no graph.
         """
-        both = image_features is not None and text_features is not None
-        mods = []
-        if image_features is not None:
-            mods.append((image_features.detach().float(), image_weight if both else 1.0))
-        if text_features is not None:
-            mods.append((text_features.detach().float(), 1.0 - image_weight if both else 1.0))
-        return item_item_graph(mods, knn_k)
+        weights = mixing_weights(list(features), modality_weights)
+        return item_item_graph([(features[m].detach().float(), w) for m, w in weights.items() if w > 0], knn_k)
 
     @property
     def item_graph(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,13 +205,8 @@ class FREEDOM(Backbone):
         return self._propagate(self.train_adj if self.training else self.adj)
 
     def encoded_features(self) -> dict[str, Tensor]:
-        """``{"image": W_v x_v, "text": W_t x_t}`` for all items, (I, d) each (present modalities only)."""
-        out = {}
-        if self.image_proj is not None:
-            out["image"] = self.image_proj(self.image_features)
-        if self.text_proj is not None:
-            out["text"] = self.text_proj(self.text_features)
-        return out
+        """``{name: W_m x_m}`` for all items, (I, d) each, in the order of the features."""
+        return {m: self.proj[m](getattr(self, f"{m}_features")) for m in self.modalities}
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         user_vecs, item_vecs = self.forward()
@@ -228,13 +218,11 @@ class FREEDOM(Backbone):
             for e in self.modality_hook(self.encoded_features()).values():
                 loss = loss + self.reg_weight * bpr_loss((u * e[pos_items]).sum(1), (u * e[neg_items]).sum(1))
             return loss
-        for proj, feats in ((self.image_proj, "image_features"), (self.text_proj, "text_features")):
-            if proj is None:
-                continue
+        for m in self.modalities:
             # u . (W x_p + b) - u . (W x_n + b) = (u W) . (x_p - x_n): only the batch's feature
             # rows are touched, never the (I, d) projection of the whole table
-            z = u @ proj.weight  # (B, d_m)
-            margin = _FeatureMargin.apply(getattr(self, feats), pos_items, neg_items, z)  # (B,)
+            z = u @ self.proj[m].weight  # (B, d_m)
+            margin = _FeatureMargin.apply(getattr(self, f"{m}_features"), pos_items, neg_items, z)  # (B,)
             loss = loss + self.reg_weight * F.softplus(-margin).mean()  # BPR on the margin
         return loss
 
@@ -244,9 +232,37 @@ class FREEDOM(Backbone):
             "layers": self.layers,
             "mm_layers": self.mm_layers,
             "knn_k": self.knn_k,
-            "image_weight": self.image_weight,
+            "modality_weights": self.given_weights,
             "dropout": self.dropout,
             "reg_weight": self.reg_weight,
             "trainable_features": self.trainable_features,
-            "modalities": [m for m, p in (("image", self.image_proj), ("text", self.text_proj)) if p is not None],
+            "modalities": list(self.modalities),
+            "graph_weights": dict(self.modality_weights),
         }
+
+
+REFERENCE_WEIGHTS = {"image": 0.1, "text": 0.9}  # the reference's v_feat / t_feat mix
+
+
+def mixing_weights(modalities: Sequence[str], given: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The item-item graph's weights ``{name: w_m}``, summing to 1, in the order of ``modalities``.
+
+    ``given`` None or empty: :data:`REFERENCE_WEIGHTS` when the modalities are exactly image
+    and text, else equal weights. Given weights must name exactly the modalities, be >= 0
+    (finite) with a positive sum; they are normalised to sum 1. ``ValueError`` otherwise.
+    """
+    names = list(modalities)
+    if not given:
+        if set(names) == set(REFERENCE_WEIGHTS):
+            return {m: REFERENCE_WEIGHTS[m] for m in names}
+        return {m: 1.0 / len(names) for m in names}
+    if set(given) != set(names):
+        raise ValueError(f"FREEDOM modality_weights name {sorted(given)}, but the modalities are {names}; "
+                         f"give one weight per modality, e.g. {{{', '.join(f'{m} = 1.0' for m in names)}}}")
+    bad = {m: w for m, w in given.items() if not (math.isfinite(w) and w >= 0)}
+    if bad:
+        raise ValueError(f"FREEDOM modality_weights must be finite and >= 0; got {bad}")
+    total = float(sum(given.values()))
+    if not total > 0:
+        raise ValueError(f"FREEDOM modality_weights sum to 0 ({dict(given)}); give at least one positive weight")
+    return {m: float(given[m]) / total for m in names}

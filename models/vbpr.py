@@ -2,64 +2,86 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import ModalityHook, Backbone
-from .graph import bpr_loss, emb_norm
+from .graph import bpr_loss, check_features, emb_norm
 
 
 class ContentPathway(nn.Module):
-    r"""VBPR's content layer alone: a new item's vector :math:`[\, 0 \,;\, W [x^t ; x^v] + b \,]` from its features.
+    r"""VBPR's content layer alone: a new item's vector :math:`[\, 0 \,;\, W [x_1 ; \dots ; x_M] + b \,]`.
 
     What serving needs to embed new items without the rest of the model. It holds the
     backbone's own ``content`` layer and ``modality_hook`` (the same modules, so the same
     state-dict keys: ``content.weight``, ``content.bias``, ``modality_hook.*``), and is saved
     and loaded on its own.
+
+    Args:
+        dims: modality name -> ``d_m``, in the order the features are concatenated.
+        embedding_dim: ``d``.
+        modality_hook: the backbone's hook (CLEAR's dynamic mode), or None.
+        content: the backbone's content layer (a new one when None).
     """
 
-    def __init__(self, text_dim: int, image_dim: int, embedding_dim: int, modality_hook: nn.Module | None = None,
+    def __init__(self, dims: Mapping[str, int], embedding_dim: int, modality_hook: nn.Module | None = None,
                  content: nn.Linear | None = None):
         super().__init__()
-        self.text_dim, self.image_dim, self.embedding_dim = text_dim, image_dim, embedding_dim
-        self.content = content if content is not None else nn.Linear(text_dim + image_dim, embedding_dim)
+        self.dims, self.embedding_dim = {str(m): int(d) for m, d in dims.items()}, embedding_dim
+        if not self.dims or min(self.dims.values()) < 1:
+            raise ValueError(f"the content pathway needs at least one modality of dim >= 1; got {self.dims}")
+        self.content = content if content is not None else nn.Linear(sum(self.dims.values()), embedding_dim)
         self.modality_hook = modality_hook
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modality names, in concatenation order."""
+        return tuple(self.dims)
+
     def modality_parts(self, features: Tensor) -> dict[str, Tensor]:
-        """(N, d_t + d_v) features -> ``{"image": W_v x_v, "text": W_t x_t}``, (N, d) each, bias not included."""
-        w, t = self.content.weight, self.text_dim  # (d, d_t + d_v)
-        return {"image": features[:, t:] @ w[:, t:].T, "text": features[:, :t] @ w[:, :t].T}
+        """(N, sum d_m) features -> ``{name: W_m x_m}``, (N, d) each, bias not included."""
+        w, parts, lo = self.content.weight, {}, 0  # (d, sum d_m)
+        for m, dim in self.dims.items():
+            parts[m] = features[:, lo : lo + dim] @ w[:, lo : lo + dim].T
+            lo += dim
+        return parts
 
     def forward(self, features: Tensor) -> Tensor:
-        """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
+        """(N, sum d_m) features -> (N, d) content part of the item vectors."""
         if self.modality_hook is None:
             return self.content(features)
         parts = self.modality_hook(self.modality_parts(features))
-        return parts["image"] + parts["text"] + self.content.bias
+        return sum(parts[m] for m in self.dims) + self.content.bias
 
     @torch.no_grad()
-    def item_vectors(self, image_features: Tensor | None = None, text_features: Tensor | None = None) -> Tensor:
-        """Vectors (N, 2d) of new items from their features alone (ID part zero).
+    def item_vectors(self, features: Mapping[str, Tensor]) -> Tensor:
+        """Vectors (N, 2d) of new items from their features ``{name: (N, d_m)}`` alone (ID part zero).
 
-        Pass the modalities the model was trained with, (N, d_v) / (N, d_t), prepared like the
+        Pass every modality the model was trained with (:attr:`modalities`), prepared like the
         training features (same encoder, same CLEAR projection).
         """
+        missing = [m for m in self.dims if features.get(m) is None]
+        extra = sorted(set(features) - set(self.dims))
+        if missing or extra:
+            raise ValueError(f"the content pathway takes the features of exactly {list(self.dims)}; "
+                             f"missing {missing}, unknown {extra}")
         parts = []
-        for name, feats, dim in (("text", text_features, self.text_dim), ("image", image_features, self.image_dim)):
-            if dim == 0:
-                continue
-            if feats is None or feats.ndim != 2 or feats.shape[1] != dim:
-                got = None if feats is None else tuple(feats.shape)
-                raise ValueError(f"{name}_features must be (N, {dim}) as in training, got {got}")
-            parts.append(feats.to(self.content.weight.device, torch.float32))
+        for m, dim in self.dims.items():
+            x = features[m]
+            if x.ndim != 2 or x.shape[1] != dim or x.shape[0] != features[self.modalities[0]].shape[0]:
+                shapes = {n: tuple(features[n].shape) for n in self.dims}
+                raise ValueError(f"features[{m!r}] must be (N, {dim}) as in training, with the same N for every "
+                                 f"modality; got {shapes}")
+            parts.append(x.to(self.content.weight.device, torch.float32))
         content = self(torch.cat(parts, dim=1))  # the hook projects with its saved directions
         return torch.cat([torch.zeros_like(content), content], dim=1)
 
-    def settings(self) -> dict[str, int]:
+    def settings(self) -> dict[str, Any]:
         """The constructor's sizes (the hook's settings are saved by whoever built it)."""
-        return {"text_dim": self.text_dim, "image_dim": self.image_dim, "embedding_dim": self.embedding_dim}
+        return {"dims": dict(self.dims), "embedding_dim": self.embedding_dim}
 
 
 class VBPR(Backbone):
@@ -67,24 +89,23 @@ class VBPR(Backbone):
     AAAI 2016), in the multimodal form of the benchmark implementations.
 
     .. math::
-        v_i = [\, q_i \,;\, W [x^t_i ; x^v_i] + b \,] \in \mathbb{R}^{2d}, \qquad
+        v_i = [\, q_i \,;\, W [x_{1,i} ; \dots ; x_{M,i}] + b \,] \in \mathbb{R}^{2d}, \qquad
         \mathrm{score}(u, i) = p_u \cdot v_i, \quad p_u \in \mathbb{R}^{2d}
 
-    with ``q_i`` the item's ID embedding and ``x^t``, ``x^v`` its (fixed) text and image
-    features; a missing modality is left out of the concatenation. Loss: BPR plus
-    ``reg * emb_norm`` of the batch's user, positive and negative vectors.
-    :meth:`content_item_vectors` gives vectors for new items from their features alone
-    (``q = 0``), comparable with the trained item vectors.
+    with ``q_i`` the item's ID embedding and ``x_m`` its (fixed) features of modality ``m``,
+    concatenated in the order of the ``features`` mapping (``hparams()["modalities"]``, and so
+    model.json, list them in that order). Loss: BPR plus ``reg * emb_norm`` of the batch's
+    user, positive and negative vectors. :meth:`content_item_vectors` gives vectors for new
+    items from their features alone (``q = 0``), comparable with the trained item vectors.
 
     Args:
         num_users, num_items: ``U``, ``I``.
-        image_features: (I, d_v) or None.
-        text_features: (I, d_t) or None (at least one of the two).
+        features: modality name -> (I, d_m) features (one or more).
         embedding_dim: ``d`` (user and item vectors have size ``2d``).
         reg: weight of the batch regulariser.
-        modality_hook: optional transform of the per-modality parts ``(W_v x_v, W_t x_t)``
-            (``{"image": ..., "text": ...}``) before they are summed (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs
-            both modalities.
+        modality_hook: optional transform of the per-modality parts ``{name: W_m x_m}`` before
+            they are summed (CLEAR's dynamic mode, refit in :meth:`pre_epoch`); needs two
+            modalities or more.
     """
 
     uses_features = True
@@ -93,27 +114,18 @@ class VBPR(Backbone):
         self,
         num_users: int,
         num_items: int,
-        image_features: Tensor | None = None,
-        text_features: Tensor | None = None,
+        features: Mapping[str, Tensor],
         embedding_dim: int = 64,
         reg: float = 1e-4,
         modality_hook: ModalityHook | None = None,
     ):
         super().__init__()
-        if image_features is None and text_features is None:
-            raise ValueError("VBPR needs image or text features (or both); got neither")
-        if modality_hook is not None and (image_features is None or text_features is None):
-            raise ValueError("a modality hook (CLEAR dynamic mode) needs both image and text features")
+        feats = check_features(features, num_items, "VBPR", modality_hook)
         self.num_users, self.num_items = num_users, num_items
         self.embedding_dim, self.reg = embedding_dim, reg
         self.modality_hook = modality_hook
-        parts = [f for f in (text_features, image_features) if f is not None]
-        for f in parts:
-            if f.shape[0] != num_items:
-                raise ValueError(f"a feature matrix has {f.shape[0]} rows, expected num_items = {num_items}")
-        self.text_dim = 0 if text_features is None else text_features.shape[1]
-        self.image_dim = 0 if image_features is None else image_features.shape[1]
-        self.register_buffer("features", torch.cat(parts, dim=1).detach().to(torch.float32), persistent=False)  # (I, d_t + d_v)
+        self.dims = {m: x.shape[1] for m, x in feats.items()}
+        self.register_buffer("features", torch.cat(list(feats.values()), dim=1), persistent=False)  # (I, sum d_m)
         self.user_embedding = nn.Parameter(torch.empty(num_users, 2 * embedding_dim))  # (U, 2d)
         self.item_embedding = nn.Parameter(torch.empty(num_items, embedding_dim))  # (I, d)
         self.content = nn.Linear(self.features.shape[1], embedding_dim)
@@ -127,10 +139,10 @@ class VBPR(Backbone):
 
     def content_pathway(self) -> ContentPathway:
         """The content layer (and modality hook) as a module of its own, sharing these weights."""
-        return ContentPathway(self.text_dim, self.image_dim, self.embedding_dim, self.modality_hook, self.content)
+        return ContentPathway(self.dims, self.embedding_dim, self.modality_hook, self.content)
 
     def _content(self, features: Tensor) -> Tensor:
-        """(N, d_t + d_v) features -> (N, d) content part of the item vectors."""
+        """(N, sum d_m) features -> (N, d) content part of the item vectors."""
         return self.content_pathway()(features)
 
     @torch.no_grad()
@@ -158,13 +170,9 @@ class VBPR(Backbone):
             loss = loss + self.reg * emb_norm(u, p, n)
         return loss
 
-    def content_item_vectors(self, image_features: Tensor | None = None, text_features: Tensor | None = None) -> Tensor:
+    def content_item_vectors(self, features: Mapping[str, Tensor]) -> Tensor:
         """Vectors (N, 2d) of new items from their features alone: :meth:`ContentPathway.item_vectors`."""
-        return self.content_pathway().item_vectors(image_features, text_features)
+        return self.content_pathway().item_vectors(features)
 
     def hparams(self) -> dict[str, Any]:
-        return {
-            "embedding_dim": self.embedding_dim,
-            "reg": self.reg,
-            "modalities": [m for m, d in (("text", self.text_dim), ("image", self.image_dim)) if d > 0],
-        }
+        return {"embedding_dim": self.embedding_dim, "reg": self.reg, "modalities": list(self.dims)}

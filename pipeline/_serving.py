@@ -167,7 +167,8 @@ class QueryEncoder:
         # which are per thread, so a fixed thread makes a query's vector the same bytes
         # whichever thread (HTTP worker, caller) asks
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearrec-encode")
-        self._batcher = QueryBatcher(self._worker, lambda m, payloads: encode_rows(self.encoder(m), m, payloads))
+        self._batcher = QueryBatcher(self._worker,
+                                     lambda m, payloads: encode_rows(self.encoder(m), self.kind(m), payloads))
         self._decodes = threading.BoundedSemaphore(MAX_DECODES)
 
     def block(self, modality: str) -> dict[str, Any]:
@@ -175,6 +176,21 @@ class QueryEncoder:
             raise ArtifactError(f"the catalog has no {modality} features (encoder 'none' or no content index), "
                                 f"so {modality} queries cannot be answered")
         return self.blocks[modality]
+
+    def kind(self, modality: str) -> str:
+        """"text", "image" or "imported" (a modality with no encoder: it serves ``similar`` only)."""
+        b = self.block(modality)
+        return b.get("kind") or ("imported" if b.get("encoder") == "imported" else
+                                 "text" if modality == "text" else "image")
+
+    def of_kind(self, kind: str) -> list[str]:
+        """The modalities whose queries are of ``kind`` ("text" / "image"), in block order."""
+        names = [m for m in self.blocks if self.kind(m) == kind]
+        if not names:
+            raise ArtifactError(f"the catalog has no modality with a {kind} encoder (its modalities: "
+                                + ", ".join(f"{m} ({self.kind(m)})" for m in self.blocks) + f"), so {kind} queries "
+                                "cannot be answered")
+        return names
 
     def encoder(self, modality: str) -> Any:
         block = self.block(modality)
@@ -186,7 +202,7 @@ class QueryEncoder:
                 if identity in (None, "imported"):
                     raise EncoderUnavailableError(f"the catalog's {modality} features were imported without an "
                                                   f"encoder, so {modality} queries cannot be encoded")
-                if modality == "text":
+                if self.kind(modality) == "text":
                     enc = load_text_encoder(identity, device=self.device, normalize=block["encoder_normalized"])
                 else:
                     enc = load_image_encoder(identity, device=self.device, normalize=block["encoder_normalized"],
@@ -210,75 +226,96 @@ class QueryEncoder:
             if self._projector is None:
                 from safetensors.numpy import load as load_tensors
 
-                from ..models.clear import ClearProjector
+                from ..models.clear_multi import MultiClearProjector
 
                 sha = next(b["projector"] for b in self.blocks.values() if b["clear_enabled"])
                 tensors = load_tensors(verified_bytes(self.store, PROJECTOR, sha, "project"))
-                self._projector = ClearProjector.from_state(tensors, self.store.read_json(PROJECTOR_JSON))
+                self._projector = MultiClearProjector.from_state(tensors, self.store.read_json(PROJECTOR_JSON))
             return self._projector
 
     def project(self, modality: str, raw: np.ndarray) -> np.ndarray:
-        """Encoder output (B, d) -> CLEAR-projected (B, d), as the catalog's *_clear features."""
+        """Encoder output (B, d) -> as the catalog's *_clear features (CLEAR-projected where they were)."""
         x = np.asarray(raw, dtype=np.float32)
         if not self.block(modality)["clear_enabled"]:
             return x
-        proj = self.projector()
-        return (proj.transform_visual if modality == "image" else proj.transform_text)(x)
+        return self.projector().transform(modality, x)
+
+    def content_block(self, modality: str, raw: np.ndarray) -> np.ndarray:
+        """Encoder output (B, d) -> what the content index holds for the modality (raw or projected)."""
+        if self.block(modality).get("projected", self.block(modality)["clear_enabled"]):
+            return self.project(modality, raw)
+        return np.asarray(raw, dtype=np.float32)
 
     def encode(self, modality: str, payloads: list[Any]) -> np.ndarray:
         """Texts (str) or images (bytes / PIL-decodable path) -> encoder output (B, d)."""
         from ..models.images import safe_open_image
 
         enc = self.encoder(modality)
-        batch = [safe_open_image(p, self.max_pixels) for p in payloads] if modality == "image" else payloads
+        image = self.kind(modality) == "image"
+        batch = [safe_open_image(p, self.max_pixels) for p in payloads] if image else payloads
         return self.run(enc.encode, batch)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the encoder thread."""
         return self._worker.submit(fn, *args).result()
 
-    def query(self, modality: str, payload: Any) -> np.ndarray:
-        """One text / image query -> (1, D): a content row with its block alone (zeros elsewhere).
+    def query(self, kind: str, payload: Any) -> np.ndarray:
+        """One text / image query -> (1, D): a content row with the blocks of that kind (zeros elsewhere).
 
-        Image bytes are decoded here (at most :data:`MAX_DECODES` at once, reduced to the
-        encoder's input size); the forward pass is shared with concurrent queries
-        (:class:`QueryBatcher`) and gives the vector this query would get alone.
+        Every modality with an encoder of ``kind`` encodes the query into its block. Image bytes
+        are decoded here (at most :data:`MAX_DECODES` at once, reduced to the largest encoder
+        input size); the forward pass is shared with concurrent queries (:class:`QueryBatcher`)
+        and gives the vector this query would get alone.
         """
-        self.block(modality)
-        enc = self.encoder(modality)
-        if modality == "image":
-            size = getattr(enc, "image_size", None)
+        names = self.of_kind(kind)
+        encoders = {m: self.encoder(m) for m in names}
+        if kind == "image":
+            sizes = [max(s) for s in (getattr(e, "image_size", None) for e in encoders.values()) if s]
             with self._decodes:
-                payload = decode_query_image(payload, self.max_pixels, max(size) if size else None)
-        raw = self._batcher.submit(modality, payload)[None, :]  # (1, d)
-        return self.layout.rows({modality: self.project(modality, raw)})
+                payload = decode_query_image(payload, self.max_pixels, max(sizes) if sizes else None)
+        blocks = {m: self.content_block(m, self._batcher.submit(m, payload)[None, :]) for m in names}  # (1, d) each
+        return self.layout.rows(blocks)
 
-    def item_features(self, rows: list[dict[str, Any]], catalog_root: Path | None) -> dict[str, np.ndarray]:
-        """New rows -> projected (B, d) per modality; a missing modality is filled as the catalog's was."""
+    def item_features(self, rows: list[dict[str, Any]],
+                      catalog_root: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """New rows -> per modality, (content-index features, features as the catalog's *_clear), (B, d) each.
+
+        A row without a payload for a modality (and every row, for an imported modality: it has no
+        encoder) gets the vector the catalog's items without one got.
+        """
         from ..models.text import apply_text_template
 
-        out: dict[str, np.ndarray] = {}
+        content: dict[str, np.ndarray] = {}
+        clear: dict[str, np.ndarray] = {}
         has_any = np.zeros(len(rows), dtype=bool)
         for modality, b in self.blocks.items():
-            if modality == "text":
+            kind = self.kind(modality)
+            if kind == "text":
                 template = b.get("text_template") or "{title}. {description}"
                 payloads = [apply_text_template(template, r) for r in rows]
+            elif kind == "image":
+                payloads = [image_payload(r.get(b.get("column") or "image"), catalog_root) for r in rows]
             else:
-                payloads = [image_payload(r.get("image"), catalog_root) for r in rows]
-            has = np.array([bool(p) for p in payloads])
-            x = np.zeros((len(rows), b["dim"]), dtype=np.float32)  # (B, d)
+                payloads = [None] * len(rows)
+            has = np.array([bool(p) for p in payloads], dtype=bool)
+            x = np.zeros((len(rows), b["dim"]), dtype=np.float32)  # (B, d) as *_clear
+            c = np.zeros_like(x)  # as the content index
             if has.any():
-                x[has] = self.project(modality, self.encode(modality, [p for p in payloads if p]))
+                raw = self.encode(modality, [p for p in payloads if p])
+                x[has], c[has] = self.project(modality, raw), self.content_block(modality, raw)
             if (~has).any() and b.get("missing") == "mean":
                 x[~has] = self.fill(modality)
-            out[modality] = x
+                c[~has] = self.fill(modality) if b.get("projected", b["clear_enabled"]) else self.fill(f"{modality}.raw")
+            clear[modality], content[modality] = x, c
             has_any |= has
         if not has_any.all():
-            raise ValueError(f"rows {np.flatnonzero(~has_any).tolist()} have neither text nor an image to encode")
-        return out
+            raise ValueError(f"rows {np.flatnonzero(~has_any).tolist()} have nothing to encode (no text, no "
+                             f"image) for the modalities {list(self.blocks)}")
+        return content, clear
 
     def fill(self, modality: str) -> np.ndarray:
-        """The vector the project stage gave the catalog's items without one (``clear/fill.safetensors``), (d,)."""
+        """The vector the project stage gave the catalog's items without one (``clear/fill.safetensors``), (d,);
+        ``<name>.raw``: the same before projection (what a raw content block holds)."""
         with self._load_lock:
             if not self._fill:
                 from safetensors.numpy import load as load_tensors
@@ -292,7 +329,7 @@ class QueryEncoder:
         return self._fill[modality]
 
     def content(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """Projected per-modality features -> content-index rows (B, D)."""
+        """Per-modality content-block features (as :meth:`item_features` gives them) -> content-index rows (B, D)."""
         return self.layout.rows(features)
 
 
@@ -349,7 +386,7 @@ class QueryBatcher:
                     future.set_result(row)
 
 
-def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
+def encode_rows(enc: Any, kind: str, payloads: list[Any]) -> list[Any]:
     """Encoder output per payload, (d,) each (or the exception of a payload that failed).
 
     Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
@@ -361,7 +398,7 @@ def encode_rows(enc: Any, modality: str, payloads: list[Any]) -> list[Any]:
     pass per query (on the same encoder thread).
     """
     with torch_threads(QUERY_TORCH_THREADS):
-        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if modality == "text" else []
+        tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if kind == "text" else []
         if not hasattr(enc, "encode_tokens") or not any(
                 isinstance(t, Mapping) and "attention_mask" in t for t in tokens):
             return [_guarded(lambda p=p: enc.encode([p])[0]) for p in payloads]
@@ -473,13 +510,15 @@ def load_content_pathway(store: ArtifactStore) -> Any:
         return None
     from safetensors.torch import load as load_tensors
 
-    from ..models.clear import ClearOptions
     from ..models.clear_dynamic import DynamicClear
     from ..models.vbpr import ContentPathway
 
     data = verified_bytes(store, CONTENT_PATHWAY, stage_outputs(store, "train").get(CONTENT_PATHWAY), "train")
-    hook = DynamicClear(ClearOptions.from_json(meta["clear_dynamic"])) if meta.get("clear_dynamic") else None
-    pathway = ContentPathway(settings["text_dim"], settings["image_dim"], settings["embedding_dim"], hook)
+    if "dims" not in settings:
+        raise ArtifactError(f"{MODEL_JSON} describes the content pathway in an older form (no per-modality dims); "
+                            "rerun 'clearrec run --only train'")
+    hook = DynamicClear.from_json(meta["clear_dynamic"]) if meta.get("clear_dynamic") else None
+    pathway = ContentPathway(settings["dims"], settings["embedding_dim"], hook)
     pathway.load_state_dict(load_tensors(data))
     return pathway.eval()
 

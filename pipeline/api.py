@@ -208,8 +208,8 @@ class Recommender:
         if self.content is None:
             raise ArtifactError("no content index in this work directory (index.content = false or no "
                                 "features); new items cannot be encoded")
-        features = self._queries.item_features(rows, self._catalog_root())  # modality -> (B, d)
-        content = self._queries.content(features)  # (B, D)
+        blocks, features = self._queries.item_features(rows, self._catalog_root())  # modality -> (B, d) each
+        content = self._queries.content(blocks)  # (B, D)
         cf, notes = self._cf_vectors(features)
         with self._lock.write():
             self._check_new(ids)  # again: another add_items may have taken an id meanwhile
@@ -264,7 +264,7 @@ class Recommender:
             return None, [f"backbone {backbone!r} has no content pathway: the new items are in the content index "
                           "(similar, search_text, search_image) but not in recommend() until the model is retrained"]
         x = {m: torch_from(features[m]) for m in features}
-        vectors = self._queries.run(pathway.item_vectors, x.get("image"), x.get("text"))  # (B, 2d)
+        vectors = self._queries.run(pathway.item_vectors, {m: x[m] for m in pathway.modalities if m in x})  # (B, 2d)
         return vectors.numpy(), []
 
     def _content_pathway(self) -> Any:

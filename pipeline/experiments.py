@@ -53,24 +53,30 @@ from .experiment_tables import (
 from .runner import UP_TO_DATE, Runner, select_stages
 from .stage import StageSpec
 from .store import ArtifactStore
-from .workdir import MANIFEST, METRICS, PROJECTOR_JSON, read_manifest
+from .workdir import MANIFEST, METRICS, PROJECTOR_JSON, declared_modalities, read_manifest
 
 NOISE_RULE = (
     "a change counts as beyond seed noise when |mean(on) - mean(off)| > 2 * SE, "
     "SE = sqrt(sd_off^2 / n_off + sd_on^2 / n_on) with sd the sample std over seeds; "
     "needs >= 2 seeds per side. The paired t-test p-value over shared seeds is shown for reference."
 )
-CLEAR_ON = {"project.enabled": True, "project.strength": 1.0, "project.mode": "static",
-            "project.visual": True, "project.text": True}
+CLEAR_ON = {"project.enabled": True, "project.strength": 1.0, "project.mode": "static", "project.modalities": {}}
 ABLATIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (  # (name, what it is, overrides on top of CLEAR_ON)
     ("off", "CLEAR off (features passed through)", {"project.enabled": False}),
     ("hard", "hard null-space projection, lambda = 1, static", {}),
     ("soft", "soft projection, lambda = 0.5", {"project.strength": 0.5}),
     ("dynamic", "dynamic: refit every epoch on the backbone's modality embeddings", {"project.mode": "dynamic"}),
-    ("visual-only", "project the image modality only", {"project.text": False}),
-    ("text-only", "project the text modality only", {"project.visual": False}),
     ("random", "control: remove k random orthonormal directions", {"project.directions": "random"}),
 )
+
+
+def ablations(modalities: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """:data:`ABLATIONS` with one ``<name>-only`` row per declared modality (only that one projected)
+    before the random control; none with a single modality."""
+    only = [(f"{m}-only", f"project the {m} modality only",
+             {"project.modalities": {o: False for o in modalities if o != m}}) for m in modalities]
+    rows = list(ABLATIONS)
+    return rows[:-1] + (only if len(modalities) > 1 else []) + rows[-1:]
 
 
 @dataclass(frozen=True)
@@ -281,7 +287,8 @@ class Harness:
         """CLEAR ablations for one backbone; writes ablations.json / ablations.md."""
         common = {"train.epochs": epochs} if epochs else {}
         variants, unavailable = [], {}
-        for name, what, over in ABLATIONS:
+        table = ablations(declared_modalities(self.config))
+        for name, what, over in table:
             overrides = {**common, "train.backbone": backbone, **CLEAR_ON, **over}
             if "project.directions" in self._known_keys() and "project.directions" not in over:
                 overrides["project.directions"] = "shared"
@@ -295,7 +302,7 @@ class Harness:
         self.prepare_base()
         runs = self.run_all(variants)
         rows = []
-        for name, what, _ in ABLATIONS:
+        for name, what, _ in table:
             if name in unavailable:
                 rows.append({"ablation": name, "what": what, "status": "unavailable", "error": unavailable[name]})
                 continue
@@ -303,7 +310,7 @@ class Harness:
                          **aggregate([r for r in runs if r["labels"]["ablation"] == name])})
         by = {r["ablation"]: r for r in rows if r["status"] == "ok"}
         deltas = []
-        for ref, name in [("off", n) for n, _, _ in ABLATIONS if n != "off"] + [("random", "hard")]:
+        for ref, name in [("off", n) for n, _, _ in table if n != "off"] + [("random", "hard")]:
             if ref in by and name in by and by[ref]["n"] and by[name]["n"]:
                 deltas.append({"ablation": name, "vs": ref, **{m: noise_check(by[ref]["per_seed"][m],
                                                                          by[name]["per_seed"][m])

@@ -30,7 +30,7 @@ from .experiment_tables import (ablation_table, change_table, compare_table, mar
                                 random_control_table, sweep_choice_table, sweep_table)
 from .errors import ArtifactError
 from .store import ArtifactStore, arrow_to_vectors, resolve_inside
-from .workdir import (DIAGNOSTICS, INDEX_INFO, INTERACTIONS, MANIFEST, ITEM_VECTORS, ITEMS, MODALITIES, MODEL_JSON,
+from .workdir import (project_modalities, DIAGNOSTICS, INDEX_INFO, INTERACTIONS, MANIFEST, ITEM_VECTORS, ITEMS, MODEL_JSON,
                       PROJECTOR_JSON, REJECTS, TRAINING_CURVE, USER_VECTORS, USERS, clear_features, features,
                       imported, read_manifest)
 from .workdir import METRICS as METRICS_JSON
@@ -118,11 +118,20 @@ def workdir_sections(root: Path, n_users: int = 3, top_k: int = 10) -> list[Sect
             _recommendations(store, n_users, top_k)]
 
 
+def _modalities(store: ArtifactStore) -> list[str]:
+    """The work directory's modalities: the project stage's, else the encode stage's feature files (by name)."""
+    names = project_modalities(store)
+    if names:
+        return names
+    folder = store.path("features")
+    return sorted(p.stem for p in folder.glob("*.parquet") if not p.stem.endswith("_clear")) if folder.is_dir() else []
+
+
 def workdir_notices(root: Path) -> list[str]:
     """What a reader must know before trusting the numbers: untrained or imported encoders."""
     store = ArtifactStore(root)
     notices = []
-    for modality in MODALITIES:
+    for modality in _modalities(store):
         name = features(modality)
         if not store.exists(name):
             continue
@@ -133,7 +142,7 @@ def workdir_notices(root: Path) -> list[str]:
                 f"The {modality} encoder ({encoder}) is untrained: its weights are random, so the {modality} features "
                 f"carry no {modality} meaning. Everything built on them below (CLEAR, the {modality} side of the "
                 f"model and of the content index, {modality} search) shows the pipeline working, not what the "
-                f"{modality}s are worth. Set encode.{modality}_encoder to a pretrained model for real use.")
+                f"{modality}s are worth. Set encode.modalities.{modality}.encoder to a pretrained model for real use.")
         elif encoder == "imported":
             source = meta.get("source") or imported(modality)
             notices.append(
@@ -207,10 +216,10 @@ def _status(store: ArtifactStore) -> Section:
             status = e.get("status", "?") + (f": {e['error']}" if e.get("error") else "")
             rows.append([name, status, e.get("seconds", ""), _counts(e.get("counts") or {}), _stamp(e.get("ended"))])
         s.table(["stage", "status", "seconds", "counts", "ended"], rows)
-    for modality in MODALITIES:
+    for modality in _modalities(store):
         name = features(modality)
         if not store.exists(name):
-            s.p(f"{modality} features: absent (no {name}: encoder 'none', or encode has not run)")
+            s.p(f"{modality} features: absent (no {name}: encode has not run)")
             continue
         meta = store.parquet_metadata(name)
         status = store.read_parquet(name, columns=["status"])["status"]
@@ -247,7 +256,7 @@ def _clear(store: ArtifactStore) -> Section:
                                                                       else len(CAPTIONS), f.name)) \
         if store.path("clear").is_dir() else []
     state = []
-    for modality in MODALITIES:
+    for modality in _modalities(store):
         name = clear_features(modality)
         if store.exists(name):
             meta = store.parquet_metadata(name)
@@ -261,6 +270,20 @@ def _clear(store: ArtifactStore) -> Section:
     rows = _clear_rows(proj, diag)
     if rows:
         s.table(["", "value"], rows)
+    pairwise = diag.get("pairwise") or {}
+    if pairwise:
+        k_ov = diag.get("overlap_k")
+        s.p("Per pair of modalities: the top-K neighbour overlap between the two modalities' item similarities, "
+            "the largest cross-covariance singular value, and the share of the pair's cross-covariance energy "
+            "removed.")
+        s.table(["pair", f"overlap@{k_ov} before", f"overlap@{k_ov} after", "sigma_1 before", "sigma_1 after",
+                 "energy removed"],
+                [[pair.replace("|", " - "), _pct(r["overlap_before"]) if r.get("overlap_before") is not None else "",
+                  _pct(r["overlap_after"]) if r.get("overlap_after") is not None else "",
+                  _num(r["sigma1_before"]) if r.get("sigma1_before") is not None else "",
+                  _num(r["sigma1_after"]) if r.get("sigma1_after") is not None else "",
+                  _pct(r["energy_removed"]) if r.get("energy_removed") is not None else ""]
+                 for pair, r in pairwise.items()])
     s.files(store, CLEAR_FILES)
     for p in pngs:
         s.image(Image(alt=p.stem.replace("_", " "), path=p, caption=CAPTIONS.get(p.name, "")))
@@ -296,9 +319,14 @@ def _clear_rows(proj: dict[str, Any], diag: dict[str, Any]) -> list[list[str]]:
         if fitted is not None:
             on = {"all": "all items", "train": "items seen in training"}.get(_opt(proj, "fit_on"), "items")
             rows.append(["fitted on", f"{fitted:,} items ({on})"])
-        if proj.get("energy_removed") is not None:
+        removed = proj.get("energy_removed")
+        if isinstance(removed, dict):
+            for pair, share in removed.items():
+                rows.append(["cross-modal energy removed", f"{_pct(share)} of the {pair.replace('|', '-')} "
+                             "cross-covariance energy (sum of s_i^2)"])
+        elif removed is not None:
             rows.append(["cross-modal energy removed",
-                         f"{_pct(proj['energy_removed'])} of the image-text cross-covariance energy (sum of s_i^2)"])
+                         f"{_pct(removed)} of the image-text cross-covariance energy (sum of s_i^2)"])
     top = diag.get("top_singular_values") or {}
     if top.get("before") and top.get("after"):
         rows.append(["largest cross-covariance singular value",
@@ -307,7 +335,8 @@ def _clear_rows(proj: dict[str, Any], diag: dict[str, Any]) -> list[list[str]]:
     ov = diag.get(f"overlap@{k_ov}") if k_ov else None
     if isinstance(ov, dict) and {"before", "after"} <= set(ov):
         chance = f" (chance {_pct(ov['chance'])})" if ov.get("chance") is not None else ""
-        rows.append([f"image-text top-{k_ov} neighbour overlap",
+        pair = "-".join(diag.get("modalities") or ("image", "text"))
+        rows.append([f"{pair} top-{k_ov} neighbour overlap",
                      f"{_pct(ov['before'])} before, {_pct(ov['after'])} after{chance}"])
     kept = {m: v for m, v in (diag.get("variance_kept") or {}).items() if v is not None}
     if kept:

@@ -77,7 +77,7 @@ class Runner:
         self.config = config
         self.store = ArtifactStore(workdir)
         self.console = console or Console(stderr=True)
-        self._producers = {out: s.name for s in self.stages for out in s.outputs}
+        self._producers = {out: s.name for s in self.stages for out in s.outputs_for(config)}
 
     # ---- manifest --------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class Runner:
     def fingerprint_parts(self, stage: StageSpec) -> dict[str, Any]:
         """Everything a stage's result depends on, read from disk now."""
         config = {key: self.config.get(key) for key in stage.config_keys}
-        inputs = {name: (self.store.checksum(name) if self.store.exists(name) else None) for name in stage.inputs}
+        inputs = {name: (self.store.checksum(name) if self.store.exists(name) else None) for name in stage.inputs_for(self.config)}
         external: dict[str, str | None] = {}
         if stage.external_inputs is not None:
             for p in stage.external_inputs(self.config):
@@ -135,7 +135,7 @@ class Runner:
             return StageState(STALE, f"last run failed: {entry.get('error', 'unknown error')}")
         if check_upstream:
             by_name = {s.name: s for s in self.stages}
-            for name in stage.inputs:
+            for name in stage.inputs_for(self.config):
                 producer = self._producers.get(name)
                 if producer and producer != stage.name:
                     up = self.stage_state(by_name[producer], _memo=memo)
@@ -181,14 +181,14 @@ class Runner:
                 parts = self.fingerprint_parts(stage)  # taken before the stage runs
                 state = self.stage_state(stage, parts, check_upstream=False)
                 if state.state == UP_TO_DATE and not force:
-                    changing = [name for name in stage.inputs if name in pending]
+                    changing = [name for name in stage.inputs_for(self.config) if name in pending]
                     if dry_run and changing:
                         # a real run re-checks this stage after its upstream ran: it reruns if the
                         # new input differs, so a dry run cannot say "skipped"
                         producer = pending[changing[0]]
                         self.console.print(f"[cyan]may run[/]   {stage.name:<8} (checked after {producer} runs: "
                                            f"reruns if {', '.join(changing)} change)")
-                        pending.update({out: stage.name for out in stage.outputs})
+                        pending.update({out: stage.name for out in stage.outputs_for(self.config)})
                         ran.append(stage.name)
                         continue
                     self.console.print(f"[dim]· {stage.name:<8} up to date, skipped[/]")
@@ -196,7 +196,7 @@ class Runner:
                 reason = "--force" if force else state.reason
                 if dry_run:
                     self.console.print(f"[cyan]would run[/] {stage.name:<8} ({escape(reason)})")
-                    pending.update({out: stage.name for out in stage.outputs})
+                    pending.update({out: stage.name for out in stage.outputs_for(self.config)})
                     ran.append(stage.name)
                     continue
                 self.console.print(f"[bold cyan]▶ {stage.name}[/] ({escape(reason)})")

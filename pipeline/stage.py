@@ -61,6 +61,8 @@ class StageSpec:
 
     - ``inputs``: work-directory artifacts it reads (absent optional ones are fingerprinted as absent);
     - ``outputs``: artifacts it may write (what it actually wrote is in its :class:`StageResult`);
+      either may be a function of the config (the declared modalities name files), read with
+      :meth:`inputs_for` / :meth:`outputs_for`;
     - ``config_keys``: dotted config keys (or whole sections) it reads: they enter its fingerprint;
     - ``external_inputs``: files outside the work directory it reads (raw catalog files);
     - ``code``: modules besides the stage's own whose source enters its code version.
@@ -68,12 +70,18 @@ class StageSpec:
 
     name: str
     run: Callable[[StageContext], StageResult]
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
+    outputs: tuple[str, ...] | Callable[[Config], tuple[str, ...]] = ()
     config_keys: tuple[str, ...] = ()
     external_inputs: Callable[[Config], Iterable[Path]] | None = None
     code: tuple[str, ...] = ()
     description: str = ""
+
+    def inputs_for(self, config: Config) -> tuple[str, ...]:
+        return tuple(self.inputs(config) if callable(self.inputs) else self.inputs)
+
+    def outputs_for(self, config: Config) -> tuple[str, ...]:
+        return tuple(self.outputs(config) if callable(self.outputs) else self.outputs)
 
     def code_version(self) -> str:
         """Package version + hash of the stage module's and its declared modules' source.

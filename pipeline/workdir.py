@@ -8,6 +8,9 @@
     imported/<modality>.parquet            features imported by ingest (MMRec folders)
     features/<modality>.parquet            encoder output, one row per item
     features/<modality>_clear.parquet      the project stage's output (projected or passed through)
+
+<modality> is each name declared in ``[encode.modalities]`` (:func:`declared_modalities`);
+downstream of project, the names are those clear/projector.json lists (:func:`project_modalities`).
     clear/projector.safetensors, clear/projector.json, clear/fill.safetensors, clear/diagnostics.json
     model/model.safetensors, model/model.json, model/content.safetensors, model/metrics.json,
     model/{item,user}_vectors.parquet, model/training_curve.png
@@ -26,8 +29,6 @@ import numpy as np
 
 from .errors import ArtifactError
 from .store import ArtifactStore
-
-MODALITIES = ("image", "text")
 
 MANIFEST = "manifest.json"
 ITEMS = "items.parquet"
@@ -51,6 +52,22 @@ GRAPH_CACHE = "cache"
 TRAIN_CHECKPOINT = "cache/train_checkpoint"  # the last epoch's training state; deleted once train's outputs are written
 
 INDEX_INFO = "index/index_info.json"
+
+
+def declared_modalities(config: Any) -> list[str]:
+    """The modalities ``config`` encodes (``[encode.modalities.<name>]``, encoder not "none"), in declared order."""
+    return [name for name, m in config.encode.modalities.items() if m.encoder != "none"]
+
+
+def project_modalities(store: ArtifactStore) -> list[str]:
+    """The modalities the project stage wrote ``*_clear`` features for, in its order (``clear/projector.json``);
+    where that file does not list them, the ``features/*_clear.parquet`` present, by name."""
+    if store.exists(PROJECTOR_JSON):
+        inputs = store.read_json(PROJECTOR_JSON).get("inputs")
+        if isinstance(inputs, dict):
+            return list(inputs)
+    folder = store.path("features")
+    return sorted(p.name[: -len("_clear.parquet")] for p in folder.glob("*_clear.parquet")) if folder.is_dir() else []
 
 
 def imported(modality: str) -> str:

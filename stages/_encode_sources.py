@@ -77,11 +77,11 @@ def _inside(root: Path, relative: str) -> Path | None:
         raise SourceError("unreadable", f"image {e}") from e
 
 
-def image_rows(batch: pa.RecordBatch, catalog_root: Path, remote: bool) -> Rows:
-    """One shard's image references, with the failures that need no reading already set."""
+def image_rows(batch: pa.RecordBatch, catalog_root: Path, remote: bool, column: str = "image") -> Rows:
+    """One shard's image references (items column ``column``), with the failures that need no reading already set."""
     rows = _rows(batch)
     root = catalog_root.resolve()
-    for ref in batch.column("image").to_pylist():
+    for ref in batch.column(column).to_pylist():
         ref = (ref or "").strip()
         scheme = ref.split("://", 1)[0].lower() if "://" in ref else ""
         if not ref:

@@ -2,8 +2,8 @@
 
 - ``table``: an items file + an interactions file (CSV / TSV / JSONL / Parquet);
 - ``mmrec``: the MMRec benchmark folder: ``<name>.inter`` (TSV: userID itemID rating timestamp
-  x_label, x_label 0/1/2 = train/valid/test) + optional ``image_feat.npy`` / ``text_feat.npy``
-  whose rows follow itemID;
+  x_label, x_label 0/1/2 = train/valid/test) + feature files whose rows follow itemID
+  (``ingest.features``: modality name -> file, by default MMRec's ``image_feat.npy`` / ``text_feat.npy``);
 - ``split-json``: ``train.json`` / ``val.json`` / ``test.json``, each ``{"<userIdx>": [itemIdx, ...]}``,
   + optional ``item2id.json`` / ``user2id.json`` (original id -> idx).
 
@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..pipeline.config import Config
+from ..pipeline.config.ingest import MMREC_FEATURE_FILES
 from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
 from ._ingest_readers import RawTable, Rejects, check_types, read_table, require_columns
@@ -32,7 +33,6 @@ INTERACTION_FIELDS = ("user_id", "item_id", "timestamp", "rating", "split")
 RESERVED_ITEM_COLUMNS = {"item_idx", "item_id", "title", "description", "text", "image"}
 MMREC_COLUMNS = {"user_id": "userID", "item_id": "itemID", "rating": "rating", "timestamp": "timestamp",
                  "split": "x_label"}
-FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 SPLIT_FILES = {"train": ("train.json",), "valid": ("val.json", "valid.json"), "test": ("test.json",)}
 
 
@@ -67,7 +67,7 @@ def external_inputs(config: Config) -> list[Path]:
     if cfg.format == "mmrec":
         folder = src.parent if src.suffix == ".inter" else src
         inter = [src] if src.suffix == ".inter" else sorted(folder.glob("*.inter"))
-        return inter + [folder / name for name in FEATURE_FILES.values()]
+        return inter + [folder / name for name in config.ingest.features.values()]
     names = [n for names in SPLIT_FILES.values() for n in names] + ["item2id.json", "user2id.json"]
     return [src / n for n in names]
 
@@ -145,7 +145,12 @@ def _load_mmrec(config: Config, rejects: Rejects) -> Catalog:
                                  + rows[col].map(repr) + " is not a non-negative integer")
         inter = inter.assign(**{col: num[ok].astype(np.int64).astype(str)})
     n_items = int(pd.to_numeric(inter["item_id"]).max()) + 1 if len(inter) else 0
-    features = {m: folder / name for m, name in FEATURE_FILES.items() if (folder / name).is_file()}
+    named = config.ingest.features
+    absent = [n for n in named.values() if not (folder / n).is_file()]
+    if absent and named != MMREC_FEATURE_FILES:
+        raise InputDataError(f"ingest.features names {absent}, not found in the MMRec folder {folder} "
+                             f"(it has {sorted(p.name for p in folder.glob('*.npy'))})")
+    features = {m: folder / name for m, name in named.items() if (folder / name).is_file()}
     sizes = {path.name: _npy_rows(path) for path in features.values()}
     if len(set(sizes.values())) > 1:
         raise InputDataError(f"feature files in {folder} disagree on the number of items: {sizes}")

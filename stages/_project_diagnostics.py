@@ -12,7 +12,7 @@ from ..models.diagnostics import Moments, cross_modal_report, energy_curve, scor
 from ..pipeline.config import Config
 from ..pipeline.errors import ArtifactError, InputDataError
 from ..pipeline.store import ArtifactStore, arrow_to_vectors
-from ..pipeline.workdir import MODALITIES, PROJECTOR_JSON, clear_features, features
+from ..pipeline.workdir import PROJECTOR_JSON, clear_features, declared_modalities, features
 from ._project_io import Source, iter_aligned, open_features, sample_rows, train_items
 
 OVERLAP_CURVE_KS = (1, 5, 10, 20, 50)  # K values of the overlap curve (those below the sample size)
@@ -31,9 +31,11 @@ def build_diagnostics(
     sample: dict[str, np.ndarray] | None,
     overlap_k: int,
     variance_kept: dict[str, float | None],
+    modalities: tuple[str, str] = ("image", "text"),
     **extra: Any,
 ) -> dict[str, Any]:
-    """The numbers of ``clear/diagnostics.json`` from spectra, a paired sample and variance shares."""
+    """One pair's diagnostics from its spectra, a paired sample (``<name>_before`` / ``<name>_after``
+    vectors) and variance shares."""
     before = np.sort(np.asarray(spectrum_before, dtype=np.float64))[::-1]
     after = np.sort(np.asarray(spectrum_after, dtype=np.float64))[::-1]
     diag: dict[str, Any] = {
@@ -47,22 +49,49 @@ def build_diagnostics(
         "top_singular_values": {"before": before[: max(k, 1)].tolist(), "after": after[: max(k, 1)].tolist()},
         "variance_kept": variance_kept,
     }
-    if sample is not None and len(sample["image_before"]) >= 2:
-        m = len(sample["image_before"])
+    a, b = modalities
+    diag["modalities"] = [a, b]
+    if sample is not None and len(sample[f"{a}_before"]) >= 2:
+        m = len(sample[f"{a}_before"])
         ks = [x for x in OVERLAP_CURVE_KS if x < m]
-        rb = cross_modal_report(sample["image_before"], sample["text_before"], overlap_k, ks)
-        ra = cross_modal_report(sample["image_after"], sample["text_after"], overlap_k, ks)
+        rb = cross_modal_report(sample[f"{a}_before"], sample[f"{b}_before"], overlap_k, ks)
+        ra = cross_modal_report(sample[f"{a}_after"], sample[f"{b}_after"], overlap_k, ks)
         diag[f"overlap@{overlap_k}"] = {"before": rb["overlap"], "after": ra["overlap"],
                                         "chance": min(overlap_k, m - 1) / (m - 1)}
         diag["overlap_curve"] = {"k": sorted(rb["overlap_curve"]), "before": list(rb["overlap_curve"].values()),
                                  "after": list(ra["overlap_curve"].values())}
         diag["similarity_density"] = {
-            mod: {"before": score_density(rb[f"scores_{mod}"]), "after": score_density(ra[f"scores_{mod}"])}
-            for mod in MODALITIES
+            mod: {"before": score_density(rb[f"scores_{side}"]), "after": score_density(ra[f"scores_{side}"])}
+            for mod, side in ((a, "image"), (b, "text"))  # cross_modal_report's first / second side
         }
         diag["overlap_k"] = overlap_k
         diag["n_sample"] = m
     return diag
+
+
+def build_pairwise(projector: Any, sample: dict[str, np.ndarray] | None, overlap_k: int,
+                   variance_kept: dict[str, float | None], **extra: Any) -> dict[str, Any]:
+    """``clear/diagnostics.json`` of a fitted :class:`MultiClearProjector`: one entry per pair under
+    ``pairs`` (``"a|b"``), a ``pairwise`` table, and the first pair's numbers at the top level."""
+    pairs = {}
+    for a, b in projector.pairs:
+        before, after = projector.pair_spectra(a, b)
+        pairs[f"{a}|{b}"] = build_diagnostics(before, after, projector.k_[a], sample, overlap_k, variance_kept,
+                                              modalities=(a, b), n_fit=projector.n_fit_, **extra)
+    return _with_pairs(pairs, projector.k_)
+
+
+def _with_pairs(pairs: dict[str, dict[str, Any]], ks: dict[str, int]) -> dict[str, Any]:
+    table = {}
+    for key, d in pairs.items():
+        over = d.get(f"overlap@{d.get('overlap_k')}") or {}
+        table[key] = {"overlap_before": over.get("before"), "overlap_after": over.get("after"),
+                      "sigma1_before": d["spectrum_before"][0] if d["spectrum_before"] else None,
+                      "sigma1_after": d["spectrum_after"][0] if d["spectrum_after"] else None,
+                      "energy_removed": 1.0 - _energy_ratio(np.asarray(d["spectrum_after"]),
+                                                            np.asarray(d["spectrum_before"]))}
+    first = next(iter(pairs.values()))
+    return {**first, "k_per_modality": dict(ks), "pairwise": table, "pairs": pairs}
 
 
 def _energy_ratio(after: np.ndarray, before: np.ndarray) -> float:
@@ -96,52 +125,67 @@ def measure_files(store: ArtifactStore, config: Config, overlap_k: int | None = 
                   items: int | None = None) -> dict[str, Any]:
     """Diagnostics measured from the features before and after (``features/*.parquet`` vs ``*_clear``).
 
-    Unlike the stage, which derives the projected spectrum from the projector, this streams
-    the written files and measures both cross-covariances on the fit items.
+    Unlike the stage, which derives the projected spectra from the projector, this streams
+    the written files and measures every pair's cross-covariance on the fit items.
     """
     cfg = config.project
     overlap_k = overlap_k or cfg.overlap_k
     items = items or cfg.diagnostics_items
-    for name in [*map(features, MODALITIES), *map(clear_features, MODALITIES)]:
-        if not store.exists(name):
-            raise ArtifactError(f"{name} not found in {store.root}: diagnose needs both modalities before and "
-                                "after the project stage; run 'clearrec run --to project' first")
-    sources = [open_features(store, features(m), m) for m in MODALITIES]
-    sources += [open_features(store, clear_features(m), m) for m in MODALITIES]
     info = store.read_json(PROJECTOR_JSON) if store.exists(PROJECTOR_JSON) else {}
+    mods = list(info.get("inputs") or declared_modalities(config))
+    if len(mods) < 2:
+        raise ArtifactError(f"diagnose needs at least two modalities before and after the project stage; "
+                            f"{store.root} has {mods}")
+    for name in [*map(features, mods), *map(clear_features, mods)]:
+        if not store.exists(name):
+            raise ArtifactError(f"{name} not found in {store.root}: diagnose needs every modality before and "
+                                "after the project stage; run 'clearrec run --to project' first")
+    sources = [open_features(store, features(m), m) for m in mods]
+    sources += [open_features(store, clear_features(m), m) for m in mods]
     train = train_items(store) if cfg.fit_on == "train" else None
     n = sources[0].file.metadata.num_rows
     fit_rows = np.zeros(n, dtype=bool)
-    accs = {"before": CrossCovariance(), "after": CrossCovariance()}
-    moments = {(m, w): Moments() for m in MODALITIES for w in ("before", "after")}
+    pair_names = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
+    accs = {(p, w): CrossCovariance() for p in pair_names for w in ("before", "after")}
+    moments = {(m, w): Moments() for m in mods for w in ("before", "after")}
     lo = 0
     for batches in iter_aligned(sources, cfg.chunk_rows):
         hi = lo + batches[0].num_rows
-        (xv, okv), (xt, okt), (yv, _), (yt, _) = (arrow_to_vectors(b.column("vector")) for b in batches)
-        rows = okv & okt
+        vecs = [arrow_to_vectors(b.column("vector")) for b in batches]
+        x = {m: vecs[i] for i, m in enumerate(mods)}  # before: (vectors, valid)
+        y = {m: vecs[len(mods) + i][0] for i, m in enumerate(mods)}  # after
+        rows = np.logical_and.reduce([x[m][1] for m in mods])
         if train is not None:
             rows &= np.isin(batches[0].column("item_idx").to_numpy(), train)
         fit_rows[lo:hi] = rows
-        accs["before"].update(xv[rows], xt[rows])
-        accs["after"].update(yv[rows], yt[rows])
-        for m, x, y, ok in (("image", xv, yv, okv), ("text", xt, yt, okt)):
-            moments[(m, "before")].update(x[ok])
-            moments[(m, "after")].update(y[ok])
+        for a, b in pair_names:
+            accs[((a, b), "before")].update(x[a][0][rows], x[b][0][rows])
+            accs[((a, b), "after")].update(y[a][rows], y[b][rows])
+        for m in mods:
+            ok = x[m][1]
+            moments[(m, "before")].update(x[m][0][ok])
+            moments[(m, "after")].update(y[m][ok])
         lo = hi
-    if accs["before"].n < 2:
-        raise InputDataError(f"only {accs['before'].n} fit items have both vectors; diagnostics need at least 2")
+    n_fit = accs[(pair_names[0], "before")].n
+    if n_fit < 2:
+        raise InputDataError(f"only {n_fit} fit items have every vector; diagnostics need at least 2")
     rows = sample_rows(fit_rows, items, cfg.seed)
-    picked = _gather(sources, rows, cfg.chunk_rows)
-    spectra = {w: np.linalg.svd(accs[w].covariance(cfg.center), compute_uv=False) for w in accs}
-    k = int(info.get("k") or 0)
-    variance = {m: kept_share(moments[(m, "before")], moments[(m, "after")]) for m in MODALITIES}
-    return build_diagnostics(spectra["before"], spectra["after"], k, picked, overlap_k, variance,
-                             n_fit=accs["before"].n, strength=info.get("strength"), measured_from="files")
+    picked = _gather(sources, mods, rows, cfg.chunk_rows)
+    variance = {m: kept_share(moments[(m, "before")], moments[(m, "after")]) for m in mods}
+    ks = info.get("k_per_modality") or {m: int(info.get("k") or 0) for m in mods}
+    pairs = {}
+    for a, b in pair_names:
+        spectra = {w: np.linalg.svd(accs[((a, b), w)].covariance(cfg.center), compute_uv=False)
+                   for w in ("before", "after")}
+        pairs[f"{a}|{b}"] = build_diagnostics(spectra["before"], spectra["after"], int(ks.get(a, 0)), picked,
+                                              overlap_k, variance, modalities=(a, b), n_fit=n_fit,
+                                              strength=info.get("strength"), measured_from="files")
+    return _with_pairs(pairs, ks)
 
 
-def _gather(sources: list[Source], rows: np.ndarray, chunk_rows: int) -> dict[str, np.ndarray]:
-    """Vectors of the given row positions from (image, text, image_clear, text_clear)."""
-    names = ["image_before", "text_before", "image_after", "text_after"]
+def _gather(sources: list[Source], mods: list[str], rows: np.ndarray, chunk_rows: int) -> dict[str, np.ndarray]:
+    """Vectors of the given row positions from every features file, then every ``*_clear`` file."""
+    names = [f"{m}_before" for m in mods] + [f"{m}_after" for m in mods]
     out = {nm: np.zeros((len(rows), s.dim), np.float32) for nm, s in zip(names, sources)}
     lo, cursor = 0, 0
     for batches in iter_aligned(sources, chunk_rows):

@@ -86,8 +86,9 @@ def _overlap(diag: dict[str, Any]) -> Figure:
 
 def _similarity(diag: dict[str, Any]) -> Figure:
     fig = figure.Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=False)
-    for ax, mod in zip(axes, ("image", "text")):
+    mods = list(diag["similarity_density"])  # the pair's two modalities
+    axes = fig.subplots(1, len(mods), sharey=False, squeeze=False)[0]
+    for ax, mod in zip(axes, mods):
         for when in ("before", "after"):
             d = diag["similarity_density"][mod][when]
             if d["edges"]:
@@ -109,11 +110,14 @@ def _lowest_edge(densities: dict[str, Any]) -> float:
     return min(lows) if lows else -1.0
 
 
+PALETTE = ("tab:purple", "tab:green", "tab:orange", "tab:blue", "tab:red", "tab:brown")
+
+
 def _variance(diag: dict[str, Any]) -> Figure:
     kept = {m: v for m, v in (diag.get("variance_kept") or {}).items() if v is not None}
     fig = figure.Figure(figsize=(5, 4), layout="constrained")
     ax = fig.subplots()
-    bars = ax.bar(list(kept), [100 * v for v in kept.values()], color=["tab:purple", "tab:green"][: len(kept)])
+    bars = ax.bar(list(kept), [100 * v for v in kept.values()], color=[PALETTE[i % len(PALETTE)] for i in range(len(kept))])
     ax.bar_label(bars, fmt="%.1f%%")
     ax.set_ylim(0, 105)
     ax.set_ylabel("variance kept after CLEAR (% of total)")

@@ -1,13 +1,16 @@
-"""Stage ``encode``: items.parquet -> features/image.parquet + features/text.parquet.
+"""Stage ``encode``: items.parquet -> ``features/<name>.parquet`` per declared modality.
 
-One row per item (item_idx, item_id, vector, status, error, content_sha256, truncated: the
+The modalities are the ``[encode.modalities.<name>]`` tables, in declared order; an image
+encoder reads the items column ``column``, a text encoder the ``template`` filled from the
+items' columns, ``imported`` a file of precomputed vectors (``stages/_imported.py``). One row per item (item_idx, item_id, vector, status, error, content_sha256, truncated: the
 text was cut to ``encode.max_text_chars``); an item that
 cannot be encoded gets a failure status and a null vector, never a failed run. Work is cut
 into shards written atomically with completion markers (resumable after a kill) and cached
 by content hash + encoder (a rerun encodes only new or changed content); see
 ``_encode_cache``. ``encode.backend = "ray"`` runs the same shard worker in a Ray Data
-actor pool. Encoder ``imported`` passes ``imported/<modality>.parquet`` through; ``none``
-writes no file for that modality.
+actor pool. Encoder ``imported`` reads its ``file`` (.npy or Parquet) or, without one, passes
+``imported/<name>.parquet`` (written by the mmrec ingest) through; ``none`` writes no file for
+that modality. Feature files of modalities no longer declared are removed.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import pyarrow.parquet as pq
 
 from ..models.text import template_fields
 from ..pipeline.config import Config, EncodeConfig
+from ..pipeline.config.encode import ModalityConfig
 from ..pipeline.errors import ArtifactError, ConfigError, EncoderUnavailableError
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore
 from ..pipeline.threads import select_device, torch_threads
-from ..pipeline.workdir import ITEMS, MODALITIES, features, imported
+from ..pipeline.workdir import ITEMS, declared_modalities, features, imported, read_ids
 from ._encode_cache import Shard, ShardCache, assemble, encoder_key, iter_rows, shard_stem
 from ._encode_shards import ShardWorker, WorkerOptions
 from ._encode_sources import image_rows, text_rows
+from ._imported import feature_table, is_normalized, read_vectors
 
 FEATURE_COLUMNS = ("item_idx", "item_id", "vector", "status", "error", "content_sha256", "truncated")
 WORK_KEYS = ("encoded", "cached", "duplicates", "shards_run", "shards_reused", "shards_bad")
@@ -40,52 +45,70 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config.encode
     if not ctx.store.exists(ITEMS):
         raise ArtifactError(f"items.parquet not found in {ctx.store.root}; run 'clearrec run --to encode' first")
-    specs = {m: resolve_spec(getattr(cfg, f"{m}_encoder"), ctx.config) for m in MODALITIES}
+    tables: dict[str, ModalityConfig] = dict(cfg.modalities)
+    names = declared_modalities(ctx.config)
+    specs = {m: resolve_spec(tables[m].encoder, ctx.config) for m in names}
     # in Ray mode the driver's copy only checks availability and gives identity / dim / weights hash
     device = "cpu" if cfg.backend == "ray" else select_device(cfg.device, "encode.device")
-    encoded = [m for m in MODALITIES if specs[m] not in ("none", "imported")]
-    fields = _template_fields(cfg.text_template, ctx.store) if "text" in encoded else []
+    encoded = [m for m in names if tables[m].kind in ("image", "text")]
+    fields = {m: _template_fields(m, tables[m].text_template, ctx.store) for m in encoded if tables[m].kind == "text"}
+    columns = pq.read_schema(ctx.store.path(ITEMS)).names
+    for m in encoded:
+        if tables[m].kind == "image" and tables[m].image_column not in columns:
+            raise ConfigError(f"encode.modalities.{m}.column = {tables[m].image_column!r} is not a column of "
+                              f"items.parquet (it has {columns})")
     encoders: dict[str, Any] = {}
     for modality in encoded:  # fail before any work when an encoder cannot be had
-        encoders[modality] = _load(modality, specs[modality], cfg, device, ctx.config)
+        encoders[modality] = _load(modality, tables[modality].kind, specs[modality], cfg, device, ctx.config)
         if encoders[modality].untrained:
             ctx.warn(f"the {modality} encoder {encoders[modality].identity} is UNTRAINED "
                      "(random weights): its vectors carry no meaning. Fine for a smoke run; set "
-                     f"encode.{modality}_encoder to a pretrained model for real use.")
+                     f"encode.modalities.{modality}.encoder to a pretrained model for real use.")
+    _remove_undeclared(ctx.store, names)
     outputs: list[str] = []
     counts: dict[str, int] = {}
     lines: list[str] = []
     with torch_threads(cfg.threads or len(os.sched_getaffinity(0))):
-        for modality in MODALITIES:
-            name, spec = features(modality), specs[modality]
-            if spec == "none":
-                ctx.store.path(name).unlink(missing_ok=True)  # a stale file must not reach downstream stages
-                lines.append(f"{modality}: none")
-                continue
-            if spec == "imported":
+        for modality in names:
+            table = tables[modality]
+            if table.kind == "imported" and table.file is not None:
+                stats = _import_file(ctx, modality, ctx.config.resolve(table.file))
+            elif table.kind == "imported":
                 stats = _pass_through(ctx.store, modality)
             else:
-                stats = _encode(ctx, modality, spec, encoders[modality], fields)
-            outputs.append(name)
+                stats = _encode(ctx, modality, table, specs[modality], encoders[modality], fields.get(modality, []))
+            outputs.append(features(modality))
             counts.update({f"{modality}_{k}": v for k, v in stats.items()})
             lines.append(f"{modality}: {_describe(stats)}")
             ctx.log(lines[-1])
-    return StageResult(outputs=outputs, counts=counts, summary="; ".join(lines))
+    return StageResult(outputs=outputs, counts=counts, summary="; ".join(lines) or "no modality declared")
 
 
-def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: list[str]) -> dict[str, int]:
+def _remove_undeclared(store: ArtifactStore, names: list[str]) -> None:
+    """Delete feature files of modalities not encoded now (a stale file must not reach downstream stages)."""
+    keep = {features(m) for m in names}
+    folder = store.path("features")
+    for path in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+        name = f"features/{path.name}"
+        if name not in keep and not path.stem.endswith("_clear"):
+            path.unlink()
+
+
+def _encode(ctx: StageContext, modality: str, table: ModalityConfig, spec: str, encoder: Any,
+            fields: list[str]) -> dict[str, int]:
     cfg, store = ctx.config.encode, ctx.store
-    if modality == "text":
+    kind = table.kind
+    if kind == "text":
         columns = ["item_idx", "item_id", *[f for f in fields if f not in ("item_idx", "item_id")]]
-        make_rows = partial(text_rows, template=cfg.text_template, fields=fields, max_chars=cfg.max_text_chars)
+        make_rows = partial(text_rows, template=table.text_template, fields=fields, max_chars=cfg.max_text_chars)
     else:
         root = store.parquet_metadata(ITEMS).get("catalog_root")
         if not root:
             raise ArtifactError(
                 "items.parquet has no catalog_root metadata; rerun 'clearrec run --force --only ingest'"
             )
-        columns = ["item_idx", "item_id", "image"]
-        make_rows = partial(image_rows, catalog_root=Path(root), remote=cfg.remote_images)
+        columns = ["item_idx", "item_id", table.image_column]
+        make_rows = partial(image_rows, catalog_root=Path(root), remote=cfg.remote_images, column=table.image_column)
     for tmp in store.path("features").glob(f".{modality}.parquet.*.tmp"):  # left by a killed run
         tmp.unlink()
     items = store.parquet_file(ITEMS)
@@ -100,7 +123,7 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
             if shard.stem not in reuse:
                 yield {**rows, "name": shard.stem, "file": cache.file(shard.stem), "marker": cache.marker(shard.stem)}
 
-    options = WorkerOptions(workdir=str(store.root), modality=modality, batch_size=cfg.batch_size,
+    options = WorkerOptions(workdir=str(store.root), modality=kind, batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers, max_pixels=cfg.max_image_pixels,
                             http_timeout_s=cfg.http_timeout_s, http_max_bytes=cfg.http_max_bytes,
                             http_max_redirects=cfg.http_max_redirects, http_allow_private=cfg.http_allow_private)
@@ -129,11 +152,13 @@ def _encode(ctx: StageContext, modality: str, spec: str, encoder: Any, fields: l
         stats["shards_run"] += 1
         for k in ("encoded", "cached", "duplicates"):
             stats[k] += result[k]
-    metadata = {"modality": modality, "encoder": encoder.identity, "dim": encoder.dim, "normalized": cfg.normalize,
+    metadata = {"modality": modality, "kind": kind, "encoder": encoder.identity, "dim": encoder.dim, "normalized": cfg.normalize,
                 "preprocess": encoder.preprocess_desc, "untrained": encoder.untrained,
                 "weights_sha256": encoder.weights_sha256}
-    if modality == "text":
-        metadata["text_template"] = cfg.text_template
+    if kind == "text":
+        metadata["text_template"] = table.text_template
+    else:
+        metadata["column"] = table.image_column
     statuses, used = assemble(store, features(modality), cache, plan, encoder.dim, metadata)
     cache.prune(used)
     return {**statuses, **stats}
@@ -144,8 +169,9 @@ def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
     source = imported(modality)
     if not store.exists(source):
         raise EncoderUnavailableError(
-            f"encode.{modality}_encoder = \"imported\" but {store.path(source)} does not exist; it is written by "
-            f"ingest.format = \"mmrec\" when the dataset folder has {modality}_feat.npy. Choose a real encoder."
+            f"encode.modalities.{modality}.encoder = \"imported\" without a file, but {store.path(source)} does not "
+            f"exist; it is written by ingest.format = \"mmrec\" for the modalities of ingest.features. Set "
+            f"encode.modalities.{modality}.file to a .npy or Parquet file of vectors, or choose an encoder."
         )
     table = store.read_parquet(source, required=FEATURE_COLUMNS[:-1])
     if "truncated" not in table.column_names:  # imported vectors come from no text of ours
@@ -157,12 +183,28 @@ def _pass_through(store: ArtifactStore, modality: str) -> dict[str, int]:
                             "rerun 'clearrec run --force --only ingest'")
     meta = store.parquet_metadata(source)
     dim = table.schema.field("vector").type.list_size
-    metadata = {"normalized": False, "preprocess": "imported", **meta, "modality": modality,
+    metadata = {"normalized": False, "preprocess": "imported", **meta, "modality": modality, "kind": "imported",
                 "encoder": "imported", "dim": dim, "untrained": False}
     store.write_parquet(features(modality), table.select(FEATURE_COLUMNS), metadata=metadata)
     statuses: dict[str, int] = {}
     for s in table.column("status").to_pylist():
         statuses[s] = statuses.get(s, 0) + 1
+    return statuses
+
+
+def _import_file(ctx: StageContext, modality: str, path: Path) -> dict[str, int]:
+    """``encode.modalities.<name>.file`` -> the features file, matched to the items as _imported documents."""
+    store = ctx.store
+    ids = read_ids(store)
+    vectors, found, where, unused = read_vectors(path, ids)
+    table, statuses = feature_table(ids, vectors, found, where, path.name)
+    if unused:
+        ctx.log(f"{modality}: {unused:,} rows of {path} belong to no item of the catalog (unused)")
+    metadata = {"modality": modality, "kind": "imported", "encoder": "imported", "dim": int(vectors.shape[1]),
+                "untrained": False,
+                "normalized": is_normalized(vectors, table.column("status").to_numpy(zero_copy_only=False) == "ok"),
+                "preprocess": f"imported from {path.name}", "source": str(path), "weights_sha256": None}
+    store.write_parquet(features(modality), table, metadata=metadata)
     return statuses
 
 
@@ -187,39 +229,47 @@ def resolve_spec(spec: str, config: Config) -> str:
 
 
 def local_encoder_files(config: Config) -> list[Path]:
-    """Weight / config files of encoders loaded from local folders (their changes rerun the stage)."""
+    """Weight / config files of encoders loaded from local folders, and imported vector files (their changes
+    rerun the stage)."""
     files: list[Path] = []
-    for key in ("image_encoder", "text_encoder"):
-        spec = resolve_spec(getattr(config.encode, key), config).removeprefix("clip-text:")
+    for name in declared_modalities(config):
+        table = config.encode.modalities[name]
+        if table.kind == "imported":
+            if table.file is not None:
+                files.append(config.resolve(table.file))
+            continue
+        spec = resolve_spec(table.encoder, config).removeprefix("clip-text:")
         folder = Path(spec.removeprefix("local-dir:"))
         if (spec.startswith("local-dir:") or folder.is_absolute()) and folder.is_dir():
             files.extend(sorted(p for p in folder.rglob("*") if p.is_file()))
     return files
 
 
-def _load(modality: str, spec: str, cfg: EncodeConfig, device: str, config: Config) -> Any:
+def _load(modality: str, kind: str, spec: str, cfg: EncodeConfig, device: str, config: Config) -> Any:
     from ..models.encoders import load_image_encoder, load_text_encoder
 
     try:
-        if modality == "image":
+        if kind == "image":
             return load_image_encoder(spec, device=device, normalize=cfg.normalize, max_pixels=cfg.max_image_pixels)
         return load_text_encoder(spec, device=device, normalize=cfg.normalize)
     except EncoderUnavailableError as e:
         where = config.source or "the config file"
         raise EncoderUnavailableError(
-            f"{e}. Change encode.{modality}_encoder in {where} (or pass --set encode.{modality}_encoder=...)."
+            f"{e}. Change encode.modalities.{modality}.encoder in {where} "
+            f"(or pass --set encode.modalities.{modality}.encoder=...)."
         ) from e
 
 
-def _template_fields(template: str, store: ArtifactStore) -> list[str]:
+def _template_fields(modality: str, template: str, store: ArtifactStore) -> list[str]:
+    key = f"encode.modalities.{modality}.template"
     try:
         fields = template_fields(template)
     except ValueError as e:
-        raise ConfigError(f"encode.text_template: {e}") from e
+        raise ConfigError(f"{key}: {e}") from e
     columns = pq.read_schema(store.path(ITEMS)).names
     missing = [f for f in fields if f not in columns]
     if missing or not fields:
-        raise ConfigError(f"encode.text_template {template!r} must use columns of items.parquet in braces; "
+        raise ConfigError(f"{key} {template!r} must use columns of items.parquet in braces; "
                           f"unknown: {missing}; available: {columns}")
     return fields
 
@@ -227,11 +277,11 @@ def _template_fields(template: str, store: ArtifactStore) -> list[str]:
 SPEC = StageSpec(
     name="encode",
     run=run,
-    inputs=(ITEMS, *(imported(m) for m in MODALITIES)),
-    outputs=tuple(features(m) for m in MODALITIES),
+    inputs=lambda config: (ITEMS, *(imported(m) for m in declared_modalities(config))),
+    outputs=lambda config: tuple(features(m) for m in declared_modalities(config)),
     config_keys=("encode",),
     external_inputs=local_encoder_files,
     code=("clearrec.models.encoders", "clearrec.models.images", "clearrec.models.text", "clearrec.stages._encode_cache",
           "clearrec.stages._encode_shards", "clearrec.stages._encode_sources", "clearrec.stages._encode_ray"),
-    description="encode item images and text into feature vectors (features/image.parquet, features/text.parquet)",
+    description="encode each declared modality into feature vectors (features/<name>.parquet)",
 )

@@ -3,12 +3,15 @@
 - ``index/items.faiss``: the model's final item vectors, inner product, so that a user's
   top-k by ``dot(user_vector, item_vector)`` is a nearest-neighbour query. Tuned and measured
   with a sample of the model's own user vectors as queries.
-- ``index/content.faiss``: per item, the content row of :class:`clearrec.models.content.ContentLayout`
-  over the projected features (``concat(l2n(image_clear), l2n(text_clear))``, a missing modality
-  a zero block); the layout is written into ``index_info.json`` for serving. A full query scores
-  ``cos_image + cos_text``; a text-only (image-only) query is zero in the other block, so it
-  scores the text (image) cosine alone. Tuned on all three query shapes at once (item content
-  vectors, full and each block alone).
+- ``index/content.faiss``: per item, the content row of :class:`clearrec.models.content.ContentLayout`,
+  one block per modality in the project stage's order (``concat(l2n(x_m))``, a missing vector a
+  zero block) over the raw encoder features (``index.content_features = "raw"``, the default:
+  search and item-to-item similarity need the meaning the modalities share, which CLEAR removes)
+  or the projected ``*_clear`` features (``"projected"``). Items without a raw vector get the
+  project stage's fill vector under ``encode.missing = "mean"``, as in ``*_clear``. The layout
+  is written into ``index_info.json`` for serving. A full query scores the sum of the
+  per-modality cosines; a query of one modality kind (text, image) fills its blocks alone.
+  Tuned on every query shape at once (item content vectors, full and each block alone).
 
 Beside each: ``index/<name>_ids.parquet`` (row -> item_idx, item_id) and one
 ``index/index_info.json`` (type, knob, sizes, build time, held-out recall@K vs exact, checksums).
@@ -35,18 +38,18 @@ from ..pipeline.workdir import (
     INDEX_INFO,
     ITEM_VECTORS,
     ITEMS,
-    MODALITIES,
+    FILL,
     USER_VECTORS,
     clear_features,
+    declared_modalities,
     features,
     index_file,
     index_ids,
+    project_modalities,
 )
 
 faiss = lazy_module("faiss")  # imported on first use (pipeline/lazy.py)
 ann = lazy_module("clearrec.models.ann")
-
-FEATURES = {m: clear_features(m) for m in MODALITIES}  # block order
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -70,7 +73,7 @@ def run(ctx: StageContext) -> StageResult:
     info["items"]["queries"] = f"{USER_VECTORS} sample" if source is users else "item vectors sample"
     outputs = [index_file("items"), index_ids("items")]
 
-    content = _content_vectors(store) if cfg.content else None
+    content = _content_vectors(store, cfg.content_features) if cfg.content else None
     if content is None:
         for name in (index_file("content"), index_ids("content")):
             if store.exists(name):
@@ -90,7 +93,8 @@ def run(ctx: StageContext) -> StageResult:
         info["content"] = _build(ctx, "content", c_idx, c_ids, c_vec, tune_sets, eval_sets)
         info["content"].update(layout.to_json())
         info["content"]["blocks"] = blocks
-        info["content"]["queries"] = "item content vectors sample: both blocks and each block alone"
+        info["content"]["features"] = cfg.content_features
+        info["content"]["queries"] = "item content vectors sample: every block together and each block alone"
         outputs += [index_file("content"), index_ids("content")]
 
     for name in ("items", "content"):
@@ -128,29 +132,37 @@ def _item_vectors(store: ArtifactStore, catalog: dict[int, str]) -> tuple[np.nda
     return idx, ids, vectors
 
 
-def _content_vectors(store: ArtifactStore):
+def _content_vectors(store: ArtifactStore, which: str):
     """``(item_idx, item_id, rows (N, D), layout, blocks)`` over items with any content, or None.
 
     ``blocks`` is the layout's block list with what serving needs per block: how a query of
-    that modality is encoded (the raw features' metadata) and projected.
+    that modality is encoded (the raw features' metadata) and whether it is then projected.
     """
-    present = {m: name for m, name in FEATURES.items() if store.exists(name)}
+    present = [m for m in project_modalities(store) if store.exists(clear_features(m))]
     if not present:
         return None
+    fill = _fill_vectors(store) if which == "raw" else {}
     parts, blocks = {}, []
-    for modality, name in present.items():
+    for modality in present:
+        name = clear_features(modality) if which == "projected" else features(modality)
         table = store.read_parquet(name, columns=["item_idx", "item_id", "vector"],
                                    required=["item_idx", "item_id", "vector"])
         x, valid = arrow_to_vectors(table["vector"])  # (N, d)
-        meta = store.parquet_metadata(name)
+        clear_meta = store.parquet_metadata(clear_features(modality))
         raw = features(modality)  # its metadata says how a query must be encoded
-        raw_meta = store.parquet_metadata(raw) if store.exists(raw) else meta
+        raw_meta = store.parquet_metadata(raw) if store.exists(raw) else clear_meta
+        if which == "raw" and modality in fill and clear_meta.get("missing") == "mean":
+            x[~valid] = fill[modality]  # as the project stage filled *_clear (its fill vector, unprojected)
+            valid = np.ones_like(valid)
         parts[modality] = (table["item_idx"].to_numpy(), table["item_id"].to_pylist(), x, valid)
+        clear_on = bool(clear_meta.get("clear_enabled"))  # the *_clear features were projected
         blocks.append({"modality": modality, "dim": int(x.shape[1]), "source": name,
-                       "encoder": meta.get("encoder"), "encoder_normalized": bool(raw_meta.get("normalized")),
+                       "kind": _kind(modality, raw_meta), "column": raw_meta.get("column"),
+                       "encoder": raw_meta.get("encoder"), "encoder_normalized": bool(raw_meta.get("normalized")),
                        "weights_sha256": raw_meta.get("weights_sha256"),
-                       "text_template": raw_meta.get("text_template"), "missing": meta.get("missing"),
-                       "projector": meta.get("projector"), "clear_enabled": bool(meta.get("clear_enabled"))})
+                       "text_template": raw_meta.get("text_template"), "missing": clear_meta.get("missing"),
+                       "projector": clear_meta.get("projector") if clear_on else None, "clear_enabled": clear_on,
+                       "projected": which == "projected" and clear_on})
     layout = ContentLayout({b["modality"]: b["dim"] for b in blocks})
     for b in blocks:
         b["start"] = layout.block(b["modality"]).start
@@ -170,9 +182,24 @@ def _content_vectors(store: ArtifactStore):
     return order, np.array([rows[int(i)] for i in order], dtype=object), layout.rows(dense), layout, blocks
 
 
+def _kind(modality: str, meta: dict[str, Any]) -> str:
+    """What a query of this modality is: "text", "image", or "imported" (no encoder: similar only)."""
+    if meta.get("encoder") == "imported":
+        return "imported"
+    return meta.get("kind") or ("text" if meta.get("text_template") is not None or modality == "text" else "image")
+
+
+def _fill_vectors(store: ArtifactStore) -> dict[str, np.ndarray]:
+    """The project stage's fill vector per modality before projection (``clear/fill.safetensors``, ``<name>.raw``)."""
+    if not store.exists(FILL):
+        return {}
+    tensors, _ = store.read_tensors(FILL)
+    return {name.removesuffix(".raw"): v for name, v in tensors.items() if name.endswith(".raw")}
+
+
 def _query_shapes(x: np.ndarray, layout: ContentLayout) -> dict[str, np.ndarray]:
     """Content queries as the API forms them: the whole vector, and each block alone (others zero)."""
-    shapes = {"both": x} if len(layout.blocks) > 1 else {}
+    shapes = {"all": x} if len(layout.blocks) > 1 else {}
     for b in layout.blocks:
         q = np.zeros_like(x)
         q[:, b.start : b.start + b.dim] = x[:, b.start : b.start + b.dim]
@@ -243,7 +270,8 @@ def _build(ctx: StageContext, name: str, item_idx: np.ndarray, item_ids: np.ndar
 SPEC = StageSpec(
     name="index",
     run=run,
-    inputs=(ITEMS, ITEM_VECTORS, USER_VECTORS, *FEATURES.values()),
+    inputs=lambda config: (ITEMS, ITEM_VECTORS, USER_VECTORS, FILL,
+                           *(f(m) for m in declared_modalities(config) for f in (features, clear_features))),
     outputs=(index_file("items"), index_ids("items"), index_file("content"), index_ids("content"), INDEX_INFO),
     config_keys=IndexConfig.build_keys(),
     code=("clearrec.models.ann", "clearrec.models.content"),

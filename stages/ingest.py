@@ -9,14 +9,13 @@ times), and writes
 - ``users.parquet``: user_idx (dense), user_id;
 - ``interactions.parquet``: user_idx, item_idx, timestamp, rating, split;
 - ``rejects.parquet``: source, row, reason for every row not used;
-- ``imported/{image,text}.parquet``: MMRec feature files, in the encode stage's schema.
+- ``imported/<name>.parquet``: MMRec feature files (``ingest.features``), in the encode stage's schema.
 
 Counts are conserved per file: records read = accepted + rejected (in the manifest).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +25,16 @@ from ..pipeline.config import IngestConfig
 from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
-from ..pipeline.store import vectors_to_arrow
 from ..pipeline.workdir import INTERACTIONS, ITEMS, REJECTS, USERS, imported
 from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
                             global_temporal_split, index_in)
-from ._ingest_formats import FEATURE_FILES, MMREC_COLUMNS, Catalog, external_inputs, load_catalog
+from ._ingest_formats import MMREC_COLUMNS, Catalog, external_inputs, load_catalog
+from ._imported import feature_table, is_normalized
 from ._ingest_readers import Rejects
 
 pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 
 OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
-IMPORTED = {m: imported(m) for m in FEATURE_FILES}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -91,12 +89,13 @@ def run(ctx: StageContext) -> StageResult:
         "rating": pa.array(rating[order], pa.float64(), mask=np.isnan(rating[order])),
         "split": pa.array(np.asarray(SPLITS, dtype=object)[split[order]], pa.string())}))
     outputs = list(OUTPUTS)
-    for modality, name in IMPORTED.items():
-        if modality in catalog.features:
-            _write_imported(ctx, name, modality, catalog.features[modality], items)
-            outputs.append(name)
-        else:
-            ctx.store.path(name).unlink(missing_ok=True)  # a stale import must not stand in for encode
+    for old in sorted(ctx.store.path("imported").glob("*.parquet")) if ctx.store.path("imported").is_dir() else []:
+        if old.stem not in catalog.features:
+            old.unlink()  # a stale import must not stand in for encode
+    for modality, path in catalog.features.items():
+        name = imported(modality)
+        _write_imported(ctx, name, modality, path, items)
+        outputs.append(name)
 
     ctx.log(f"items: {counts['items_read']:,} read = {counts['items_accepted']:,} accepted "
             f"+ {counts['items_rejected']:,} rejected")
@@ -163,33 +162,26 @@ def _write_items(ctx: StageContext, items: pd.DataFrame, root: Path, catalog: Ca
 
 
 def _write_imported(ctx: StageContext, name: str, modality: str, path: Path, items: pd.DataFrame) -> None:
-    """MMRec ``<modality>_feat.npy`` rows (by itemID) -> the encode stage's feature-file schema."""
+    """An MMRec feature file's rows (by itemID) -> the encode stage's feature-file schema."""
     feats = np.load(path, mmap_mode="r", allow_pickle=False)
     rows = items["_feature_row"].to_numpy(np.int64)
     vectors = np.asarray(feats[rows], dtype=np.float32)  # (N, d)
-    ok = np.isfinite(vectors).all(axis=1)
-    vectors[~ok] = 0.0
-    norms = np.linalg.norm(vectors[ok], axis=1)
-    table = pa.table({
-        "item_idx": pa.array(np.arange(len(items)), pa.int64()),
-        "item_id": pa.array(items["item_id"].tolist(), pa.string()),
-        "vector": vectors_to_arrow(vectors, ok),
-        "status": pa.array(np.where(ok, "ok", "invalid").tolist(), pa.string()),
-        "error": pa.array([None if good else f"non-finite values in {path.name} row {r}"
-                           for good, r in zip(ok, rows)], pa.string()),
-        "content_sha256": pa.array([hashlib.sha256(v.tobytes()).hexdigest() for v in vectors], pa.string()),
-    })
-    ctx.store.write_parquet(name, table, metadata={
+    table, statuses = feature_table(items["item_id"].tolist(), vectors, np.ones(len(rows), dtype=bool),
+                                    [f"row {r}" for r in rows], path.name)
+    ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
+    ctx.store.write_parquet(name, table.drop_columns(["truncated"]), metadata={
         "modality": modality, "encoder": "imported", "dim": int(vectors.shape[1]),
-        "normalized": bool(len(norms) and np.allclose(norms, 1.0, atol=1e-3)),
-        "preprocess": f"MMRec {path.name}", "untrained": False, "source": str(path)})
-    ctx.log(f"imported {modality} features: {int(ok.sum()):,} of {len(items):,} items from {path}")
+        "normalized": is_normalized(vectors, ok), "preprocess": f"MMRec {path.name}", "untrained": False,
+        "source": str(path)})
+    bad = ", ".join(f"{n} {s}" for s, n in statuses.items() if s != "ok")
+    ctx.log(f"imported {modality} features: {int(ok.sum()):,} of {len(items):,} items from {path}"
+            + (f" ({bad})" if bad else ""))
 
 
 SPEC = StageSpec(
     name="ingest",
     run=run,
-    outputs=OUTPUTS + tuple(IMPORTED.values()),
+    outputs=lambda config: OUTPUTS + tuple(imported(m) for m in config.ingest.features),
     config_keys=("ingest",),
     external_inputs=external_inputs,
     code=("clearrec.stages._ingest_readers", "clearrec.stages._ingest_formats", "clearrec.stages._ingest_clean",

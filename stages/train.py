@@ -34,7 +34,6 @@ from ..pipeline.workdir import (
     INTERACTIONS,
     ITEM_VECTORS,
     ITEMS,
-    MODALITIES,
     MODEL,
     MODEL_JSON,
     PROJECTOR_JSON,
@@ -42,6 +41,8 @@ from ..pipeline.workdir import (
     USER_VECTORS,
     USERS,
     clear_features,
+    declared_modalities,
+    project_modalities,
     TRAIN_CHECKPOINT,
     read_ids,
 )
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # imported on first use (pipeline/lazy.py); the models in the functions using them
 
-FEATURE_FILES = {m: clear_features(m) for m in MODALITIES}
 OUTPUTS = (MODEL, MODEL_JSON, CONTENT_PATHWAY, METRICS_JSON, TRAINING_CURVE, ITEM_VECTORS, USER_VECTORS)
 
 
@@ -104,7 +104,8 @@ def load_data(store: ArtifactStore) -> TrainData:
                             "check ingest.split / ingest.split_ratios")
 
     features, info = {}, {}
-    for m, name in FEATURE_FILES.items():
+    for m in project_modalities(store):  # the project stage's modalities, in declared order
+        name = clear_features(m)
         if not store.exists(name):
             continue
         ft = store.read_parquet(name, columns=["item_idx", "vector"], required=["item_idx", "vector"])
@@ -142,15 +143,18 @@ def clear_settings(store: ArtifactStore) -> ClearOptions | None:
     return ClearOptions.from_json(info) if info.get("mode") == "dynamic" else None
 
 
-def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, image_weight: float) -> str:
-    """Cache file of an item-item graph, named by the feature checksums, its settings and the code building it."""
+def _graph_cache_name(cls: type, info: dict[str, dict[str, Any]], knn_k: int, weights: dict[str, float]) -> str:
+    """Cache file of an item-item graph, named by the feature checksums, its settings and the code building it.
+
+    ``weights`` are the graph's resolved per-modality weights (so they name the modalities too).
+    """
     from ..models import graph as graph_module
 
     code = inspect.getsource(graph_module) + inspect.getsource(sys.modules[cls.__module__])
     key = {
         "features": {m: info[m]["sha256"] for m in sorted(info)},
         "knn_k": knn_k,
-        "image_weight": image_weight if len(info) == 2 else None,
+        "modality_weights": {m: weights[m] for m in sorted(weights)},
         "code": hashlib.sha256(code.encode()).hexdigest(),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -189,11 +193,8 @@ def build_backbone(name: str, settings: dict[str, Any], data: TrainData, hook: M
     if cls.uses_graph:
         users, items = data.splits["train"].pairs(torch.arange(data.num_users))
         kwargs["edge_index"] = torch.stack([users, items])
-    if cls.uses_features and "features" in accepts:  # a mapping modality name -> (I, d) features
+    if cls.uses_features:  # a mapping modality name -> (I, d) features
         kwargs["features"] = dict(data.features)
-    elif cls.uses_features:
-        kwargs["image_features"] = data.features.get("image")
-        kwargs["text_features"] = data.features.get("text")
     if hook is not None:
         kwargs["modality_hook"] = hook
     if item_graph is not None:
@@ -221,42 +222,46 @@ def _new_model(config: Config, data: TrainData, clear: ClearOptions | None, stor
     if cls.uses_features:
         if not data.features:
             raise ConfigError(
-                f"train.backbone = {cfg.backbone!r} needs image or text features, but neither "
-                f"{FEATURE_FILES['image']} nor {FEATURE_FILES['text']} exists in the work directory; set "
-                "encode.image_encoder or encode.text_encoder to an encoder (not 'none') and rerun encode and project, "
-                "or set train.backbone = 'lightgcn'"
+                f"train.backbone = {cfg.backbone!r} needs item features, but no features/<name>_clear.parquet "
+                "exists in the work directory; declare a modality ([encode.modalities.<name>] with an encoder, "
+                "not 'none') and rerun encode and project, or set train.backbone = 'lightgcn'"
             )
-        for m in MODALITIES:
-            if m not in data.features:
-                log(f"{cfg.backbone}: no {m} features ({FEATURE_FILES[m]} absent); using the "
-                    f"{' and '.join(data.features)} modality only")
+        if len(data.features) == 1:
+            log(f"{cfg.backbone}: one modality only ({', '.join(data.features)})")
         if clear is not None and "modality_hook" not in accepts:
             log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
         elif clear is not None:
             if len(data.features) < 2:
-                raise ConfigError("project.mode = 'dynamic' needs both image and text features; "
-                                  "set project.mode = 'static' or provide both modalities")
-            hook = DynamicClear(clear)
-            notes["clear_dynamic"] = clear.to_json()
+                raise ConfigError(f"project.mode = 'dynamic' needs at least two modalities; the work directory has "
+                                  f"{list(data.features) or 'none'}: set project.mode = 'static' or encode another "
+                                  "modality")
+            hook = DynamicClear(clear, store.read_json(PROJECTOR_JSON).get("project"))  # per-modality on/off
+            notes["clear_dynamic"] = hook.to_json()
         if "item_graph" in accepts:
-            item_graph, notes["item_graph_cache"] = _item_graph(store, cls, data, settings)
+            item_graph, notes["item_graph_cache"] = _item_graph(store, cfg.backbone, cls, data, settings)
     elif data.features:
-        log(f"{cfg.backbone} uses no features; {', '.join(FEATURE_FILES[m] for m in data.features)} ignored")
+        log(f"{cfg.backbone} uses no features; {', '.join(clear_features(m) for m in data.features)} ignored")
     if not cls.uses_features and clear is not None:
         log(f"project.mode = 'dynamic' has no effect on {cfg.backbone} (it has no modality embeddings)")
     torch.manual_seed(cfg.seed)
     return build_backbone(cfg.backbone, settings, data, hook, item_graph), notes
 
 
-def _item_graph(store: ArtifactStore, cls: type, data: TrainData, settings: dict[str, Any]):
+def _item_graph(store: ArtifactStore, backbone: str, cls: type, data: TrainData, settings: dict[str, Any]):
     """The frozen item-item graph from the cache (keyed by the features' checksums), built if absent."""
-    name = _graph_cache_name(cls, data.feature_info, settings["knn_k"], settings["image_weight"])
+    from ..models.freedom import mixing_weights
+
+    given = settings["modality_weights"]
+    try:
+        weights = mixing_weights(list(data.features), given)
+    except ValueError as e:
+        raise ConfigError(f"cannot build train.backbone = {backbone!r}: {e} (train.{backbone}.modality_weights)") from e
+    name = _graph_cache_name(cls, data.feature_info, settings["knn_k"], weights)
     if store.exists(name):
         t, _ = store.read_tensors(name)
         graph = tuple(torch.from_numpy(t[k]) for k in ("rows", "cols", "values"))
     else:
-        graph = cls.build_item_graph(data.features.get("image"), data.features.get("text"),  # type: ignore[attr-defined]
-                                     settings["knn_k"], settings["image_weight"])
+        graph = cls.build_item_graph(data.features, settings["knn_k"], given)  # type: ignore[attr-defined]
         store.write_tensors(name, dict(zip(("rows", "cols", "values"), graph)))
     _prune_graph_cache(store, name)
     return graph, name
@@ -420,7 +425,7 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
     for m in list(data.features):
         if m not in info["features"]:
             del data.features[m], data.feature_info[m]
-    hook = DynamicClear(ClearOptions.from_json(info["clear_dynamic"])) if info.get("clear_dynamic") else None
+    hook = DynamicClear.from_json(info["clear_dynamic"]) if info.get("clear_dynamic") else None
     graph = None
     cache = info.get("item_graph_cache")
     if cache and store.exists(cache):
@@ -435,7 +440,8 @@ def load_model(store: ArtifactStore, device: str = "cpu") -> Backbone:
 SPEC = StageSpec(
     name="train",
     run=run,
-    inputs=(USERS, ITEMS, INTERACTIONS, *FEATURE_FILES.values(), PROJECTOR_JSON),
+    inputs=lambda config: (USERS, ITEMS, INTERACTIONS, *(clear_features(m) for m in declared_modalities(config)),
+                           PROJECTOR_JSON),
     outputs=OUTPUTS,
     config_keys=("train",),
     code=tuple(f"clearrec.models.{m}" for m in (

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from clearrec.models.clear import ClearOptions, ClearProjector
+from clearrec.models.clear import ClearOptions
+from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.pipeline.store import ArtifactStore, vectors_to_arrow
 
 THEMES = [
@@ -82,18 +83,22 @@ def build_workdir(root: Path, text_encoder, seed: int = 0, missing_image: int = 
     raw = {"image": (image, img_valid, IMAGE_ENCODER), "text": (text, np.ones(n, dtype=bool), text_encoder.identity)}
     for m, (x, valid, enc) in raw.items():
         store.write_parquet(f"features/{m}.parquet", _features(ids, x, valid),
-                            metadata={"modality": m, "encoder": enc, "dim": x.shape[1], "normalized": m == "text",
-                                      "preprocess": "test", "untrained": False})
+                            metadata={"modality": m, "kind": m, "encoder": enc, "dim": x.shape[1],
+                                      "normalized": m == "text", "preprocess": "test", "untrained": False})
 
-    proj = ClearProjector(ClearOptions(k=2)).fit(image[img_valid], text[img_valid])
+    proj = MultiClearProjector(ClearOptions(k=2), ["image", "text"]).fit({"image": image[img_valid],
+                                                                          "text": text[img_valid]})
     tensors, meta = proj.state_dict()
     store.write_tensors("clear/projector.safetensors", tensors, metadata={"format": meta["format"]})
     sha = store.checksum("clear/projector.safetensors")
-    store.write_json("clear/projector.json", {**meta, "sha256": sha})
-    projected = {"image": proj.transform_visual(image), "text": proj.transform_text(text)}
-    fill = {"image": proj.transform_visual(image[img_valid].mean(0, keepdims=True))[0], "text": text.mean(0)}
+    store.write_json("clear/projector.json", {**meta, "sha256": sha, "inputs": {m: {} for m in ("image", "text")}})
+    projected = {"image": proj.transform("image", image), "text": proj.transform("text", text)}
+    raw_fill = {"image": image[img_valid].mean(0), "text": text.mean(0)}
+    fill = {"image": proj.transform("image", raw_fill["image"][None])[0], "text": proj.transform("text", text.mean(0))}
     projected["image"][~img_valid] = fill["image"]
-    store.write_tensors("clear/fill.safetensors", {m: np.ascontiguousarray(v, np.float32) for m, v in fill.items()})
+    store.write_tensors("clear/fill.safetensors", {
+        **{m: np.ascontiguousarray(v, np.float32) for m, v in fill.items()},
+        **{f"{m}.raw": np.ascontiguousarray(v, np.float32) for m, v in raw_fill.items()}})
     for m, (_, valid, enc) in raw.items():
         table = _features(ids, projected[m], np.ones(n, dtype=bool)).append_column("filled", pa.array(~valid))
         store.write_parquet(f"features/{m}_clear.parquet", table,
@@ -143,8 +148,7 @@ def attach_vbpr(root: Path, embedding_dim: int = 8, seed: int = 0) -> None:
     store = ArtifactStore(root)
     data = load_data(store)
     torch.manual_seed(seed)
-    model = VBPR(data.num_users, data.num_items, data.features.get("image"), data.features.get("text"),
-                 embedding_dim=embedding_dim)
+    model = VBPR(data.num_users, data.num_items, data.features, embedding_dim=embedding_dim)
     store.write_tensors("model/model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()})
     pathway = model.content_pathway()
     store.write_tensors("model/content.safetensors", {k: v.contiguous() for k, v in pathway.state_dict().items()})

@@ -18,13 +18,13 @@ from serving_data import THEMES, PaletteEncoder, attach_vbpr, build_workdir, png
 from typer.testing import CliRunner
 
 import clearrec
-from clearrec.models.clear import ClearProjector
+from clearrec.models.clear_multi import MultiClearProjector
 from clearrec.models.encoders import load_text_encoder
 from clearrec.models.images import safe_open_image
 from clearrec.pipeline.api import UnknownIdError
 from clearrec.pipeline.cli import app
 from clearrec.pipeline.config import Config
-from clearrec.pipeline.errors import EncoderUnavailableError, IntegrityError
+from clearrec.pipeline.errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
 from clearrec.stages import index as index_stage
@@ -177,14 +177,14 @@ def test_add_items_with_vbpr_uses_its_content_pathway_for_the_cf_index(built, te
 
     store = ArtifactStore(root)
     tensors, _ = store.read_tensors("clear/projector.safetensors")
-    proj = ClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
+    proj = MultiClearProjector.from_state(tensors, store.read_json("clear/projector.json"))
     texts = ["all-terrain jogging stroller.", "glass baby bottle. slow flow"]  # "{title}. {description}", as encode
-    text = proj.transform_text(text_encoder.encode(texts))
-    image = proj.transform_visual(PaletteEncoder().encode([safe_open_image(png(4))]))
+    text = proj.transform("text", text_encoder.encode(texts))
+    image = proj.transform("image", PaletteEncoder().encode([safe_open_image(png(4))]))
     fill = arrow_to_vectors(store.read_parquet("features/image_clear.parquet")["vector"])[0][built[1]["img_valid"]]
     image = np.concatenate([image, fill.mean(0, keepdims=True)])  # n2 has no image: filled like the catalog
     model = load_model(store)
-    expected = model.content_item_vectors(torch.from_numpy(image), torch.from_numpy(text)).numpy()  # (2, 16)
+    expected = model.content_item_vectors({"image": torch.from_numpy(image), "text": torch.from_numpy(text)}).numpy()
     got = np.stack([rec.items.index.reconstruct(rec.items.row_of[i]) for i in ("n1", "n2")])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     user = rec._user_vectors[rec._user_row["user00"]]
@@ -200,7 +200,7 @@ def test_add_items_rejects_bad_rows(rec, built):
         rec.add_items([{"item_id": "a", "title": "x"}, {"item_id": "a", "title": "y"}])
     with pytest.raises(ValueError, match="leaves the catalog root"):
         rec.add_items([{"item_id": "b", "title": "x", "image": "../../etc/passwd"}])
-    with pytest.raises(ValueError, match="neither text nor an image"):
+    with pytest.raises(ValueError, match="nothing to encode"):
         rec.add_items([{"item_id": "c", "title": "", "description": None}])
     with pytest.raises(ValueError, match="decompression_bomb|exceeds"):
         clearrec.open(built[0], encoders={"image": PaletteEncoder()}, max_image_pixels=10).add_items(
@@ -235,6 +235,21 @@ def test_searches_stay_consistent_while_items_are_added(rec, built):
 
 
 # ---- integrity ---------------------------------------------------------------------------
+def test_vbpr_content_pathway_in_the_old_two_modality_form_asks_to_retrain(built, tmp_path):
+    from clearrec.pipeline._serving import load_content_pathway
+
+    root = _copy(built, tmp_path)
+    attach_vbpr(root)
+    store = ArtifactStore(root)
+    assert load_content_pathway(store).modalities == ("image", "text")
+    meta = store.read_json("model/model.json")
+    dims = meta["content_pathway"].pop("dims")
+    meta["content_pathway"] |= {"text_dim": dims["text"], "image_dim": dims["image"]}
+    store.write_json("model/model.json", meta)
+    with pytest.raises(ArtifactError, match="older form.*rerun 'clearrec run --only train'"):
+        load_content_pathway(store)
+
+
 def _copy(built, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(built[0], target)
@@ -261,9 +276,9 @@ def test_checksum_is_checked_without_a_manifest_and_for_the_projector(built, tmp
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    rec = clearrec.open(root, encoders={"text": text_encoder})
-    with pytest.raises(IntegrityError):
-        rec.search_text("stroller")
+    rec = clearrec.open(root, encoders={"text": text_encoder, "image": PaletteEncoder()})
+    with pytest.raises(IntegrityError):  # new items are projected as the catalog's *_clear features were
+        rec.add_items([{"item_id": "new", "title": "stroller"}])
     faiss_file = root / "index" / "items.faiss"
     faiss_file.write_bytes(faiss_file.read_bytes() + b"\0")
     with pytest.raises(IntegrityError):

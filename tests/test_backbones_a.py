@@ -382,7 +382,7 @@ def test_clear_off_static_and_dynamic_all_train(name):
         result = fit(m, train, valid, test, TrainOptions(lr=0.01, batch_size=64, epochs=2, seed=0))
         assert all(math.isfinite(r.loss) for r in result.history)
         scores.append(m.full_scores(torch.arange(NU)))
-    assert hook.fitted and hook.visual_dirs.shape == (m.encoded_features()["image"].shape[1], 2)
+    assert hook.fitted and hook.dirs_image.shape == (m.encoded_features()["image"].shape[1], 2)
     assert not torch.equal(scores[0], scores[1])  # the projected features change the model
     assert not torch.equal(scores[0], scores[2])  # so does the dynamic projection
 

@@ -269,17 +269,17 @@ def test_dynamic_clear_module_projects_with_the_last_refit_and_round_trips(cente
     torch.testing.assert_close(P["text"], Qt)
     other_v, other_t = Ev[:40] * 2 + 1, Et[:40] - 1
     Rv = dyn({"image": other_v, "text": other_t})["image"]  # no refit: the directions and mean of the fit above
-    Uk = dyn.visual_dirs
+    Uk = dyn.dirs_image
     mean = Ev.mean(0) if centered else torch.zeros(10)
     torch.testing.assert_close(Rv, other_v - 0.5 * ((other_v - mean) @ Uk) @ Uk.T)
     dyn.refit({"image": other_v, "text": other_t})
-    assert not torch.allclose(dyn.visual_dirs, Uk)
+    assert not torch.allclose(dyn.dirs_image, Uk)
     fresh = DynamicClear(options)
     fresh.load_state_dict(dyn.state_dict())
     both = {"image": Ev, "text": Et}
     torch.testing.assert_close(fresh(both)["image"], dyn(both)["image"])
-    with pytest.raises(ValueError, match="exactly the 'image' and 'text'"):
-        dyn({"image": Ev})
+    with pytest.raises(ValueError, match=r"fit on the modalities \['image', 'text'\]"):
+        dyn({"image": Ev, "audio": Et})
 
 
 def test_top_neighbours_and_overlap():

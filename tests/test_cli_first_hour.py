@@ -49,12 +49,12 @@ def write_catalog(folder: Path, encoders: str) -> Path:
             for i in rng.choice(40, size=8, replace=False):
                 w.writerow([f"U{u:03d}", f"I{i:03d}"])
     config = folder / "clearrec.toml"
-    config.write_text(f'[encode]\n{encoders}\n[train]\nbackbone = "lightgcn"\nepochs = 2\nthreads = 1\n')
+    config.write_text(f'[encode]\n{encoders}\n\n[train]\nbackbone = "lightgcn"\nepochs = 2\nthreads = 1\n')
     return config
 
 
-TEXT_ONLY = 'image_encoder = "none"\ntext_encoder = "all-MiniLM-L6-v2"'
-NO_ENCODERS = 'image_encoder = "none"\ntext_encoder = "none"'
+TEXT_ONLY = '[encode.modalities.text]\nencoder = "all-MiniLM-L6-v2"'
+NO_ENCODERS = 'modalities = {}'
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

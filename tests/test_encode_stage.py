@@ -38,9 +38,15 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {"image": f"local-dir:{tiny_clip_dir(root / 'clip')}", "text": str(tiny_sentence_dir(root / "st"))}
 
 
-def config(tmp_path: Path, models: dict[str, str], **encode_keys):
-    keys = {"image_encoder": models["image"], "text_encoder": models["text"], "threads": 1, "num_workers": 2,
-            "batch_size": 4, **encode_keys}
+def config(tmp_path: Path, models: dict[str, str], image_encoder: str | None = None, text_encoder: str | None = None,
+           text_template: str | None = None, **encode_keys):
+    """An ``[encode]`` section with the image and text modality tables ("none": the modality left out)."""
+    tables = {"image": {"encoder": image_encoder or models["image"]},
+              "text": {"encoder": text_encoder or models["text"]}}
+    if text_template is not None:
+        tables["text"]["template"] = text_template
+    keys = {"threads": 1, "num_workers": 2, "batch_size": 4, **encode_keys,
+            "modalities": {m: t for m, t in tables.items() if t["encoder"] != "none"}}
     path = tmp_path / "clearrec.toml"
     path.write_text(tomli_w.dumps({"encode": keys}))
     return load_config(path)
@@ -160,9 +166,9 @@ def test_rerun_is_a_no_op_and_a_new_text_encoder_reruns(tmp_path, models):
     cfg = config(tmp_path, models)
     assert run(cfg, tmp_path / "w")[0] == ["encode"]
     assert run(cfg, tmp_path / "w")[0] == []
-    changed = cfg.with_overrides({"encode.text_encoder": f"clip-text:{models['image']}"})
+    changed = cfg.with_overrides({"encode.modalities.text.encoder": f"clip-text:{models['image']}"})
     state = Runner([encode.SPEC], changed, tmp_path / "w", console=QUIET).status()["encode"]
-    assert state.state == "stale" and "encode.text_encoder" in state.reason
+    assert state.state == "stale" and "encode.modalities.text.encoder" in state.reason
     ran, entry = run(changed, tmp_path / "w")
     assert ran == ["encode"] and entry["counts"]["image_encoded"] == 0  # images come from the cache
     assert features(tmp_path / "w", "text")[1]["encoder"].startswith("clip-text:local-dir:")
@@ -236,13 +242,13 @@ def test_default_image_encoder_offline_fails_before_any_work(tmp_path, models, m
         run(cfg, tmp_path / "w")
     msg = str(e.value)
     assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in msg and "not on this machine" in msg
-    assert "encode.image_encoder" in msg and str(cfg.source) in msg
+    assert "encode.modalities.image.encoder" in msg and str(cfg.source) in msg
     assert not (tmp_path / "w" / "features").exists()
 
 
 def test_bad_text_template_names_the_key(tmp_path, models):
     write_items(tmp_path / "w", write_catalog(tmp_path / "cat", 2), tmp_path / "cat")
-    with pytest.raises(StageError, match="encode.text_template.*brand"):
+    with pytest.raises(StageError, match="encode.modalities.text.template.*brand"):
         run(config(tmp_path, models, text_template="{brand} {title}"), tmp_path / "w")
 
 

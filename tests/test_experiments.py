@@ -20,10 +20,10 @@ from clearrec.pipeline.config import ProjectConfig, load_config
 from clearrec.pipeline.errors import ConfigError, TrainingError
 from clearrec.pipeline.experiment_tables import NOISE_EXPLAINED
 from clearrec.pipeline.experiments import (
-    ABLATIONS,
     NOISE_RULE,
     TABLE_METRICS,
     Harness,
+    ablations,
     backbone_grid,
     backbone_names,
     featureless,
@@ -33,6 +33,7 @@ from clearrec.pipeline.experiments import (
 from clearrec.pipeline.report import write_report
 from clearrec.pipeline.stage import StageResult, StageSpec
 from clearrec.pipeline.store import ArtifactStore
+from clearrec.pipeline.workdir import declared_modalities
 from conftest import SAMPLE_DATA
 from report_checks import raw_dumps
 from typer.testing import CliRunner
@@ -204,9 +205,10 @@ def test_experiments_share_equal_runs_and_separate_different_ones(toy):
     toy.compare(["vbpr"], seeds=[0], epochs=2)
     trained = CALLS["train"]
     toy.ablate("vbpr", seeds=[0], epochs=2)  # its "off" and "hard" runs equal compare's off / on
-    assert CALLS["train"] == trained + len(ABLATIONS) - 2
+    table = ablations(declared_modalities(toy.config))
+    assert CALLS["train"] == trained + len(table) - 2
     toy.compare(["vbpr"], seeds=[0], epochs=3)  # same names, other overrides: new run directories
-    assert CALLS["train"] == trained + len(ABLATIONS)
+    assert CALLS["train"] == trained + len(table)
     assert len(list((toy.out.root / "runs").glob("vbpr-off-s0-*"))) == 3  # compare x2 + the ablation's
 
 
@@ -251,7 +253,7 @@ def test_failed_runs_are_reported_not_fatal(toy):
 def test_ablations_cover_every_variant_and_the_random_control(toy):
     res = toy.ablate("vbpr", seeds=[0, 1], epochs=2)
     names = [r["ablation"] for r in res["rows"]]
-    assert names == [a[0] for a in ABLATIONS]
+    assert names == [a[0] for a in ablations(declared_modalities(toy.config))]
     assert "random" in names
     has_directions = "directions" in ProjectConfig.model_fields
     rnd = next(r for r in res["rows"] if r["ablation"] == "random")
@@ -335,7 +337,7 @@ def test_sample_compare_and_ablations_cli(sample):
         (run,) = (root / "exp" / "runs").glob("vbpr-on-s1-*")
         assert os.path.samefile(root / "work" / "features" / name, run / "features" / name)
     abl = json.loads((root / "exp" / "ablations.json").read_text())
-    assert [r["status"] for r in abl["rows"]] == ["ok"] * len(ABLATIONS)
+    assert [r["status"] for r in abl["rows"]] == ["ok"] * len(ablations(declared_modalities(cfg)))
     (rnd_dir,) = (root / "exp" / "runs").glob("vbpr-random-s0-*")
     assert ArtifactStore(rnd_dir).read_json("clear/projector.json")["directions"] == "random"
     assert any(d["ablation"] == "hard" and d["vs"] == "random" for d in abl["deltas"])

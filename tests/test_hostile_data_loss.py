@@ -90,7 +90,7 @@ def test_over_long_descriptions_are_truncated_and_flagged_in_every_format(tmp_pa
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "items.parquet")
     (tmp_path / "interactions.csv").write_text("user_id,item_id\nu1,long\nu1,short\n")
     sections = {"ingest": {"items": f"items{ext}", "interactions": "interactions.csv"},
-                "encode": {"image_encoder": "none", "text_encoder": text_model, "threads": 1, "max_text_chars": 1000}}
+                "encode": {"modalities": {"text": {"encoder": text_model}}, "threads": 1, "max_text_chars": 1000}}
     counts, _ = run_stage(ingest, tmp_path, **sections)
     assert counts["items_accepted"] == 2  # the long item is kept, not rejected
     _, store = run_stage(encode, tmp_path, **sections)

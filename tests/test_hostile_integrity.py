@@ -28,7 +28,7 @@ QUIET = Console(stderr=True, quiet=True)
 def _text_config(tmp_path: Path) -> object:
     model = tiny_sentence_dir(tmp_path / "models" / "st")
     path = tmp_path / "clearrec.toml"
-    path.write_text(tomli_w.dumps({"encode": {"image_encoder": "none", "text_encoder": str(model), "threads": 1,
+    path.write_text(tomli_w.dumps({"encode": {"modalities": {"text": {"encoder": str(model)}}, "threads": 1,
                                               "shard_size": 4}}))
     return load_config(path)
 

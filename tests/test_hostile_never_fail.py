@@ -31,7 +31,7 @@ def clip(tmp_path_factory) -> str:
 def encode_in_thread(tmp_path: Path, clip: str, limit_s: float = 120, **keys) -> list[str]:
     """Run the encode stage (images only) in a thread; the statuses, or a failure if it did not end."""
     path = tmp_path / "clearrec.toml"
-    path.write_text(tomli_w.dumps({"encode": {"image_encoder": clip, "text_encoder": "none", "threads": 1,
+    path.write_text(tomli_w.dumps({"encode": {"modalities": {"image": {"encoder": clip}}, "threads": 1,
                                               "num_workers": 2, "batch_size": 4, **keys}}))
     runner = Runner([encode.SPEC], load_config(path), tmp_path / "w", console=QUIET)
     outcome: list[BaseException | None] = []

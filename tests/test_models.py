@@ -53,8 +53,8 @@ def _make(name, edge_index, **kw):
     if name == "lightgcn":
         return LightGCN(NU, NI, edge_index, embedding_dim=16, **kw)
     if name == "vbpr":
-        return VBPR(NU, NI, image_features=_features(1, 20), text_features=_features(2, 12), embedding_dim=16, **kw)
-    return FREEDOM(NU, NI, edge_index, image_features=_features(1, 20), text_features=_features(2, 12),
+        return VBPR(NU, NI, {"image": _features(1, 20), "text": _features(2, 12)}, embedding_dim=16, **kw)
+    return FREEDOM(NU, NI, edge_index, {"image": _features(1, 20), "text": _features(2, 12)},
                    embedding_dim=16, knn_k=5, **kw)
 
 
@@ -176,9 +176,9 @@ def test_negative_sampler_rejects_user_with_every_item():
 
 def test_freedom_item_graph_changes_with_features():
     (_, _, _), edges = _splits()
-    a = FREEDOM(NU, NI, edges, image_features=_features(1, 20), text_features=_features(2, 12), knn_k=5)
-    b = FREEDOM(NU, NI, edges, image_features=_features(1, 20), text_features=_features(3, 12), knn_k=5)
-    c = FREEDOM(NU, NI, edges, image_features=_features(1, 20), text_features=_features(2, 12), knn_k=5)
+    a = FREEDOM(NU, NI, edges, {"image": _features(1, 20), "text": _features(2, 12)}, knn_k=5)
+    b = FREEDOM(NU, NI, edges, {"image": _features(1, 20), "text": _features(3, 12)}, knn_k=5)
+    c = FREEDOM(NU, NI, edges, {"image": _features(1, 20), "text": _features(2, 12)}, knn_k=5)
     dense = [torch.zeros(NI, NI).index_put_(m.item_graph[:2], m.item_graph[2]) for m in (a, b, c)]
     assert not torch.equal(dense[0], dense[1])
     assert torch.equal(dense[0], dense[2])
@@ -187,8 +187,8 @@ def test_freedom_item_graph_changes_with_features():
 def test_freedom_mixes_image_and_text_graphs():
     (_, _, _), edges = _splits()
     xv, xt = _features(1, 20), _features(2, 12)
-    m = FREEDOM(NU, NI, edges, image_features=xv, text_features=xt, knn_k=5, image_weight=0.1)
-    expected = FREEDOM.build_item_graph(xv, xt, 5, 0.1)
+    m = FREEDOM(NU, NI, edges, {"image": xv, "text": xt}, knn_k=5, modality_weights={"image": 0.1, "text": 0.9})
+    expected = FREEDOM.build_item_graph({"image": xv, "text": xt}, 5)
     got = torch.zeros(NI, NI).index_put_(m.item_graph[:2], m.item_graph[2])
     torch.testing.assert_close(got, torch.zeros(NI, NI).index_put_(expected[:2], expected[2]))
     assert got.sum(1).allclose(torch.ones(NI), atol=1e-4)  # 0.1 * (k * 1/k) + 0.9 * (k * 1/k)
@@ -196,11 +196,11 @@ def test_freedom_mixes_image_and_text_graphs():
 
 def test_freedom_with_text_only_and_with_nothing():
     (train, valid, test), edges = _splits()
-    m = FREEDOM(NU, NI, edges, text_features=_features(2, 12), embedding_dim=16, knn_k=5)
-    assert m.image_proj is None and m.hparams()["modalities"] == ["text"]
+    m = FREEDOM(NU, NI, edges, {"text": _features(2, 12)}, embedding_dim=16, knn_k=5)
+    assert list(m.proj) == ["text"] and m.hparams()["modalities"] == ["text"]
     fit(m, train, valid, test, TrainOptions(batch_size=128, epochs=2))
-    with pytest.raises(ValueError, match="needs image or text features"):
-        FREEDOM(NU, NI, edges)
+    with pytest.raises(ValueError, match="at least one modality"):
+        FREEDOM(NU, NI, edges, {})
 
 
 def test_freedom_pruning_keeps_share_of_edges_and_eval_uses_full_graph():
@@ -262,24 +262,26 @@ def test_modality_hook_is_refit_each_epoch_and_applied_in_loss():
         loss = m.loss(torch.arange(4), torch.arange(4), torch.arange(4, 8))
         loss.backward()
         assert hook.calls and hook.calls[0] == ((NI, 16), (NI, 16))
-    with pytest.raises(ValueError, match="needs both"):
-        FREEDOM(NU, NI, edges, text_features=_features(2, 12), modality_hook=_ZeroHook())
+    with pytest.raises(ValueError, match="needs two modalities"):
+        FREEDOM(NU, NI, edges, {"text": _features(2, 12)}, modality_hook=_ZeroHook())
 
 
 def test_vbpr_content_vectors_for_new_items():
     (train, valid, test), _ = _splits()
     xv, xt = _features(1, 20), _features(2, 12)
-    m = VBPR(NU, NI, image_features=xv, text_features=xt, embedding_dim=16)
+    m = VBPR(NU, NI, {"image": xv, "text": xt}, embedding_dim=16)
     fit(m, train, valid, test, TrainOptions(lr=0.01, batch_size=64, epochs=2))
     _, items = m.vectors()
-    new = m.content_item_vectors(image_features=xv[:5], text_features=xt[:5])  # as if items 0..4 were new
+    new = m.content_item_vectors({"text": xt[:5], "image": xv[:5]})  # as if items 0..4 were new
     assert new.shape == (5, 32)
     assert (new[:, :16] == 0).all()
     torch.testing.assert_close(new[:, 16:], items[:5, 16:])
-    with pytest.raises(ValueError, match=r"image_features must be \(N, 20\)"):
-        m.content_item_vectors(text_features=xt[:5])
-    text_only = VBPR(NU, NI, text_features=xt, embedding_dim=16)
-    assert text_only.content_item_vectors(text_features=xt[:2]).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"missing \['image'\]"):
+        m.content_item_vectors({"text": xt[:5]})
+    with pytest.raises(ValueError, match=r"features\['image'\] must be \(N, 20\)"):
+        m.content_item_vectors({"text": xt[:5], "image": xt[:5]})
+    text_only = VBPR(NU, NI, {"text": xt}, embedding_dim=16)
+    assert text_only.content_item_vectors({"text": xt[:2]}).shape == (2, 32)
 
 
 def test_lightgcn_reference_loss():

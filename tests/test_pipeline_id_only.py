@@ -28,7 +28,7 @@ def test_id_only_dataset_runs_every_stage_and_serves(tmp_path):
     config = tmp_path / "clearrec.toml"
     config.write_text(
         '[ingest]\nformat = "split-json"\ninteractions = "data"\nsplit = "given"\n'
-        '[encode]\nimage_encoder = "none"\ntext_encoder = "none"\n'
+        '[encode]\nmodalities = {}\n'
         '[train]\nbackbone = "lightgcn"\nepochs = 2\n'
     )
     work = tmp_path / "work"

@@ -156,7 +156,7 @@ def test_untrained_and_imported_encoders_get_a_notice(workdir):
     notices = re.findall(r'<div class="notice" role="alert">(.*?)</div>', html)
     assert len(notices) == 2 and html.index('class="notice"') < html.index('<section id="dataset">')  # at the top
     assert "image encoder (open_clip-untrained:ViT-S-32?seed=0) is untrained" in notices[0]
-    assert "encode.image_encoder" in notices[0]
+    assert "encode.modalities.image.encoder" in notices[0]
     assert "text features were imported (/data/text_feat.npy)" in notices[1]
     assert md.count("> **Notice:**") == 2
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from clearrec.models.clear import ClearOptions
 from clearrec.models.freedom import FREEDOM
-from clearrec.pipeline.config import Config
+from clearrec.pipeline.config import Config, load_config
 from clearrec.pipeline.errors import ArtifactError, ConfigError
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.stage import StageContext
@@ -67,7 +67,8 @@ def config(**overrides) -> Config:
 def run(store: ArtifactStore, cfg: Config):
     """The train stage; CLEAR's mode reaches it as the project stage writes it, in clear/projector.json."""
     if cfg.project.enabled and cfg.project.mode == "dynamic":
-        options = ClearOptions(**{f.name: getattr(cfg.project, f.name) for f in fields(ClearOptions)})
+        options = ClearOptions(**{f.name: getattr(cfg.project, f.name) for f in fields(ClearOptions)
+                                  if f.name not in ("visual", "text")})
         store.write_json("clear/projector.json", {"mode": "dynamic", **options.to_json(), "k": None})
     buf = io.StringIO()
     result = train.run(StageContext(store, cfg, Console(file=buf, width=120)))
@@ -158,23 +159,63 @@ def test_changed_features_get_a_new_graph_not_the_cached_one(tmp_path):
     assert first != second and store.exists(first) and store.exists(second)
     image, text = (torch.from_numpy(arrow_to_vectors(store.read_parquet(f"features/{m}_clear.parquet")["vector"])[0])
                    for m in ("image", "text"))
-    rows, cols, _ = FREEDOM.build_item_graph(image, text, 10, 0.1)
+    rows, cols, _ = FREEDOM.build_item_graph({"image": image, "text": text}, 10)
     cached, _ = store.read_tensors(second)
     assert np.array_equal(cached["rows"], rows.numpy()) and np.array_equal(cached["cols"], cols.numpy())
     stale, _ = store.read_tensors(first)
     assert not (stale["cols"].shape == cached["cols"].shape and np.array_equal(stale["cols"], cached["cols"]))
 
 
+def test_graph_cache_keys_on_the_resolved_modality_weights(tmp_path):
+    store = write_workdir(tmp_path)
+    names = []
+    for weights in ({}, {"image": 1, "text": 9}, {"image": 0.5, "text": 0.5}):
+        run(store, config(**{"train.backbone": "freedom", "train.epochs": 1,
+                             "train.freedom.modality_weights": weights}))
+        info = store.read_json("model/model.json")
+        names.append(info["item_graph_cache"])
+    assert names[0] == names[1] != names[2]  # 1 : 9 is the default 0.1 / 0.9 once normalised
+    assert info["hyperparameters"]["graph_weights"] == {"image": 0.5, "text": 0.5}
+    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom'.*\['audio', 'image'\].*modality_weights"):
+        run(store, config(**{"train.backbone": "freedom", "train.freedom.modality_weights": {"image": 1, "audio": 1}}))
+
+
+def test_the_retired_image_weight_key_says_what_to_write(tmp_path):
+    with pytest.raises(ConfigError, match=r"write modality_weights = \{image = 0.1, text = 0.9\} in \[train.freedom\]"):
+        Config().with_overrides({"train.freedom.image_weight": 0.1})
+    path = tmp_path / "clearrec.toml"
+    path.write_text("[train.freedom]\nimage_weight = 0.25\n")
+    with pytest.raises(ConfigError, match=r"modality_weights = \{image = 0.25, text = 0.75\}"):
+        load_config(path)
+    assert "image_weight" not in Config().train.freedom.model_dump()
+
+
+def test_dynamic_mode_needs_two_modalities_and_takes_per_modality_switches(tmp_path):
+    one = write_workdir(tmp_path / "one", image_dim=None)
+    with pytest.raises(ConfigError, match=r"needs at least two modalities; the work directory has \['text'\]"):
+        run(one, config(**{"train.backbone": "vbpr", "project.mode": "dynamic"}))
+    store = write_workdir(tmp_path / "two")
+    store.write_json("clear/projector.json", {"mode": "dynamic", **ClearOptions(k=2).to_json(), "k": None,
+                                              "project": {"text": False}})
+    train.run(StageContext(store, config(**{"train.backbone": "vbpr"}), Console(file=io.StringIO())))
+    assert store.read_json("model/model.json")["clear_dynamic"]["project"] == {"text": False}
+    model = train.load_model(store)
+    assert model.modality_hook.project == {"text": False} and not model.modality_hook.projects("text")
+    parts = model.content_pathway().modality_parts(model.features)
+    out = model.modality_hook(parts)
+    assert out["text"] is parts["text"] and not torch.equal(out["image"], parts["image"])
+
+
 def test_freedom_without_features_names_the_config_keys(tmp_path):
     store = write_workdir(tmp_path, image_dim=None, text_dim=None)
-    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom'.*encode.image_encoder"):
+    with pytest.raises(ConfigError, match=r"train.backbone = 'freedom' needs item features.*encode.modalities"):
         run(store, config(**{"train.backbone": "freedom"}))
 
 
 def test_text_only_features_train_and_say_so(tmp_path):
     store = write_workdir(tmp_path, image_dim=None)
     _, out = run(store, config(**{"train.backbone": "freedom"}))
-    assert "no image features" in out
+    assert "one modality only (text)" in out
     assert store.read_json("model/model.json")["hyperparameters"]["modalities"] == ["text"]
 
 
@@ -203,8 +244,8 @@ def test_dynamic_clear_mode_refits_once_per_epoch_and_saves_its_directions(tmp_p
         assert len(refits) == 3 and refits[0][:2] == (2, 1.0) and refits[0][2][1] == 16
         assert store.read_json("model/model.json")["clear_dynamic"]["k_requested"] == 2
         tensors, _ = store.read_tensors("model/model.safetensors")
-        assert tensors["modality_hook.visual_dirs"].shape == (16, 2)
-        assert tensors["modality_hook.text_dirs"].shape == (16, 2)
+        assert tensors["modality_hook.dirs_image"].shape == (16, 2)
+        assert tensors["modality_hook.dirs_text"].shape == (16, 2)
     refits.clear()
     run(write_workdir(tmp_path / "static"), config(**{"train.backbone": "freedom", "train.epochs": 1}))
     assert not refits
@@ -219,10 +260,11 @@ def test_dynamic_vbpr_projects_new_items_with_the_saved_directions(tmp_path):
     data = train.load_data(store)
     # the catalog's own features through the cold-start pathway: the same content half as the
     # trained item vectors, whatever else is in the batch (no refit on the new rows)
-    new = model.content_item_vectors(data.features["image"][:5], data.features["text"][:5])
+    image, text = data.features["image"], data.features["text"]
+    new = model.content_item_vectors({"image": image[:5], "text": text[:5]})
     torch.testing.assert_close(new[:, 16:], items[:5, 16:], rtol=1e-5, atol=1e-5)
-    both = model.content_item_vectors(data.features["image"][:5] * 3, data.features["text"][:5])
-    torch.testing.assert_close(model.content_item_vectors(data.features["image"][:1] * 3, data.features["text"][:1]),
+    both = model.content_item_vectors({"image": image[:5] * 3, "text": text[:5]})
+    torch.testing.assert_close(model.content_item_vectors({"image": image[:1] * 3, "text": text[:1]}),
                                both[:1], rtol=1e-5, atol=1e-5)
 
 

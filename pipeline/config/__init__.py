@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -200,6 +201,9 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
+            retired = model.retired(key, data, where) if issubclass(model, Section) else None
+            if retired:
+                raise ConfigError(retired)
             known = [f"{prefix}{k}" for k in fields]
             # compared by the key's own name: a shared section prefix would make any two keys look alike
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=SUGGEST_CUTOFF)
@@ -210,6 +214,13 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str, where: str) -> N
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted!r} {where} must be a table ([{dotted}]), got {value!r}")
             _check_keys(value, sub, f"{dotted}.", where)
+        elif typing.get_origin(sub) is dict and isinstance(value, dict):  # a table of named tables
+            inner = typing.get_args(sub)[1]
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                for name, table in value.items():
+                    if not isinstance(table, dict):
+                        raise ConfigError(f"'{dotted}.{name}' {where} must be a table ([{dotted}.{name}]), got {table!r}")
+                    _check_keys(table, inner, f"{dotted}.{name}.", where)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:

@@ -27,3 +27,8 @@ class Section(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def retired(cls, key: str, data: dict[str, Any], where: str) -> str | None:
+        """The error for ``key``, a key this section no longer reads (``data``: the section as given), or None."""
+        return None

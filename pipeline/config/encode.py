@@ -1,23 +1,103 @@
-"""``[encode]``: which encoders turn item images and text into feature vectors, and how the work runs."""
+"""``[encode]``: the item modalities (one ``[encode.modalities.<name>]`` table each), and how the work runs."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...models.text import DEFAULT_TEXT_TEMPLATE
 from .base import Section
 
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # modality names become file names: features/<name>.parquet
+IMAGE_PREFIXES = ("open_clip:", "open_clip-untrained:", "local-dir:")
+RETIRED = ("image_encoder", "text_encoder", "text_template")  # the keys of the two fixed modalities
+
+
+def encoder_kind(encoder: str) -> str:
+    """What an encoder identifier reads: ``"image"`` (open_clip models), ``"text"`` (sentence
+    encoders, ``clip-text:``), ``"imported"`` (precomputed vectors) or ``"none"`` (not encoded)."""
+    if encoder in ("imported", "none"):
+        return encoder
+    return "image" if encoder.startswith(IMAGE_PREFIXES) else "text"
+
+
+class ModalityConfig(Section):
+    """One item modality: an encoder and what it reads (``[encode.modalities.<name>]``)."""
+
+    # open_clip:ARCH/PRETRAINED_TAG (weights from the local cache), local-dir:PATH (open_clip folder),
+    # open_clip-untrained:ARCH?seed=N&image_size=PX (random weights): image encoders, read `column`;
+    # all-MiniLM-L6-v2 (shipped offline), a sentence-transformers folder or cached name,
+    # clip-text:<image encoder identifier>: text encoders, read `template`;
+    # "imported": precomputed vectors from `file`; "none": the modality is declared but not encoded
+    encoder: str
+    template: str | None = None  # text encoders: columns of items.parquet in braces; default "{title}. {description}"
+    column: str | None = None  # image encoders: the items column with a path (in catalog_root) or URL; default "image"
+    # imported: a .npy (float16/32/64, row r = the item whose item_id is r) or a Parquet file (item_id + vector),
+    # relative to the config file; unset: imported/<name>.parquet, written by ingest.format = "mmrec"
+    file: str | None = None
+
+    @field_validator("encoder")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('set an encoder identifier, "imported", or "none" to skip the modality')
+        return v.strip()
+
+    @property
+    def kind(self) -> str:
+        return encoder_kind(self.encoder)
+
+    @property
+    def text_template(self) -> str:
+        return self.template or DEFAULT_TEXT_TEMPLATE
+
+    @property
+    def image_column(self) -> str:
+        return self.column or "image"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModalityConfig":
+        kind = self.kind
+        wrong = [key for key, ok in (("template", kind == "text"), ("column", kind == "image"),
+                                     ("file", kind == "imported")) if getattr(self, key) is not None and not ok]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} does not apply to encoder {self.encoder!r} (a {kind} encoder): "
+                             "template is for text encoders, column for image encoders, file for \"imported\"")
+        return self
+
+
+def _default_modalities() -> dict[str, ModalityConfig]:
+    return {"image": ModalityConfig(encoder="open_clip:ViT-B-32/laion2b_s34b_b79k"),
+            "text": ModalityConfig(encoder="all-MiniLM-L6-v2")}
+
+
+def retired_keys_message(section: dict[str, Any], where: str) -> str:
+    """The error for ``image_encoder`` / ``text_encoder`` / ``text_template``: the equivalent new tables."""
+    old = {k: section[k] for k in RETIRED if k in section}
+    lines = []
+    for name in ("image", "text"):
+        encoder = old.get(f"{name}_encoder", _default_modalities()[name].encoder)
+        if encoder == "none":
+            continue
+        lines += [f"[encode.modalities.{name}]", f"encoder = {_toml_str(encoder)}"]
+        if name == "text" and "text_template" in old and encoder_kind(encoder) == "text":
+            lines.append(f"template = {_toml_str(old['text_template'])}")
+        lines.append("")
+    return (f"{', '.join('encode.' + k for k in old)} {where} are no longer read: each modality is a table of its "
+            "own. Replace them with:\n\n" + "\n".join(lines).rstrip() + "\n\n(a modality left out is not encoded)")
+
+
+def _toml_str(value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value})[4:].strip()
+
 
 class EncodeConfig(Section):
-    # open_clip:ARCH/PRETRAINED_TAG (weights from the local cache), local-dir:PATH (open_clip folder),
-    # open_clip-untrained:ARCH?seed=N&image_size=PX (random weights), "imported", or "none" (no image features)
-    image_encoder: str = "open_clip:ViT-B-32/laion2b_s34b_b79k"
-    # all-MiniLM-L6-v2 (shipped offline), a sentence-transformers folder or cached name,
-    # clip-text:<image encoder identifier>, "imported", or "none" (no text features)
-    text_encoder: str = "all-MiniLM-L6-v2"
-    text_template: str = DEFAULT_TEXT_TEMPLATE  # "{title}. {description}": columns of items.parquet in braces (the text column)
+    # the item modalities by name (lowercase identifiers, in declared order): one table each, see ModalityConfig
+    modalities: dict[str, ModalityConfig] = Field(default_factory=_default_modalities)
     normalize: bool = True  # L2-normalise each vector
     batch_size: int = Field(64, ge=1, le=65536)  # items per model call
     shard_size: int = Field(1024, ge=1, le=1 << 24)  # items per resumable shard (one file + completion marker each)
@@ -43,9 +123,19 @@ class EncodeConfig(Section):
     # texts longer than this are cut to it before tokenizing (flagged truncated = true in the features file)
     max_text_chars: int = Field(20_000, ge=1, le=1 << 30)
 
-    @field_validator("image_encoder", "text_encoder")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError('set an encoder identifier, or "none" to skip the modality')
-        return v.strip()
+    def retired(cls, key: str, data: dict[str, Any], where: str) -> str | None:
+        return retired_keys_message(data, where) if key in RETIRED else None
+
+    @field_validator("modalities")
+    @classmethod
+    def _names(cls, v: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
+        bad = [n for n in v if not NAME.match(n) or n.endswith("_clear")]
+        if bad:
+            raise ValueError(f"modality names {bad} must be lowercase identifiers (a-z, then a-z, 0-9 or _), "
+                             "not ending in _clear: they become file names features/<name>.parquet")
+        return v
+
+    def declared(self) -> list[str]:
+        """The modalities that are encoded (encoder not "none"), in declared order."""
+        return [n for n, m in self.modalities.items() if m.encoder != "none"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from .base import Section, Seed
@@ -25,7 +27,10 @@ class IndexConfig(Section):
     recall_target: float = Field(0.95, gt=0, le=1)  # efSearch / nprobe tuned to reach this recall@K vs exact
     recall_k: int = Field(20, ge=1, le=1000)  # K of the recall measured at build time
     tune_queries: int = Field(500, ge=2, le=1_000_000)  # held-out queries: half tune the knob, half measure the recall
-    content: bool = True  # also build the content index over the CLEAR-projected features
+    content: bool = True  # also build the content index (one block per modality; similar, text / image search)
+    # what the content index holds: "raw" encoder features (keep the meaning the modalities share, e.g. the
+    # category), or "projected" (the *_clear features, without the shared directions); RESULTS.md measures both
+    content_features: Literal["raw", "projected"] = "raw"
     seed: Seed = 0  # seed of the query sample and of IVF / PQ training
     serve: ServeConfig = ServeConfig()
 

@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from .base import FloatTriple, Section, Seed
 
 
+MMREC_FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}  # MMRec's own names
+
+
 class ColumnMap(Section):
     """Names of the columns in the raw files (map your own names onto ours)."""
 
@@ -26,7 +29,7 @@ class ColumnMap(Section):
 class IngestConfig(Section):
     # "table": an items file + an interactions file (CSV, TSV, JSONL or Parquet, told apart by extension);
     # "mmrec": an MMRec benchmark folder: <name>.inter (+ optional image_feat.npy / text_feat.npy,
-    #          i_id_mapping.csv / u_id_mapping.csv);
+    #          i_id_mapping.csv / u_id_mapping.csv; other feature files through `features`);
     # "split-json": a folder with train.json / val.json / test.json ({userIdx: [itemIdx, ...]})
     #          + optional item2id.json / user2id.json
     format: Literal["table", "mmrec", "split-json"] = "table"
@@ -44,6 +47,10 @@ class IngestConfig(Section):
     split: Literal["random", "given", "temporal", "global-temporal", "leave-one-out"] = "random"
     split_ratios: FloatTriple = (0.8, 0.1, 0.1)  # train / valid / test share (unused by leave-one-out)
     seed: Seed = 2024  # seed of the random split
+    # format "mmrec": modality name -> feature file in the dataset folder (rows follow itemID), written to
+    # imported/<name>.parquet for encoder "imported"; e.g. {text = "all-MiniLM-L6-v2.npy", audio = "vggish.npy"}.
+    # Files of the default mapping are optional; files named here otherwise must exist
+    features: dict[str, str] = Field(default_factory=lambda: dict(MMREC_FEATURE_FILES))
 
     @field_validator("encoding")
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,8 +17,9 @@ class ProjectConfig(Section):
     center: bool = True  # centre features before the cross-covariance
     fit_on: Literal["all", "train"] = "all"  # fit on all items or only items seen in training
     project_centered: bool = False  # true: X' = mu + (X - mu) P (the mean is kept); false: X' = X P
-    visual: bool = True  # project the image modality
-    text: bool = True  # project the text modality
+    # per modality name, whether CLEAR projects it (default true); one set false keeps its features as they
+    # are but still shapes the other modalities' shared directions, e.g. {image = false}
+    modalities: dict[str, bool] = {}
     directions: Literal["shared", "random"] = "shared"  # random: remove k random orthonormal directions (control)
     seed: Seed = 0  # seed of the random directions and of the diagnostics sample
     # dynamic: the stage passes features through and train projects the backbone's embeddings every epoch
@@ -26,6 +27,14 @@ class ProjectConfig(Section):
     overlap_k: int = Field(10, ge=1, le=1000)  # K of the cross-modal top-K overlap diagnostic
     diagnostics_items: int = Field(10000, ge=2, le=10_000_000)  # items sampled (seeded) for the overlap / score diagnostics
     chunk_rows: int = Field(16384, ge=1, le=1 << 24)  # rows per streamed chunk; peak memory ~ chunk_rows x (dv + dt) x 40 B
+
+    @classmethod
+    def retired(cls, key: str, data: dict[str, Any], where: str) -> str | None:
+        if key not in ("visual", "text"):
+            return None
+        name = "image" if key == "visual" else "text"
+        return (f"project.{key} {where} is no longer read: CLEAR's per-modality switch is "
+                f"project.modalities, e.g. modalities = {{{name} = {'true' if data[key] else 'false'}}}")
 
     @model_validator(mode="after")
     def _check(self) -> "ProjectConfig":

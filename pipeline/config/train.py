@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,10 +36,24 @@ class FreedomParams(Section):
     layers: int = Field(2, ge=1, le=64)  # LightGCN layers on the user-item graph
     mm_layers: int = Field(1, ge=1, le=64)  # propagation steps on the frozen item-item graph
     knn_k: int = Field(10, ge=1, le=1000)  # neighbours per item in the frozen item-item graph
-    image_weight: float = Field(0.1, ge=0, le=1)  # mix: image_weight * image + (1 - image_weight) * text
+    # weight of each modality's kNN graph in the item-item graph, normalised to sum 1; it must name exactly the
+    # modalities present. Empty: image 0.1 / text 0.9 (the reference) when they are exactly image + text, else equal
+    modality_weights: dict[str, Annotated[float, Field(ge=0)]] = {}
     dropout: float = Field(0.8, ge=0, lt=1)  # share of user-item edges pruned each epoch
     reg_weight: float = Field(1e-4, ge=0, le=1e6)  # weight of the feature-alignment BPR losses
     trainable_features: bool = True  # as the reference code; false keeps CLEAR's projection fixed
+    image_weight: None = Field(None, exclude=True)  # retired: refused with what to write instead
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "image_weight" in data:
+            w = data["image_weight"]
+            example = (f"{{image = {w}, text = {round(1 - w, 12)}}}" if isinstance(w, (int, float))
+                       and not isinstance(w, bool) and 0 <= w <= 1 else "{image = 0.1, text = 0.9}")
+            raise ValueError(f"train.freedom.image_weight is replaced by train.freedom.modality_weights, one weight "
+                             f"per modality: write modality_weights = {example} in [train.freedom]")
+        return data
 
 
 class LatticeParams(Section):
