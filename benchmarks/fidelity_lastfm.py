@@ -9,7 +9,7 @@ epochs run, the median seconds per epoch of training and of the validation pass,
 CPU seconds of the whole run, valid R@20 and test R@10 / R@20 / N@10 / N@20 at the best-valid
 epoch. Backbones are built through the registry, so another one is one more ``SETTINGS`` line.
 With several seeds it also prints, per backbone, test R@20 mean +- sd over the seeds next to the
-reference's figure (the issue's table, one seed) and a verdict (:func:`verdict`).
+reference implementation's figure (MMRec's own run, seed 999) and a verdict (:func:`verdict`).
 
     nice .venv/bin/python benchmarks/fidelity_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bm3,lgmrec --seed 999
