@@ -8,9 +8,13 @@ yaml, trains it on one thread with one seed and prints, per backbone: the best-v
 epochs run, the median seconds per epoch of training and of the validation pass, the process
 CPU seconds of the whole run, valid R@20 and test R@10 / R@20 / N@10 / N@20 at the best-valid
 epoch. Backbones are built through the registry, so another one is one more ``SETTINGS`` line.
+With several seeds it also prints, per backbone, test R@20 mean +- sd over the seeds next to the
+reference implementation's figure (MMRec's own run, seed 999) and a verdict (:func:`verdict`).
 
     nice .venv/bin/python benchmarks/fidelity_lastfm.py                       # every backbone
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bm3,lgmrec --seed 999
+    nice .venv/bin/python benchmarks/fidelity_lastfm.py --models lightgcn --seeds 999,1,2          # + mean, verdict
+    nice .venv/bin/python benchmarks/fidelity_lastfm.py --models vbpr --grid                     # selected on valid
     nice .venv/bin/python benchmarks/fidelity_lastfm.py --models bpr --set bpr.reg=1e-4   # another setting
 """
 
@@ -30,6 +34,9 @@ DATA = REPO.parent / "shared" / "datasets" / "lastfm-2k" / "mmrec"
 
 # name -> (constructor settings, Adam lr): the reference settings (first grid values)
 SETTINGS: dict[str, tuple[dict, float]] = {
+    "lightgcn": ({"layers": 1, "reg": 1e-2}, 1e-3),
+    "vbpr": ({"reg": 2.0}, 1e-3),
+    "freedom": ({"dropout": 0.8, "reg_weight": 0.0}, 1e-3),
     "pop": ({}, 1e-3),
     "itemknncbf": ({"knn_k": 10, "shrink": 10.0}, 1e-3),
     "bpr": ({"reg": 2.0}, 1e-3),
@@ -41,6 +48,29 @@ SETTINGS: dict[str, tuple[dict, float]] = {
     "mgcn": ({"cl_weight": 1e-3}, 1e-3),
     "smore": ({"layers": 3, "knn_k": 10, "reg_weight": 1e-5, "dropout": 0.0}, 1e-3),
 }
+
+# name -> the reference implementation's test R@20 on this data (MMRec, seed 999; None: it did not finish)
+REFERENCE_R20: dict[str, float | None] = {
+    "lightgcn": 0.4168, "vbpr": 0.3979, "freedom": 0.3877, "lattice": 0.2495, "bm3": 0.3056, "mgcn": 0.4064,
+    "lgmrec": 0.4119, "smore": 0.2018, "mmgcn": None,
+}
+
+
+def verdict(ours: list[float], reference: float) -> tuple[float, float, str]:
+    """``(mean, sd, verdict)`` of our per-seed figures against the reference's single run.
+
+    "at or above" when our mean is at least the reference's; "within noise" when it is below by
+    at most 2 SE, SE = sd * sqrt(1/n + 1) (the project's 2-SE rule, the one reference run given
+    our seed sd, since one run has none); else "below, beyond noise". ``sd`` is the sample std
+    (ddof 1) over the ``n >= 2`` seeds.
+    """
+    if len(ours) < 2:
+        raise ValueError("a verdict needs at least 2 seeds")
+    mean, sd = statistics.mean(ours), statistics.stdev(ours)
+    if mean >= reference:
+        return mean, sd, "at or above"
+    se = sd * (1 / len(ours) + 1) ** 0.5
+    return mean, sd, "within noise" if reference - mean <= 2 * se else "below, beyond noise"
 
 
 def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
@@ -55,7 +85,9 @@ def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
     return pairs, feats, int(users.max()) + 1, int(items.max()) + 1
 
 
-def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dict:
+def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: float | None = None) -> dict:
+    """Train backbone ``name`` (its ``SETTINGS``, then ``overrides``; Adam at ``lr``, default its
+    setting's) on one seed; the run's epochs, timings and metrics at the best-valid epoch."""
     import inspect
 
     from clearrec.models.metrics import ItemSets
@@ -65,12 +97,13 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dic
     pairs, feats, nu, ni = load()
     train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
     cls = backbone_class(name)
-    kwargs, lr = SETTINGS[name]
+    kwargs, default_lr = SETTINGS[name]
+    lr = default_lr if lr is None else lr
     accepts = inspect.signature(cls).parameters
     args = {"num_users": nu, "num_items": ni, **kwargs, **(overrides or {})}
     if "edge_index" in accepts:
         args["edge_index"] = pairs[0]
-    if "features" in accepts:
+    if "features" in accepts:  # a mapping modality name -> (I, d) features
         args["features"] = feats
     if "embedding_dim" in accepts:
         args["embedding_dim"] = 64
@@ -89,6 +122,22 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None) -> dic
             "valid": result.valid["recall@20"], **{k: result.test[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
 
 
+def grid(name: str) -> list[tuple[str, dict, float | None]]:
+    """``(label, constructor overrides, lr or None)`` per point of ``name``'s reference grid, as
+    ``clearrec compare --grid`` expands it (``train.<name>.<key>`` and ``train.lr`` keys)."""
+    from clearrec.pipeline.experiments import grid_points
+
+    out = []
+    for point in grid_points(name, None, True):
+        kwargs = {k.split(".")[-1]: v for k, v in point.items() if k.startswith(f"train.{name}.")}
+        unknown = sorted(set(point) - {f"train.{name}.{k}" for k in kwargs} - {"train.lr"})
+        if unknown:
+            raise SystemExit(f"{name}: the grid key(s) {unknown} are not constructor settings or train.lr")
+        label = " ".join(f"{k.removeprefix('train.').removeprefix(name + '.')}={v}" for k, v in point.items()) or "-"
+        out.append((label, kwargs, point.get("train.lr")))
+    return out
+
+
 def _value(text: str) -> bool | int | float:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -101,9 +150,12 @@ def _value(text: str) -> bool | int | float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
-    ap.add_argument("--seed", type=int, default=999)
+    ap.add_argument("--seed", "--seeds", dest="seeds", default="999", help="one seed, or comma-separated seeds")
     ap.add_argument("--epochs", type=int, default=1000, help="most epochs per backbone")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", action="store_true",
+                    help="run every point of each backbone's reference grid (as clearrec compare --grid) and "
+                         "report test at the point with the best mean valid R@20")
     ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="override one constructor setting (a float, an int or true/false), e.g. bpr.reg=1e-4")
     args = ap.parse_args()
@@ -114,14 +166,46 @@ def main() -> None:
         if not key or model not in SETTINGS:
             ap.error(f"--set {item!r}: expected MODEL.KEY=VALUE with MODEL in {', '.join(SETTINGS)}")
         overrides.setdefault(model, {})[key] = _value(value)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
     torch.set_num_threads(args.threads)
-    print(f"Last.fm-2K, seed {args.seed}, {args.threads} thread(s), torch {torch.__version__}, overrides {overrides or 'none'}")
-    print("| model | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | test R@20 | test N@10 | test N@20 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.models.split(","):
-        r = run(name.strip(), args.seed, args.epochs, overrides.get(name.strip()))
-        print(f"| {name} | {r['best']} / {r['run']} | {r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | {r['valid']:.4f} | "
-              f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |", flush=True)
+    print(f"Last.fm-2K, seeds {seeds}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"overrides {overrides or 'none'}")
+    print("| model | seed | best epoch / run | s/epoch train + eval | CPU s total | valid R@20 | test R@10 | "
+          "test R@20 | test N@10 | test N@20 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    summary, chosen = [], []
+    for name in (n.strip() for n in args.models.split(",")):
+        points = grid(name) if args.grid else [("", {}, None)]
+        per_point = []
+        for label, kwargs, lr in points:
+            rs = []
+            for seed in seeds:
+                r = run(name, seed, args.epochs, {**kwargs, **overrides.get(name, {})}, lr)
+                rs.append(r)
+                print(f"| {name} {label} | {seed} | {r['best']} / {r['run']} | "
+                      f"{r['train_s']:.2f} + {r['eval_s']:.2f} | {r['cpu_s']:.0f} | {r['valid']:.4f} | "
+                      f"{r['recall@10']:.4f} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | {r['ndcg@20']:.4f} |",
+                      flush=True)
+            per_point.append((statistics.mean(r["valid"] for r in rs), label, [r["recall@20"] for r in rs]))
+        ref = REFERENCE_R20.get(name)
+        if args.grid:
+            valid, label, r20 = max(per_point, key=lambda p: p[0])
+            sd = f" ± {statistics.stdev(r20):.4f}" if len(r20) > 1 else ""
+            chosen.append(f"| {name} | {len(points)} | {label} | {valid:.4f} | {statistics.mean(r20):.4f}{sd} |")
+        elif len(seeds) > 1 and ref is not None and name not in overrides:
+            mean, sd, word = verdict(per_point[0][2], ref)
+            summary.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {ref:.4f} | {mean - ref:+.4f} | {word} |")
+    if summary:
+        print(f"\ntest R@20 over seeds {seeds} against the reference's (seed 999):\n")
+        print("| model | ours, mean ± sd | reference | ours - reference | verdict |\n|---|---|---|---|---|")
+        print("\n".join(summary))
+    if chosen:
+        print(f"\nreference grid, selected on mean valid R@20 over seeds {seeds}:\n")
+        print("| model | points | selected | valid R@20 | test R@20 |\n|---|---|---|---|---|")
+        print("\n".join(chosen))
 
 
 if __name__ == "__main__":

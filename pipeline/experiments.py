@@ -13,7 +13,8 @@ skipped by the runner.
 Three experiments, each written as ``<name>.json`` + ``<name>.md`` in the output folder:
 
 - :meth:`Harness.compare`: backbones x CLEAR off / on x seeds (+ an optional hyperparameter
-  grid selected on valid); test metrics at the best-valid epoch, mean +- std, relative change
+  grid selected on valid: each backbone's reference grid, :func:`backbone_grid`, and / or
+  given keys); test metrics at the best-valid epoch, mean +- std, relative change
   with CLEAR and whether it exceeds seed noise (:data:`NOISE_RULE`).
 - :meth:`Harness.ablate`: hard vs soft projection, static vs dynamic, one modality only, and
   the control that removes k random orthonormal directions instead of the shared ones.
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import platform
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,17 +55,11 @@ from .stage import StageSpec
 from .store import ArtifactStore
 from .workdir import MANIFEST, METRICS, PROJECTOR_JSON, declared_modalities, read_manifest
 
-FEATURELESS = frozenset({"lightgcn"})  # backbones that ignore item features: CLEAR cannot change them
 NOISE_RULE = (
     "a change counts as beyond seed noise when |mean(on) - mean(off)| > 2 * SE, "
     "SE = sqrt(sd_off^2 / n_off + sd_on^2 / n_on) with sd the sample std over seeds; "
     "needs >= 2 seeds per side. The paired t-test p-value over shared seeds is shown for reference."
 )
-DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {  # small valid-selected grids (subsets of DESIGN's grids)
-    "lightgcn": {"train.lightgcn.reg": [1e-4, 1e-3]},
-    "vbpr": {"train.vbpr.reg": [1e-4, 1e-2]},
-    "freedom": {"train.freedom.dropout": [0.8, 0.9]},
-}
 CLEAR_ON = {"project.enabled": True, "project.strength": 1.0, "project.mode": "static", "project.modalities": {}}
 ABLATIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (  # (name, what it is, overrides on top of CLEAR_ON)
     ("off", "CLEAR off (features passed through)", {"project.enabled": False}),
@@ -241,12 +237,21 @@ class Harness:
     # ---- experiments -----------------------------------------------------------------
     def compare(self, backbones: Sequence[str], seeds: Sequence[int], epochs: int | None = None,
                 grid: dict[str, list[Any]] | None = None, default_grid: bool = False) -> dict[str, Any]:
-        """Backbones x CLEAR off/on x seeds (x a valid-selected grid); writes compare.json / compare.md."""
+        """Backbones x CLEAR off/on x seeds (x a valid-selected grid); writes compare.json / compare.md.
+
+        ``default_grid``: each backbone's reference grid (:func:`backbone_grid`); ``grid``: more
+        keys (or other values), see :func:`grid_points`. The grid point with the best mean valid
+        Recall@20 is chosen per backbone and CLEAR setting; its test metrics are reported.
+        """
+        unknown = [b for b in backbones if b not in backbone_names()]
+        if unknown:
+            raise ConfigError(f"unknown backbone(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(backbone_names())} (or all)")
         common = {"train.epochs": epochs} if epochs else {}
         groups = []
         for b in backbones:
             points = grid_points(b, grid, default_grid)
-            for clear in (("n/a",) if b in FEATURELESS else ("off", "on")):
+            for clear in (("n/a",) if featureless(b) else ("off", "on")):
                 base = {**common, "train.backbone": b,
                         **({"project.enabled": False} if clear != "on" else CLEAR_ON)}
                 groups.append(((b, clear), base, points))
@@ -258,7 +263,7 @@ class Harness:
                     variants.append(Variant(f"{b}-{clear.replace('/', '')}{tag}-s{s}",
                                             {**base, **point, "train.seed": s},
                                             {"backbone": b, "clear": clear, "seed": s, "grid": point},
-                                            skip=("project",) if b in FEATURELESS else ()))
+                                            skip=("project",) if featureless(b) else ()))
                     keys.append(((b, clear), gi))
         self.prepare_base()
         runs = self.run_all(variants)
@@ -357,12 +362,37 @@ class Harness:
 
 
 # ---- grouping and selection ------------------------------------------------------------
+def backbone_names() -> tuple[str, ...]:
+    """Every backbone ``train.backbone`` accepts (the registry's names), in the config's order."""
+    from .config.train import TrainConfig
+
+    return typing.get_args(TrainConfig.model_fields["backbone"].annotation)
+
+
+def featureless(backbone: str) -> bool:
+    """True for a backbone that reads no item features (LightGCN, Pop, BPR-MF): CLEAR cannot change it."""
+    from ..models.registry import backbone_class
+
+    return not backbone_class(backbone).uses_features
+
+
+def backbone_grid(backbone: str) -> dict[str, list[Any]]:
+    """The reference grid of ``backbone`` (dotted key -> values), kept next to its config section
+    (``GRID`` of its Params class in ``config/train.py``); {} where the reference searches none."""
+    from .config.train import TrainConfig
+
+    return {k: list(v) for k, v in getattr(TrainConfig.model_fields[backbone].annotation, "GRID", {}).items()}
+
+
 def grid_points(backbone: str, grid: dict[str, list[Any]] | None, default_grid: bool) -> list[dict[str, Any]]:
-    """Grid points for ``backbone``: keys ``train.<other backbone>.*`` are left out; no grid gives [{}]."""
-    spec = dict(DEFAULT_GRIDS.get(backbone, {})) if default_grid else {}
+    """Grid points for ``backbone``: its reference grid when ``default_grid``, then ``grid``'s keys
+    (replacing the values of a key both name); keys ``train.<other backbone>.*`` of ``grid`` are
+    left out; no grid gives [{}]."""
+    spec = backbone_grid(backbone) if default_grid else {}
+    names = backbone_names()
     for key, values in (grid or {}).items():
         parts = key.split(".")
-        if len(parts) >= 3 and parts[0] == "train" and parts[1] in DEFAULT_GRIDS and parts[1] != backbone:
+        if len(parts) >= 3 and parts[0] == "train" and parts[1] in names and parts[1] != backbone:
             continue
         spec[key] = list(values)
     keys = sorted(spec)

@@ -17,19 +17,23 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from clearrec.pipeline.config import ProjectConfig, load_config
-from clearrec.pipeline.errors import TrainingError
+from clearrec.pipeline.errors import ConfigError, TrainingError
 from clearrec.pipeline.experiment_tables import NOISE_EXPLAINED
 from clearrec.pipeline.experiments import (
-    ablations,
     NOISE_RULE,
     TABLE_METRICS,
     Harness,
+    ablations,
+    backbone_grid,
+    backbone_names,
+    featureless,
     grid_points,
     noise_check,
 )
 from clearrec.pipeline.report import write_report
 from clearrec.pipeline.stage import StageResult, StageSpec
 from clearrec.pipeline.store import ArtifactStore
+from clearrec.pipeline.workdir import declared_modalities
 from conftest import SAMPLE_DATA
 from report_checks import raw_dumps
 from typer.testing import CliRunner
@@ -64,7 +68,7 @@ def _train(ctx):
     t = ctx.config.train
     if t.seed == 13:
         raise TrainingError("loss became NaN")
-    if t.backbone == "lightgcn":
+    if featureless(t.backbone):
         assert not ctx.store.exists("clear/projector.json")  # no project stage for a backbone without features
         clear = 0.0
     else:
@@ -118,9 +122,38 @@ def test_noise_check_rule():
 
 def test_grid_points_per_backbone():
     assert grid_points("lightgcn", None, False) == [{}]
-    pts = grid_points("vbpr", {"train.freedom.dropout": [0.8, 0.9], "train.lr": [1e-3, 1e-2]}, True)
-    assert {tuple(sorted(p)) for p in pts} == {("train.lr", "train.vbpr.reg")}
-    assert len(pts) == 4
+    given = {"train.freedom.dropout": [0.8, 0.9], "train.bm3.layers": [2], "train.lr": [1e-3, 1e-2]}
+    pts = grid_points("vbpr", given, True)
+    assert {tuple(sorted(p)) for p in pts} == {("train.lr", "train.vbpr.reg")}  # other backbones' keys left out
+    assert len(pts) == 7 * 2  # the reference's 7 values of vbpr.reg x the 2 given learning rates
+    replaced = grid_points("bm3", {"train.bm3.layers": [3]}, True)  # a given key replaces the reference's values
+    assert {p["train.bm3.layers"] for p in replaced} == {3} and len(replaced) == 2 * 2
+
+
+def test_reference_grids_live_with_the_config_and_are_valid_settings():
+    assert backbone_grid("mgcn") == {"train.mgcn.cl_weight": [1e-3, 1e-2, 1e-1]}
+    assert backbone_grid("lattice") == {"train.lattice.reg_weight": [0.0, 1e-5, 1e-4, 1e-3],
+                                        "train.lr": [1e-4, 5e-4, 1e-3, 5e-3]}
+    assert backbone_grid("lgmrec") == {} and grid_points("lgmrec", None, True) == [{}]  # one-value lists only
+    sizes = {b: len(grid_points(b, None, True)) for b in backbone_names()}
+    assert sizes == {"lightgcn": 20, "vbpr": 7, "freedom": 8, "lattice": 16, "mgcn": 3, "smore": 32, "mmgcn": 30,
+                     "bm3": 8, "lgmrec": 1, "pop": 1, "bpr": 7, "itemknncbf": 1}
+    cfg = load_config(SAMPLE_DATA / "clearrec.toml")
+    for b in backbone_names():
+        for point in grid_points(b, None, True):
+            train = cfg.with_overrides({"train.backbone": b, **point}).train  # every point is a valid config
+            for key, value in point.items():
+                node = train
+                for part in key.split(".")[1:]:
+                    node = getattr(node, part)
+                assert node == value, (b, key)
+
+
+def test_backbone_names_are_the_registry():
+    from clearrec.models.registry import BACKBONES
+
+    assert set(backbone_names()) == set(BACKBONES)
+    assert {b for b in backbone_names() if featureless(b)} == {"lightgcn", "pop", "bpr"}
 
 
 # ---- harness on the toy pipeline ---------------------------------------------------------
@@ -172,9 +205,10 @@ def test_experiments_share_equal_runs_and_separate_different_ones(toy):
     toy.compare(["vbpr"], seeds=[0], epochs=2)
     trained = CALLS["train"]
     toy.ablate("vbpr", seeds=[0], epochs=2)  # its "off" and "hard" runs equal compare's off / on
-    assert CALLS["train"] == trained + len(ablations(['image', 'text'])) - 2
+    table = ablations(declared_modalities(toy.config))
+    assert CALLS["train"] == trained + len(table) - 2
     toy.compare(["vbpr"], seeds=[0], epochs=3)  # same names, other overrides: new run directories
-    assert CALLS["train"] == trained + len(ablations(['image', 'text']))
+    assert CALLS["train"] == trained + len(table)
     assert len(list((toy.out.root / "runs").glob("vbpr-off-s0-*"))) == 3  # compare x2 + the ablation's
 
 
@@ -183,6 +217,27 @@ def test_compare_grid_selected_on_valid_not_test(toy):
     for row in res["rows"]:
         assert row["grid"] == {"train.vbpr.reg": 1e-2}  # best on valid, although 1e-3 is best on test
         assert len(row["grid_valid"]) == 2
+
+
+def test_compare_reference_grid_selected_on_valid(toy):
+    res = toy.compare(["vbpr"], seeds=[0, 1], default_grid=True)
+    assert CALLS["train"] == 7 * 2 * 2  # the 7 points of the reference grid x CLEAR off / on x 2 seeds
+    for row in res["rows"]:
+        assert row["grid"] == {"train.vbpr.reg": 1e-2}  # best on valid, although 1e-3 is best on test
+        assert len(row["grid_valid"]) == 7
+        clear = 0.02 + 0.004 if row["clear"] == "on" else 0.0
+        assert row["mean"]["recall@20"] == pytest.approx(0.10 + clear + 0.0005)  # test at the chosen point
+    assert "train.vbpr.reg=0.01" in (toy.out.root / "compare.md").read_text()
+
+
+def test_compare_every_backbone(toy):
+    res = toy.compare(list(backbone_names()), seeds=[0], epochs=2)
+    rows = {(r["backbone"], r["clear"]) for r in res["rows"]}
+    plain = {"lightgcn", "pop", "bpr"}
+    assert rows == {(b, "n/a") for b in plain} | {(b, c) for b in set(backbone_names()) - plain for c in ("off", "on")}
+    assert CALLS["train"] == len(rows) and all(r["n"] == 1 for r in res["rows"])
+    with pytest.raises(ConfigError, match="unknown backbone.*'lightgnc'.*or all"):
+        toy.compare(["lightgnc"], seeds=[0])
 
 
 def test_failed_runs_are_reported_not_fatal(toy):
@@ -198,7 +253,7 @@ def test_failed_runs_are_reported_not_fatal(toy):
 def test_ablations_cover_every_variant_and_the_random_control(toy):
     res = toy.ablate("vbpr", seeds=[0, 1], epochs=2)
     names = [r["ablation"] for r in res["rows"]]
-    assert names == [a[0] for a in ablations(['image', 'text'])]
+    assert names == [a[0] for a in ablations(declared_modalities(toy.config))]
     assert "random" in names and {"image-only", "text-only"} <= set(names)
     has_directions = "directions" in ProjectConfig.model_fields
     rnd = next(r for r in res["rows"] if r["ablation"] == "random")
@@ -282,10 +337,29 @@ def test_sample_compare_and_ablations_cli(sample):
         (run,) = (root / "exp" / "runs").glob("vbpr-on-s1-*")
         assert os.path.samefile(root / "work" / "features" / name, run / "features" / name)
     abl = json.loads((root / "exp" / "ablations.json").read_text())
-    assert [r["status"] for r in abl["rows"]] == ["ok"] * len(ablations(['image', 'text']))
+    assert [r["status"] for r in abl["rows"]] == ["ok"] * len(ablations(declared_modalities(cfg)))
     (rnd_dir,) = (root / "exp" / "runs").glob("vbpr-random-s0-*")
     assert ArtifactStore(rnd_dir).read_json("clear/projector.json")["directions"] == "random"
     assert any(d["ablation"] == "hard" and d["vs"] == "random" for d in abl["deltas"])
+
+
+@pytest.mark.slow
+def test_sample_compare_every_backbone_and_a_reference_grid_cli(sample):
+    cfg, root = sample
+    common = ["--config", str(SAMPLE_DATA / "clearrec.toml"), "--workdir", str(root / "work"), "--seeds", "0",
+              "--epochs", "1", *_sets()]
+    _cli("compare", *common, "--out", str(root / "exp-all"), "--backbones", "all")
+    out = json.loads((root / "exp-all" / "compare.json").read_text())
+    assert out["backbones"] == list(backbone_names())
+    assert {r["backbone"] for r in out["rows"]} == set(backbone_names())
+    assert all(r["n"] == 1 and not r["failed"] for r in out["rows"]), [r["failed"] for r in out["rows"]]
+    _cli("compare", *common, "--out", str(root / "exp-grid"), "--backbones", "mgcn", "--grid")
+    out = json.loads((root / "exp-grid" / "compare.json").read_text())
+    assert len(out["runs"]) == 3 * 2  # the reference's 3 values of cl_weight x CLEAR off / on
+    for row in out["rows"]:
+        valid = row["grid_valid"]
+        assert len(valid) == 3 and row["grid"] == {"train.mgcn.cl_weight": [1e-3, 1e-2, 1e-1][valid.index(max(valid))]}
+        assert row["valid_select"] == max(valid)
 
 
 @pytest.mark.slow

@@ -58,6 +58,14 @@ def _command(name: str, config: Path | None, workdir: Path | None, set_: list[st
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _backbones(text: str) -> list[str]:
+    """``--backbones``: a comma-separated list, or ``all`` for every registered backbone."""
+    from ..experiments import backbone_names
+
+    names = _list(text, str, "--backbones")
+    return list(backbone_names()) if [n.strip() for n in names] == ["all"] else [n.strip() for n in names]
+
+
 def _grid(params: list[str] | None) -> dict[str, list[Any]]:
     from ..config import parse_override
 
@@ -77,13 +85,20 @@ def compare(
     workdir: WorkdirOpt = None,
     set_: SetOpt = None,
     out_dir: OutOpt = None,
-    backbones: Annotated[str, typer.Option("--backbones", help="Comma-separated backbones.")] = "lightgcn,vbpr,freedom",
+    backbones: Annotated[str, typer.Option(
+        "--backbones", help="Comma-separated backbones, or 'all' (every registered backbone).",
+    )] = "lightgcn,vbpr,freedom",
     seeds: SeedsOpt = "0,1,2",
     epochs: EpochsOpt = None,
-    grid: Annotated[bool, typer.Option("--grid", help="Select each backbone's small default grid on valid.")] = False,
+    grid: Annotated[bool, typer.Option(
+        "--grid", help="Expand each backbone's reference hyperparameter grid (the values its reference "
+        "implementation searches: e.g. 20 points for lightgcn, 3 for mgcn, none for lgmrec) into runs, each point "
+        "x seeds x CLEAR off/on; the point with the best mean valid Recall@20 is chosen per backbone and CLEAR "
+        "setting, and its test metrics reported.")] = False,
     grid_param: Annotated[Optional[list[str]], typer.Option(
         "--grid-param", help="A grid key, e.g. train.vbpr.reg=1e-2,1e-4 (repeatable; train.<backbone>.* "
-        "keys apply to that backbone only).", show_default=False)] = None,
+        "keys apply to that backbone only; with --grid it replaces that key's reference values).",
+        show_default=False)] = None,
     ablations: Annotated[bool, typer.Option("--ablations", help="Also run the CLEAR ablations.")] = False,
     ablation_backbone: Annotated[str, typer.Option(
         "--ablation-backbone", help="Backbone of the ablations.")] = "freedom",
@@ -93,7 +108,7 @@ def compare(
                    grid=grid, grid_param=grid_param, ablations=ablations,
                    ablation_backbone=ablation_backbone if ablations else None)
     h = _setup(config, workdir, set_, out_dir, cmd)
-    h.compare(_list(backbones, str, "--backbones"), _list(seeds, int, "--seeds"), epochs, _grid(grid_param), grid)
+    h.compare(_backbones(backbones), _list(seeds, int, "--seeds"), epochs, _grid(grid_param), grid)
     emit((h.out.root / "compare.md").read_text(encoding="utf-8"))
     if ablations:
         h.ablate(ablation_backbone, _list(seeds, int, "--seeds"), epochs)

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from .base import IntTuple, Section, Seed
 
+Grid = ClassVar[dict[str, tuple[Any, ...]]]  # dotted config key -> values: ``clearrec compare --grid``
+
 
 class LightGCNParams(Section):
+    """LightGCN. Reference grid (``LightGCN.yaml``): layers [1, 2, 3, 4] x reg [1e-2 ... 1e-6]."""
+
+    GRID: Grid = {"train.lightgcn.layers": (1, 2, 3, 4), "train.lightgcn.reg": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)}
+
     layers: int = Field(3, ge=1, le=64)  # propagation steps on the user-item graph
     reg: float = Field(1e-4, ge=0, le=1e6)  # weight of the regulariser on the batch's ego (layer-0) embeddings
 
 
 class VBPRParams(Section):
+    """VBPR. Reference grid (``VBPR.yaml``): reg [2.0, 1.0, 1e-1 ... 1e-5]."""
+
+    GRID: Grid = {"train.vbpr.reg": (2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)}
+
     reg: float = Field(1e-4, ge=0, le=1e6)  # weight of the regulariser on the batch's user / item vectors
 
 
 class FreedomParams(Section):
+    """FREEDOM. Reference grid (``FREEDOM.yaml``): dropout [0.8, 0.9] x reg_weight [0, 1e-5, 1e-4, 1e-3]."""
+
+    GRID: Grid = {"train.freedom.dropout": (0.8, 0.9), "train.freedom.reg_weight": (0.0, 1e-5, 1e-4, 1e-3)}
+
     layers: int = Field(2, ge=1, le=64)  # LightGCN layers on the user-item graph
     mm_layers: int = Field(1, ge=1, le=64)  # propagation steps on the frozen item-item graph
     knn_k: int = Field(10, ge=1, le=1000)  # neighbours per item in the frozen item-item graph
@@ -48,6 +62,8 @@ class LatticeParams(Section):
     Reference grid: ``reg_weight`` [0.0, 1e-5, 1e-4, 1e-3] x ``train.lr`` [1e-4, 5e-4, 1e-3, 5e-3].
     """
 
+    GRID: Grid = {"train.lattice.reg_weight": (0.0, 1e-5, 1e-4, 1e-3), "train.lr": (1e-4, 5e-4, 1e-3, 5e-3)}
+
     feat_embed_dim: int = Field(64, ge=1)  # size of the feature projections the learned item graphs come from
     layers: int = Field(2, ge=1)  # propagation steps on the user-item graph D^-1 (A + I)
     mm_layers: int = Field(1, ge=1)  # propagation steps on the item-item graph
@@ -59,6 +75,8 @@ class LatticeParams(Section):
 
 class MgcnParams(Section):
     """MGCN (reference ``MGCN.yaml``). Reference grid: ``cl_weight`` [1e-3, 1e-2, 1e-1]."""
+
+    GRID: Grid = {"train.mgcn.cl_weight": (1e-3, 1e-2, 1e-1)}
 
     layers: int = Field(2, ge=1)  # propagation steps on the user-item graph
     mm_layers: int = Field(1, ge=1)  # propagation steps on each modality's item-item graph
@@ -73,8 +91,13 @@ class SmoreParams(Section):
     """SMORE (reference ``SMORE.yaml``).
 
     Reference grid: ``layers`` [3, 4] x ``knn_k`` per modality (``image_knn_k`` / ``text_knn_k``)
-    [10, 15, 20, 40] each x ``reg_weight`` [1e-5, 1e-4] x ``dropout`` [0, 0.1].
+    [10, 15, 20, 40] each x ``reg_weight`` [1e-5, 1e-4] x ``dropout`` [0, 0.1]. The grid below
+    searches one ``knn_k`` for every modality (4 values, not the reference's 16 image x text
+    pairs), since the modality names are the catalog's.
     """
+
+    GRID: Grid = {"train.smore.layers": (3, 4), "train.smore.knn_k": (10, 15, 20, 40),
+                  "train.smore.reg_weight": (1e-5, 1e-4), "train.smore.dropout": (0.0, 0.1)}
 
     layers: int = Field(3, ge=1)  # propagation steps on the user-item graph
     mm_layers: int = Field(1, ge=1)  # propagation steps on the item-item graphs
@@ -93,11 +116,13 @@ class PopParams(Section):
 class BPRParams(Section):
     """BPR-MF. Reference grid: reg [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]."""
 
+    GRID: Grid = {"train.bpr.reg": (2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)}
+
     reg: float = Field(1e-4, ge=0)  # weight of the regulariser on the batch's user / item vectors (2.0 collapses)
 
 
 class ItemKNNCBFParams(Section):
-    """Content-based item kNN. Reference grid: knn_k [10], shrink [10]."""
+    """Content-based item kNN. Reference grid: knn_k [10], shrink [10] (one point: nothing to search)."""
 
     knn_k: int = Field(10, ge=1)  # most similar items kept per item
     shrink: float = Field(10.0, ge=0)  # added to the norm product in the cosine (damps weak evidence)
@@ -105,6 +130,8 @@ class ItemKNNCBFParams(Section):
 
 class MMGCNParams(Section):
     """MMGCN. Reference grid: reg [0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], train.lr [1e-4, 5e-4, 1e-3, 5e-3, 1e-2]."""
+
+    GRID: Grid = {"train.mmgcn.reg": (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "train.lr": (1e-4, 5e-4, 1e-3, 5e-3, 1e-2)}
 
     layers: int = Field(3, ge=1)  # convolution layers per modality tower (the reference always runs 3)
     latent: dict[str, int] = {"image": 256}  # modalities projected by an MLP to this width first; others raw
@@ -115,6 +142,8 @@ class MMGCNParams(Section):
 class BM3Params(Section):
     """BM3. Reference grid: layers [1, 2], dropout [0.3, 0.5], reg_weight [0.1, 0.01]."""
 
+    GRID: Grid = {"train.bm3.layers": (1, 2), "train.bm3.dropout": (0.3, 0.5), "train.bm3.reg_weight": (0.1, 0.01)}
+
     layers: int = Field(1, ge=1)  # LightGCN layers on the user-item graph
     dropout: float = Field(0.3, ge=0, lt=1)  # dropout of the target (bootstrap) views
     reg_weight: float = Field(0.1, ge=0)  # weight of the norm regulariser on the user / item tables
@@ -123,7 +152,7 @@ class BM3Params(Section):
 
 
 class LGMRecParams(Section):
-    """LGMRec. Reference grid (Baby values): every setting a one-value list, as below."""
+    """LGMRec. Reference grid (Baby values): every setting a one-value list, as below (nothing to search)."""
 
     ui_layers: int = Field(2, ge=0)  # LightGCN layers of the collaborative embedding
     mm_layers: int = Field(2, ge=0)  # propagation steps of the modality embeddings on the user-item graph
