@@ -20,7 +20,7 @@ DESCRIPTIONS: dict[str, str] = {  # stage name (in run order) -> its StageSpec.d
     "encode": "encode each declared modality into feature vectors (features/<name>.parquet)",
     "project": "fit the CLEAR projector; write projected features and diagnostics",
     "train": "train the graph recommender (BPR, early stopping on valid) and export user / item vectors",
-    "index": "FAISS indexes over the item vectors and the projected content, tuned to a recall target",
+    "index": "FAISS indexes over the item vectors and the item content, tuned to a recall target",
 }
 
 

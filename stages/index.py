@@ -1,4 +1,4 @@
-"""Stage ``index``: FAISS indexes over the trained item vectors and the projected content.
+"""Stage ``index``: FAISS indexes over the trained item vectors and the item content (one block per modality).
 
 - ``index/items.faiss``: the model's final item vectors, inner product, so that a user's
   top-k by ``dot(user_vector, item_vector)`` is a nearest-neighbour query. Tuned and measured
@@ -275,5 +275,5 @@ SPEC = StageSpec(
     outputs=(index_file("items"), index_ids("items"), index_file("content"), index_ids("content"), INDEX_INFO),
     config_keys=IndexConfig.build_keys(),
     code=("clearrec.models.ann", "clearrec.models.content"),
-    description="FAISS indexes over the item vectors and the projected content, tuned to a recall target",
+    description="FAISS indexes over the item vectors and the item content, tuned to a recall target",
 )
