@@ -240,9 +240,15 @@ class QueryEncoder:
             return x
         return self.projector().transform(modality, x)
 
+    def holds_projected(self, modality: str) -> bool:
+        """Whether the content index holds the modality's projected features (an index built before
+        ``index.content_features`` existed held them wherever CLEAR projected)."""
+        b = self.block(modality)
+        return bool(b.get("projected", b["clear_enabled"]))
+
     def content_block(self, modality: str, raw: np.ndarray) -> np.ndarray:
         """Encoder output (B, d) -> what the content index holds for the modality (raw or projected)."""
-        if self.block(modality).get("projected", self.block(modality)["clear_enabled"]):
+        if self.holds_projected(modality):
             return self.project(modality, raw)
         return np.asarray(raw, dtype=np.float32)
 
@@ -305,7 +311,7 @@ class QueryEncoder:
                 x[has], c[has] = self.project(modality, raw), self.content_block(modality, raw)
             if (~has).any() and b.get("missing") == "mean":
                 x[~has] = self.fill(modality)
-                c[~has] = self.fill(modality) if b.get("projected", b["clear_enabled"]) else self.fill(f"{modality}.raw")
+                c[~has] = self.fill(modality if self.holds_projected(modality) else f"{modality}.raw")
             clear[modality], content[modality] = x, c
             has_any |= has
         if not has_any.all():

@@ -80,9 +80,10 @@ def _from_parquet(path: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray, l
     if not (pa.types.is_list(vec_type) or pa.types.is_fixed_size_list(vec_type) or pa.types.is_large_list(vec_type)) \
             or not pa.types.is_floating(vec_type.value_type):
         raise InputDataError(f"{path}: vector has type {vec_type}; expected a list of floats per row")
-    file_ids = [str(v) for v in table.column("item_id").to_pylist()]
-    if None in table.column("item_id").to_pylist():
+    raw_ids = table.column("item_id").to_pylist()
+    if None in raw_ids:
         raise InputDataError(f"{path}: item_id has null values")
+    file_ids = [str(v) for v in raw_ids]
     seen: dict[str, int] = {}
     for r, i in enumerate(file_ids):
         if i in seen:

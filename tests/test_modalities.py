@@ -23,6 +23,7 @@ from clearrec.pipeline.registry import STAGES
 from clearrec.pipeline.report import write_report
 from clearrec.pipeline.runner import Runner
 from clearrec.pipeline.store import ArtifactStore, arrow_to_vectors
+from clearrec.pipeline.workdir import declared_modalities
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(stderr=True, quiet=True)
@@ -106,7 +107,7 @@ def test_bad_modality_tables_are_config_errors(tmp_path, table, match):
 def test_declared_order_and_none(tmp_path):
     path = write_config(tmp_path, {"video": {"encoder": "imported"}, "audio": {"encoder": "imported"}})
     cfg = load_config(path, ["encode.modalities.video.encoder=none"])
-    assert list(cfg.encode.modalities) == ["video", "audio"] and cfg.encode.declared() == ["audio"]
+    assert list(cfg.encode.modalities) == ["video", "audio"] and declared_modalities(cfg) == ["audio"]
 
 
 # ---- imported files ------------------------------------------------------------------------

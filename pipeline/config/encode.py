@@ -135,7 +135,3 @@ class EncodeConfig(Section):
             raise ValueError(f"modality names {bad} must be lowercase identifiers (a-z, then a-z, 0-9 or _), "
                              "not ending in _clear: they become file names features/<name>.parquet")
         return v
-
-    def declared(self) -> list[str]:
-        """The modalities that are encoded (encoder not "none"), in declared order."""
-        return [n for n, m in self.modalities.items() if m.encoder != "none"]
