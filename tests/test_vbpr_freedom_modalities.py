@@ -8,12 +8,11 @@ from clearrec.models.clear import ClearOptions
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.freedom import FREEDOM, mixing_weights
 from clearrec.models.graph import item_item_graph
-from clearrec.models.metrics import ItemSets
 from clearrec.models.trainer import TrainOptions, fit
 from clearrec.models.vbpr import VBPR, ContentPathway
 from safetensors.torch import load_file, save_file
+from test_models import NI, NU, _splits
 
-NU, NI = 60, 40
 DIMS = {"image": 20, "text": 12, "audio": 9}
 
 
@@ -23,21 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _splits(seed=0, per_user=8):
-    """Users with a taste for one of 4 item clusters; (train, valid, test) and the training edges."""
-    g = torch.Generator().manual_seed(seed)
-    users, items, split = [], [], []
-    for u in range(NU):
-        cluster = torch.arange(u % 4, NI, 4)
-        for j, i in enumerate(cluster[torch.randperm(cluster.numel(), generator=g)[:per_user]].tolist()):
-            users.append(u)
-            items.append(i)
-            split.append(0 if j < per_user - 2 else (1 if j == per_user - 2 else 2))
-    users, items, split = torch.tensor(users), torch.tensor(items), torch.tensor(split)
-    sets = [ItemSets.from_pairs(users[split == s], items[split == s], NU, NI) for s in range(3)]
-    return sets, torch.stack([users[split == 0], items[split == 0]])
 
 
 def _features(names=tuple(DIMS), seed=0):
