@@ -93,6 +93,7 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
     from clearrec.models.metrics import ItemSets
     from clearrec.models.registry import backbone_class
     from clearrec.models.trainer import TrainOptions, fit
+    from clearrec.pipeline.config.train import reference_lr_decay
 
     pairs, feats, nu, ni = load()
     train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
@@ -110,7 +111,8 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
     torch.manual_seed(seed)
     model = cls(**args)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = fit(model, train, valid, test, TrainOptions(lr=lr, epochs=epochs, seed=seed),
+    result = fit(model, train, valid, test, TrainOptions(lr=lr, lr_decay=reference_lr_decay(name), epochs=epochs,
+                                                               seed=seed),
                  on_epoch=lambda r: print(f"  {name} epoch {r.epoch}: loss {r.loss:.4f} valid R@20 "
                                           f"{r.valid['recall@20']:.4f}", file=sys.stderr, flush=True)
                  if r.epoch % 25 == 0 else None)

@@ -58,7 +58,8 @@ class MGCN(Backbone):
     kNN graphs keep their cosine values (sym-normalised by their row sums), the input
     features are trainable, and the InfoNCE uses the batch as negatives. The reference's
     regulariser divides by the configured batch size, ours by the actual one (they differ on
-    an epoch's last batch only).
+    an epoch's last batch only). Its yaml decays the learning rate
+    (``learning_rate_scheduler: [0.96, 50]``): ``train.lr_decay`` defaults to 0.96 for it.
 
     Any number of modalities: one purifier gate, one kNN graph and one preference gate per
     modality, the attention ``softmax`` over all of them and the side view averaged over

@@ -6,11 +6,13 @@ interrupted run resumes from a :class:`TrainState`: ``fit`` hands one to ``on_st
 every epoch and continues from one given as ``resume`` (the train stage keeps them on disk).
 One epoch = every training pair once, in a fresh random order, each with one negative drawn
 uniformly from the items its user has not interacted with in train; every batch is one Adam
-step. After each epoch the model is ranked against all items on ``valid`` (training items
-masked); training stops after ``patience`` epochs without a better ``stop_metric``, the best
-epoch's weights are restored and ``test`` is evaluated with them. The popularity measures
-count an item's training interactions. A model without trainable parameters (Pop,
-ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
+step. Epoch e (1-based) trains at ``lr * lr_decay ** ((e - 1) / lr_decay_epochs)``, MMRec's
+``learning_rate_scheduler: [lr_decay, lr_decay_epochs]`` (a LambdaLR stepped after each epoch);
+``lr_decay = 1`` keeps the rate constant. After each epoch the model is ranked against all
+items on ``valid`` (training items masked); training stops after ``patience`` epochs without a
+better ``stop_metric``, the best epoch's weights are restored and ``test`` is evaluated with
+them. The popularity measures count an item's training interactions. A model without
+trainable parameters (Pop, ItemKNN-CBF) is ranked once: one epoch of no steps, loss 0.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from .metrics import ItemSets, ranking_metrics
 
 @dataclass(frozen=True)
 class TrainOptions:
-    lr: float = 1e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate (of the first epoch, see lr_decay)
+    lr_decay: float = 1.0  # epoch e (1-based) trains at lr * lr_decay ** ((e - 1) / lr_decay_epochs)
+    lr_decay_epochs: int = 50
     batch_size: int = 2048  # (user, pos, neg) triples per Adam step
     epochs: int = 1000  # upper bound on epochs
     patience: int = 20  # epochs without a better stop_metric before stopping
@@ -183,6 +187,9 @@ def fit(
         if finished:
             break
         t0 = time.perf_counter()
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = options.lr * options.lr_decay ** ((epoch - 1) / options.lr_decay_epochs)
         model.train()
         model.pre_epoch(generator)
         neg = sampler.sample(users, generator)

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ..models.clear import ClearOptions
 from ..pipeline.config import Config
+from ..pipeline.config.train import reference_lr_decay
 from ..pipeline.errors import ArtifactError, ConfigError
 from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
@@ -286,8 +287,12 @@ def _run(ctx: StageContext) -> StageResult:
         f"train: {cfg.backbone} on {device}, {data.num_users} users x {data.num_items} items, "
         f"{data.splits['train'].items.numel()} training interactions, features: {', '.join(data.features) or 'none'}"
     )
-    options = trainer.TrainOptions(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
-                           ks=tuple(cfg.eval_ks), stop_metric=cfg.stop_metric, seed=cfg.seed, max_block=cfg.eval_block)
+    decay = cfg.lr_decay if cfg.lr_decay is not None else reference_lr_decay(cfg.backbone)
+    options = trainer.TrainOptions(lr=cfg.lr, lr_decay=decay, lr_decay_epochs=cfg.lr_decay_epochs,
+                                   batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,
+                                   ks=tuple(cfg.eval_ks), stop_metric=cfg.stop_metric, seed=cfg.seed,
+                                   max_block=cfg.eval_block)
+    notes["lr_decay"] = [decay, cfg.lr_decay_epochs]
     bar = ctx.progress(cfg.epochs, "train", unit="epoch")
 
     def on_epoch(r: EpochRecord) -> None:
@@ -355,7 +360,7 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
         "content_pathway": None if pathway is None else {**pathway.settings(), "file": CONTENT_PATHWAY},
         "item_graph_cache": notes["item_graph_cache"],
         "interactions_sha256": store.checksum(INTERACTIONS),
-        "training": {"lr": cfg.lr, "batch_size": cfg.batch_size, "max_epochs": cfg.epochs, "patience": cfg.patience,
+        "training": {"lr": cfg.lr, "lr_decay": notes["lr_decay"], "batch_size": cfg.batch_size, "max_epochs": cfg.epochs, "patience": cfg.patience,
                      "stop_metric": cfg.stop_metric, "eval_ks": list(cfg.eval_ks), "seed": cfg.seed,
                      "device": str(device), "optimizer": "adam", "negatives": "uniform, 1 per positive"},
         "best_epoch": result.best_epoch,

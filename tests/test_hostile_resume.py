@@ -138,3 +138,21 @@ def test_train_stage_resumes_and_removes_its_checkpoint(tmp_path, monkeypatch):
     assert tensors.keys() == reference_tensors.keys()
     assert all((tensors[k] == reference_tensors[k]).all() for k in tensors)
     assert not store.path("cache/train_checkpoint").exists()
+
+
+def test_learning_rate_decays_per_epoch_and_a_resumed_run_keeps_the_schedule(tmp_path):
+    options = TrainOptions(lr=0.01, lr_decay=0.5, lr_decay_epochs=2, batch_size=64, epochs=5, patience=5,
+                           ks=(5, 10, 20), seed=3)
+    (train, valid, test), edge_index = _splits()
+    torch.manual_seed(0)
+    lrs = []
+    fit(_make("lightgcn", edge_index), train, valid, test, options,
+        on_state=lambda state: lrs.append(state.optimizer["param_groups"][0]["lr"]))
+    assert lrs == pytest.approx([0.01 * 0.5 ** ((e - 1) / 2) for e in range(1, 6)], rel=1e-12)
+    reference = _train("lightgcn", options=options)
+    constant = _train("lightgcn", options=TrainOptions(**{**options.__dict__, "lr_decay": 1.0}))
+    assert reference[1].history[-1].loss != constant[1].history[-1].loss  # the schedule changes training
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        _train("lightgcn", ckpt, _kill_after(2), options=options)
+    _same(reference, _train("lightgcn", ckpt, options=options))

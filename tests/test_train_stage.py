@@ -367,3 +367,14 @@ def test_dynamic_clear_on_a_backbone_without_modality_embeddings_says_it_has_no_
     _, out = run(store, config(**{"train.backbone": "itemknncbf", "project.mode": "dynamic", "project.k": 2}))
     assert "has no effect on itemknncbf" in out
     assert store.read_json("model/model.json")["clear_dynamic"] is None
+
+
+@pytest.mark.parametrize(("backbone", "overrides", "decay"), [
+    ("mgcn", {}, 0.96), ("lattice", {}, 0.96), ("smore", {}, 0.96), ("freedom", {}, 1.0),
+    ("mgcn", {"train.lr_decay": 1.0}, 1.0), ("bm3", {"train.lr_decay": 0.5, "train.lr_decay_epochs": 10}, 0.5),
+])
+def test_learning_rate_decay_defaults_to_the_backbones_reference(tmp_path, backbone, overrides, decay):
+    store = write_workdir(tmp_path)
+    run(store, config(**{"train.backbone": backbone, "train.epochs": 1, **overrides}))
+    training = store.read_json("model/model.json")["training"]
+    assert training["lr_decay"] == [decay, overrides.get("train.lr_decay_epochs", 50)]

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from .base import IntTuple, Section, Seed
 
 Grid = ClassVar[dict[str, tuple[Any, ...]]]  # dotted config key -> values: ``clearrec compare --grid``
+LrDecay = ClassVar[float]  # the reference's learning_rate_scheduler factor (per 50 epochs): train.lr_decay's default
 
 
 class LightGCNParams(Section):
@@ -63,6 +64,7 @@ class LatticeParams(Section):
     """
 
     GRID: Grid = {"train.lattice.reg_weight": (0.0, 1e-5, 1e-4, 1e-3), "train.lr": (1e-4, 5e-4, 1e-3, 5e-3)}
+    LR_DECAY: LrDecay = 0.96  # the reference yaml's learning_rate_scheduler: [0.96, 50]
 
     feat_embed_dim: int = Field(64, ge=1)  # size of the feature projections the learned item graphs come from
     layers: int = Field(2, ge=1)  # propagation steps on the user-item graph D^-1 (A + I)
@@ -77,6 +79,7 @@ class MgcnParams(Section):
     """MGCN (reference ``MGCN.yaml``). Reference grid: ``cl_weight`` [1e-3, 1e-2, 1e-1]."""
 
     GRID: Grid = {"train.mgcn.cl_weight": (1e-3, 1e-2, 1e-1)}
+    LR_DECAY: LrDecay = 0.96  # the reference yaml's learning_rate_scheduler: [0.96, 50]
 
     layers: int = Field(2, ge=1)  # propagation steps on the user-item graph
     mm_layers: int = Field(1, ge=1)  # propagation steps on each modality's item-item graph
@@ -98,6 +101,7 @@ class SmoreParams(Section):
 
     GRID: Grid = {"train.smore.layers": (3, 4), "train.smore.knn_k": (10, 15, 20, 40),
                   "train.smore.reg_weight": (1e-5, 1e-4), "train.smore.dropout": (0.0, 0.1)}
+    LR_DECAY: LrDecay = 0.96  # the reference yaml's learning_rate_scheduler: [0.96, 50]
 
     layers: int = Field(3, ge=1)  # propagation steps on the user-item graph
     mm_layers: int = Field(1, ge=1)  # propagation steps on the item-item graphs
@@ -169,7 +173,9 @@ class TrainConfig(Section):
     backbone: Literal["lightgcn", "vbpr", "freedom", "lattice", "mgcn", "smore", "mmgcn", "bm3", "lgmrec", "pop", "bpr",
                       "itemknncbf"] = "freedom"  # the recommender (see README "Backbones")
     embedding_size: int = Field(64, ge=1, le=65536)  # ID embedding size d (VBPR vectors are 2d)
-    lr: float = Field(1e-3, gt=0, le=10)  # Adam learning rate
+    lr: float = Field(1e-3, gt=0, le=10)  # Adam learning rate (of the first epoch)
+    lr_decay: float | None = Field(None, gt=0, le=1)  # lr x lr_decay every lr_decay_epochs; unset: the backbone's
+    lr_decay_epochs: int = Field(50, ge=1, le=1_000_000)  # reference (0.96 for lattice, mgcn, smore; else 1)
     batch_size: int = Field(2048, ge=1, le=1 << 26)  # (user, positive, negative) triples per Adam step
     epochs: int = Field(1000, ge=1, le=1_000_000)  # most epochs (one epoch = every training interaction once)
     patience: int = Field(20, ge=1, le=1_000_000)  # epochs without a better valid stop_metric before stopping
@@ -204,3 +210,8 @@ class TrainConfig(Section):
         if not self.eval_ks or min(self.eval_ks) < 1 or max(self.eval_ks) > 10_000:
             raise ValueError(f"eval_ks must be cut-offs in 1..10000, got {self.eval_ks}")
         return self
+
+
+def reference_lr_decay(backbone: str) -> float:
+    """``train.lr_decay``'s default for ``backbone``: its reference's learning-rate decay (1.0: none)."""
+    return getattr(TrainConfig.model_fields[backbone].annotation, "LR_DECAY", 1.0)
