@@ -27,6 +27,7 @@ and the time (and mean +- std over several seeds).
 
     .venv/bin/python benchmarks/train.py                 # speed + memory, ours and reference
     .venv/bin/python benchmarks/train.py --impls ours    # ours only
+    .venv/bin/python benchmarks/train.py --threads 1,0,adaptive --busy 1   # a shared machine: one core kept busy
     .venv/bin/python benchmarks/train.py --full --seeds 999,1,2   # full LightGCN runs (RESULTS.md)
 """
 
@@ -72,7 +73,7 @@ def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- ours ------------------------------------------------------------------------------------
-def run_ours(model_name: str, epochs: int) -> dict:
+def run_ours(model_name: str, epochs: int, after_epoch=None) -> dict:
     from clearrec.models.freedom import FREEDOM
     from clearrec.models.lightgcn import LightGCN
     from clearrec.models.metrics import ItemSets
@@ -90,7 +91,7 @@ def run_ours(model_name: str, epochs: int) -> dict:
         del image, text
     cpu = [time.process_time()]
     result = fit(model, train, valid, test, TrainOptions(epochs=epochs + 1, patience=10_000),
-                 on_epoch=lambda r: cpu.append(time.process_time()))
+                 on_epoch=lambda r: (cpu.append(time.process_time()), after_epoch and after_epoch()))
     timed = result.history[1:]
     return {"train_s": [r.train_seconds for r in timed], "eval_s": [r.eval_seconds for r in timed],
             "cpu_s": [b - a for a, b in itertools.pairwise(cpu[1:])], "valid_recall@20": timed[-1].valid["recall@20"]}
@@ -287,13 +288,22 @@ def run_reference(model_name: str, epochs: int) -> dict:
 
 
 # ---- driver ------------------------------------------------------------------------------------
-def worker(model_name: str, impl: str, epochs: int, threads: int) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-    fn = run_ours if impl == "ours" else run_reference
-    out = fn(model_name, epochs)
+def worker(model_name: str, impl: str, epochs: int, threads: str) -> None:
+    """One measurement; ``threads``: a count, "0" (torch's default: every core) or "adaptive"
+    (ours only: the train stage's default, :class:`ThreadGovernor` updated after every epoch)."""
+    if threads == "adaptive":
+        from clearrec.pipeline.threads import adaptive_torch_threads
+
+        counts: list[int] = []
+        with adaptive_torch_threads() as governor:
+            out = run_ours(model_name, epochs, lambda: (counts.append(torch.get_num_threads()), governor.update()))
+        out["threads"] = "adaptive " + "/".join(map(str, counts))
+    else:
+        if int(threads):
+            torch.set_num_threads(int(threads))
+        out = (run_ours if impl == "ours" else run_reference)(model_name, epochs)
+        out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = peak_rss_mb()
-    out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out))
 
 
@@ -340,7 +350,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     ap.add_argument("--models", default="lightgcn,freedom")
     ap.add_argument("--impls", default="ours,reference")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = all cores)")
+    ap.add_argument("--threads", default="0",
+                    help="comma-separated torch thread settings, each measured: a count, 0 (torch's default, all "
+                         "cores) or 'adaptive' (ours only: the train stage's default, threads = the CPUs other "
+                         "processes leave free, updated after every epoch); --full: one count")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="start this many busy processes (one core each) for the whole measurement: a shared machine")
     ap.add_argument("--thp", choices=("cli", "on", "off"), default="cli",
                     help="THP_MEM_ALLOC_ENABLE in the workers: 'cli' = on for ours (as the clearrec command sets it) "
                          "and off for the reference, or 'on' / 'off' for both")
@@ -353,32 +368,49 @@ def main() -> None:
     if args.worker:
         return worker(args.worker[0], args.worker[1], args.epochs, args.threads)
     if args.full:
-        return full_run(args.threads, [int(x) for x in args.seeds.split(",")])
-    print(f"Amazon Baby: {NUM_USERS} users, {NUM_ITEMS} items; {os.cpu_count()} CPUs; "
+        return full_run(int(args.threads), [int(x) for x in args.seeds.split(",")])
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        measure(args)
+    finally:
+        for p in busy:
+            p.kill()
+
+
+def measure(args: argparse.Namespace) -> None:
+    print(f"Amazon Baby: {NUM_USERS} users, {NUM_ITEMS} items; {os.cpu_count()} CPUs; {args.busy} busy process(es); "
           f"load average at start {os.getloadavg()}", flush=True)
     rows = {}
+    settings = args.threads.split(",")
     for model_name in args.models.split(","):
-        for impl in args.impls.split(","):
+        for impl, threads in itertools.product(args.impls.split(","), settings):
+            if threads == "adaptive" and impl != "ours":
+                continue
             thp = args.thp == "on" or (args.thp == "cli" and impl == "ours")
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if thp else "0"}
             proc = subprocess.run([sys.executable, __file__, "--worker", model_name, impl, "--epochs", str(args.epochs),
-                                   "--threads", str(args.threads)], capture_output=True, text=True, check=False, env=env)
+                                   "--threads", threads], capture_output=True, text=True, check=False, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(f"{model_name}/{impl} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(line[0][7:])
-            rows[model_name, impl] = r
+            rows[model_name, impl, threads] = r
             tr, ev = statistics.median(r["train_s"]), statistics.median(r["eval_s"])
             print(f"{model_name:9s} {impl:9s} THP {'on ' if thp else 'off'} train {tr:6.2f} s/epoch  validation {ev:5.2f} s  total {tr + ev:6.2f} s  "
                   f"CPU {statistics.median(r['cpu_s']):6.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  threads {r['threads']}  "
                   f"valid recall@20 after {args.epochs + 1} epochs {r['valid_recall@20']:.4f}  "
                   f"(train epochs {[round(x, 2) for x in r['train_s']]}, validation {[round(x, 2) for x in r['eval_s']]})",
                   flush=True)
-    for model_name in args.models.split(","):
-        if (model_name, "ours") in rows and (model_name, "reference") in rows:
-            o, f = rows[model_name, "ours"], rows[model_name, "reference"]
-            tot = lambda r: statistics.median(r["train_s"]) + statistics.median(r["eval_s"])
-            print(f"{model_name}: ours / reference time per epoch (train + validation) = {tot(o) / tot(f):.3f}; "
+    tot = lambda r: statistics.median(r["train_s"]) + statistics.median(r["eval_s"])
+    for model_name, threads in itertools.product(args.models.split(","), settings):
+        if threads != "1" and (model_name, "ours", threads) in rows and (model_name, "ours", "1") in rows:
+            print(f"{model_name}: ours, threads {threads} / threads 1, time per epoch = "
+                  f"{tot(rows[model_name, 'ours', threads]) / tot(rows[model_name, 'ours', '1']):.3f}")
+        for ref in settings:
+            if (model_name, "ours", threads) not in rows or (model_name, "reference", ref) not in rows:
+                continue
+            o, f = rows[model_name, "ours", threads], rows[model_name, "reference", ref]
+            print(f"{model_name}: ours (threads {threads}) / reference (threads {ref}) time per epoch (train + validation) = {tot(o) / tot(f):.3f}; "
                   f"train {statistics.median(o['train_s']) / statistics.median(f['train_s']):.3f}, "
                   f"validation {statistics.median(o['eval_s']) / statistics.median(f['eval_s']):.3f}; "
                   f"CPU time {statistics.median(o['cpu_s']) / statistics.median(f['cpu_s']):.3f}; "

@@ -28,7 +28,7 @@ from ..pipeline.errors import ArtifactError, ConfigError
 from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.store import ArtifactStore, arrow_to_vectors, vectors_to_arrow
-from ..pipeline.threads import select_device, torch_threads
+from ..pipeline.threads import ThreadGovernor, adaptive_torch_threads, select_device, torch_threads
 from ..pipeline.workdir import (
     CONTENT_PATHWAY,
     GRAPH_CACHE,
@@ -269,11 +269,14 @@ def _item_graph(store: ArtifactStore, backbone: str, cls: type, data: TrainData,
 
 
 def run(ctx: StageContext) -> StageResult:
-    with torch_threads(ctx.config.train.threads):  # 0: leave torch's setting as it is
-        return _run(ctx)
+    if ctx.config.train.threads:
+        with torch_threads(ctx.config.train.threads):
+            return _run(ctx, None)
+    with adaptive_torch_threads() as governor:  # 0: the CPUs other processes leave free, epoch by epoch
+        return _run(ctx, governor)
 
 
-def _run(ctx: StageContext) -> StageResult:
+def _run(ctx: StageContext, governor: ThreadGovernor | None) -> StageResult:
     from ..models import trainer
     from . import _train_checkpoint as checkpoint
 
@@ -295,7 +298,13 @@ def _run(ctx: StageContext) -> StageResult:
     notes["lr_decay"] = [decay, cfg.lr_decay_epochs]
     bar = ctx.progress(cfg.epochs, "train", unit="epoch")
 
+    threads_used: list[int] = []  # torch threads of each epoch this process trained
+    notes["threads"] = threads_used
+
     def on_epoch(r: EpochRecord) -> None:
+        threads_used.append(torch.get_num_threads())
+        if governor is not None:
+            governor.update()
         bar.update(1)
         bar.set_postfix(loss=f"{r.loss:.4f}", **{cfg.stop_metric: f"{r.valid[cfg.stop_metric]:.4f}"})
 
@@ -360,7 +369,11 @@ def _write_outputs(store: ArtifactStore, config: Config, model: Backbone, data: 
         "content_pathway": None if pathway is None else {**pathway.settings(), "file": CONTENT_PATHWAY},
         "item_graph_cache": notes["item_graph_cache"],
         "interactions_sha256": store.checksum(INTERACTIONS),
-        "training": {"lr": cfg.lr, "lr_decay": notes["lr_decay"], "batch_size": cfg.batch_size, "max_epochs": cfg.epochs, "patience": cfg.patience,
+        "training": {"lr": cfg.lr, "lr_decay": notes["lr_decay"],
+                     "threads": {"setting": cfg.threads or "adaptive",
+                                 "epochs_per_count": {str(n): notes["threads"].count(n)
+                                                      for n in sorted(set(notes["threads"]))}},
+                     "batch_size": cfg.batch_size, "max_epochs": cfg.epochs, "patience": cfg.patience,
                      "stop_metric": cfg.stop_metric, "eval_ks": list(cfg.eval_ks), "seed": cfg.seed,
                      "device": str(device), "optimizer": "adam", "negatives": "uniform, 1 per positive"},
         "best_epoch": result.best_epoch,

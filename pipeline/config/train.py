@@ -183,7 +183,7 @@ class TrainConfig(Section):
     stop_metric: str = "recall@20"  # valid metric that selects the best epoch: recall|ndcg|precision|map|hit|mrr@K
     seed: Seed = 999  # seeds initialisation, negative sampling, shuffling and edge pruning
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
-    threads: int = Field(0, ge=0, le=1024)  # torch CPU threads; 0 = torch's default (all cores)
+    threads: int = Field(0, ge=0, le=1024)  # torch CPU threads; 0 = the CPUs other processes leave free, per epoch
     eval_block: int = Field(1 << 23, ge=1, le=1 << 36)  # most user-item scores held at once during evaluation (x4 bytes)
     lightgcn: LightGCNParams = LightGCNParams()
     vbpr: VBPRParams = VBPRParams()
