@@ -1,4 +1,5 @@
-"""Training speed and memory on Amazon Baby: LightGCN and FREEDOM, ours against a reference-style loop.
+"""Training speed and memory: every backbone on Amazon Baby or Last.fm-2K; LightGCN and FREEDOM on
+Amazon Baby also against a reference-style loop.
 
 For each (model, implementation) one subprocess builds the model, runs one untimed warm-up
 epoch, then ``--epochs`` timed epochs, each = one training pass (every interaction once,
@@ -6,7 +7,9 @@ batch 2048, one uniform negative per positive, one Adam step per batch) + one fu
 validation pass (all 7,050 items, training items masked, Recall/NDCG/Precision/MAP at
 5/10/20/50). It prints the median seconds of the training pass and of the validation pass,
 and its peak RSS (VmHWM). FREEDOM gets seeded random features of the benchmark's sizes
-(4096-d image, 384-d text) for timing only (Amazon Baby ships no features here).
+(4096-d image, 384-d text) for timing only (Amazon Baby ships no features here). ``--models``
+takes any registered backbone (``all``: every one) for ``ours``, built with its config defaults;
+``--data lastfm`` times them on Last.fm-2K with its real features.
 
 - ``ours``: clearrec.models (CSR products with a precomputed transpose, the layer average
   fused into one autograd node, vectorised sampling and metrics, fused Adam).
@@ -28,6 +31,7 @@ and the time (and mean +- std over several seeds).
     .venv/bin/python benchmarks/train.py                 # speed + memory, ours and reference
     .venv/bin/python benchmarks/train.py --impls ours    # ours only
     .venv/bin/python benchmarks/train.py --threads 1,0,adaptive --busy 1   # a shared machine: one core kept busy
+    .venv/bin/python benchmarks/train.py --models all --impls ours --threads 1 --data lastfm
     .venv/bin/python benchmarks/train.py --full --seeds 999,1,2   # full LightGCN runs (RESULTS.md)
 """
 
@@ -73,28 +77,55 @@ def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- ours ------------------------------------------------------------------------------------
-def run_ours(model_name: str, epochs: int, after_epoch=None) -> dict:
-    from clearrec.models.freedom import FREEDOM
-    from clearrec.models.lightgcn import LightGCN
-    from clearrec.models.metrics import ItemSets
-    from clearrec.models.trainer import TrainOptions, fit
+def _dataset(name: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], int, int]:
+    """``(train / valid / test (users, items), features, num_users, num_items)`` of ``--data``.
 
-    splits = [load_split(f) for f in ("train.json", "val.json", "test.json")]
-    train, valid, test = (ItemSets.from_pairs(u, i, NUM_USERS, NUM_ITEMS) for u, i in splits)
-    edges = torch.stack(splits[0])
+    amazon-baby: its interactions and seeded random features of the benchmark's sizes (4096-d
+    image, 384-d text; timing only); lastfm: Last.fm-2K's published split and its real features
+    (VGGish audio, MiniLM text), as ``benchmarks/fidelity_lastfm.py`` loads them.
+    """
+    if name == "lastfm":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import fidelity_lastfm
+
+        pairs, feats, nu, ni = fidelity_lastfm.load()
+        return [(p[0], p[1]) for p in pairs], {"audio": feats["image"], "text": feats["text"]}, nu, ni
+    image, text = features()
+    return ([load_split(f) for f in ("train.json", "val.json", "test.json")], {"image": image, "text": text},
+            NUM_USERS, NUM_ITEMS)
+
+
+def run_ours(model_name: str, epochs: int, after_epoch=None, data: str = "amazon-baby") -> dict:
+    """Any registered backbone, with its config defaults (``[train.<name>]``) and ``train.embedding_size``."""
+    import inspect
+
+    from clearrec.models.metrics import ItemSets
+    from clearrec.models.registry import backbone_class
+    from clearrec.models.trainer import TrainOptions, fit
+    from clearrec.pipeline.config.train import TrainConfig
+
+    splits, feats, nu, ni = _dataset(data)
+    train, valid, test = (ItemSets.from_pairs(u, i, nu, ni) for u, i in splits)
+    cls = backbone_class(model_name)
+    accepts = inspect.signature(cls).parameters
+    cfg = TrainConfig()
+    args = {"num_users": nu, "num_items": ni, **getattr(cfg, model_name).model_dump()}
+    if "edge_index" in accepts:
+        args["edge_index"] = torch.stack(splits[0])
+    if "features" in accepts:
+        args["features"] = feats
+    if "embedding_dim" in accepts:
+        args["embedding_dim"] = cfg.embedding_size
     torch.manual_seed(999)
-    if model_name == "lightgcn":
-        model = LightGCN(NUM_USERS, NUM_ITEMS, edges, 64, layers=3, reg=1e-4)
-    else:
-        image, text = features()
-        model = FREEDOM(NUM_USERS, NUM_ITEMS, edges, {"image": image, "text": text})
-        del image, text
+    model = cls(**args)
+    del feats, args
     cpu = [time.process_time()]
     result = fit(model, train, valid, test, TrainOptions(epochs=epochs + 1, patience=10_000),
                  on_epoch=lambda r: (cpu.append(time.process_time()), after_epoch and after_epoch()))
-    timed = result.history[1:]
+    timed = result.history[1:] or result.history  # a model without training has one epoch
     return {"train_s": [r.train_seconds for r in timed], "eval_s": [r.eval_seconds for r in timed],
-            "cpu_s": [b - a for a, b in itertools.pairwise(cpu[1:])], "valid_recall@20": timed[-1].valid["recall@20"]}
+            "cpu_s": [b - a for a, b in itertools.pairwise(cpu[1:])] or [cpu[-1] - cpu[0]],
+            "valid_recall@20": timed[-1].valid["recall@20"]}
 
 
 # ---- reference-style ---------------------------------------------------------------------------
@@ -288,7 +319,7 @@ def run_reference(model_name: str, epochs: int) -> dict:
 
 
 # ---- driver ------------------------------------------------------------------------------------
-def worker(model_name: str, impl: str, epochs: int, threads: str) -> None:
+def worker(model_name: str, impl: str, epochs: int, threads: str, data: str) -> None:
     """One measurement; ``threads``: a count, "0" (torch's default: every core) or "adaptive"
     (ours only: the train stage's default, :class:`ThreadGovernor` updated after every epoch)."""
     if threads == "adaptive":
@@ -296,12 +327,12 @@ def worker(model_name: str, impl: str, epochs: int, threads: str) -> None:
 
         counts: list[int] = []
         with adaptive_torch_threads() as governor:
-            out = run_ours(model_name, epochs, lambda: (counts.append(torch.get_num_threads()), governor.update()))
+            out = run_ours(model_name, epochs, lambda: (counts.append(torch.get_num_threads()), governor.update()), data)
         out["threads"] = "adaptive " + "/".join(map(str, counts))
     else:
         if int(threads):
             torch.set_num_threads(int(threads))
-        out = (run_ours if impl == "ours" else run_reference)(model_name, epochs)
+        out = run_ours(model_name, epochs, data=data) if impl == "ours" else run_reference(model_name, epochs)
         out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(out))
@@ -348,7 +379,11 @@ def full_run(threads: int, seeds: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
-    ap.add_argument("--models", default="lightgcn,freedom")
+    ap.add_argument("--models", default="lightgcn,freedom",
+                    help="comma-separated backbones (any registered one for ours; the reference-style loops exist for "
+                         "lightgcn and freedom only), or 'all'")
+    ap.add_argument("--data", choices=("amazon-baby", "lastfm"), default="amazon-baby",
+                    help="amazon-baby (seeded random 4096-d / 384-d features) or lastfm (Last.fm-2K, real features)")
     ap.add_argument("--impls", default="ours,reference")
     ap.add_argument("--threads", default="0",
                     help="comma-separated torch thread settings, each measured: a count, 0 (torch's default, all "
@@ -366,10 +401,11 @@ def main() -> None:
     if not (DATA / "train.json").is_file():
         sys.exit(f"{DATA} is absent (it ships in ../shared beside the repo)")
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.epochs, args.threads)
+        return worker(args.worker[0], args.worker[1], args.epochs, args.threads, args.data)
     if args.full:
         return full_run(int(args.threads), [int(x) for x in args.seeds.split(",")])
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    spin = f"import os\nwhile os.getppid() == {os.getpid()}: pass"  # ends with this process, however it ends
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy)]
     try:
         measure(args)
     finally:
@@ -378,18 +414,24 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    print(f"Amazon Baby: {NUM_USERS} users, {NUM_ITEMS} items; {os.cpu_count()} CPUs; {args.busy} busy process(es); "
-          f"load average at start {os.getloadavg()}", flush=True)
+    from clearrec.pipeline.experiments import backbone_names
+
+    data = "Amazon Baby" if args.data == "amazon-baby" else "Last.fm-2K"
+    print(f"{data}; {os.cpu_count()} CPUs; {args.busy} busy process(es); load average at start {os.getloadavg()}",
+          flush=True)
     rows = {}
     settings = args.threads.split(",")
-    for model_name in args.models.split(","):
+    models = backbone_names() if args.models == "all" else args.models.split(",")
+    for model_name in models:
         for impl, threads in itertools.product(args.impls.split(","), settings):
-            if threads == "adaptive" and impl != "ours":
+            if (threads == "adaptive" or model_name not in ("lightgcn", "freedom") or args.data != "amazon-baby") \
+                    and impl != "ours":
                 continue
             thp = args.thp == "on" or (args.thp == "cli" and impl == "ours")
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if thp else "0"}
             proc = subprocess.run([sys.executable, __file__, "--worker", model_name, impl, "--epochs", str(args.epochs),
-                                   "--threads", threads], capture_output=True, text=True, check=False, env=env)
+                                   "--threads", threads, "--data", args.data], capture_output=True, text=True,
+                                  check=False, env=env)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 sys.exit(f"{model_name}/{impl} failed:\n{proc.stderr[-3000:]}")
@@ -402,7 +444,7 @@ def measure(args: argparse.Namespace) -> None:
                   f"(train epochs {[round(x, 2) for x in r['train_s']]}, validation {[round(x, 2) for x in r['eval_s']]})",
                   flush=True)
     tot = lambda r: statistics.median(r["train_s"]) + statistics.median(r["eval_s"])
-    for model_name, threads in itertools.product(args.models.split(","), settings):
+    for model_name, threads in itertools.product(models, settings):
         if threads != "1" and (model_name, "ours", threads) in rows and (model_name, "ours", "1") in rows:
             print(f"{model_name}: ours, threads {threads} / threads 1, time per epoch = "
                   f"{tot(rows[model_name, 'ours', threads]) / tot(rows[model_name, 'ours', '1']):.3f}")
