@@ -53,8 +53,9 @@ class LATTICE(Backbone):
     of each epoch (later batches use it detached; :meth:`pre_epoch` arms the rebuild), and at
     every evaluation; the input features are trainable; the mixing weights :math:`\alpha`
     start equal (0.5 each). The reference's regulariser divides by the configured batch size,
-    ours by the actual one (they differ on an epoch's last batch only). Its yaml decays the learning rate
-    (``learning_rate_scheduler: [0.96, 50]``): ``train.lr_decay`` defaults to 0.96 for it.
+    ours by the actual one (they differ on an epoch's last batch only). Its yaml decays the
+    learning rate (``learning_rate_scheduler: [0.96, 50]``): ``train.lr_decay`` defaults to
+    0.96 for it.
 
     Any number of modalities: one projection, one learned and one frozen graph and one
     mixing weight per modality (with exactly ``image`` + ``text`` this is the reference's

@@ -58,8 +58,8 @@ class SMORE(Backbone):
     We follow the reference (MMRec ``src/models/smore.py``): the attention softmax runs over
     the embedding axis (not over the modalities), dropout acts on the preference gates, the
     filters start from a standard normal, the input features are trainable. Its regulariser
-    divides by the configured batch size, ours by the actual one. Its yaml decays the learning rate
-    (``learning_rate_scheduler: [0.96, 50]``): ``train.lr_decay`` defaults to 0.96 for it.
+    divides by the configured batch size, ours by the actual one. Its yaml decays the learning
+    rate (``learning_rate_scheduler: [0.96, 50]``): ``train.lr_decay`` defaults to 0.96 for it.
 
     Any number of modalities: one filter, graph, gate, query and preference gate per modality;
     the fused spectrum is the product of all modalities' spectra (the reference's
