@@ -96,29 +96,26 @@ def _dataset(name: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[s
 
 
 def run_ours(model_name: str, epochs: int, after_epoch=None, data: str = "amazon-baby") -> dict:
-    """Any registered backbone, with its config defaults (``[train.<name>]``) and ``train.embedding_size``."""
+    """Any registered backbone, built as the train stage builds it (``build_backbone``) with its
+    config defaults (``[train.<name>]``) and ``train.embedding_size``."""
     import inspect
 
     from clearrec.models.metrics import ItemSets
     from clearrec.models.registry import backbone_class
     from clearrec.models.trainer import TrainOptions, fit
     from clearrec.pipeline.config.train import TrainConfig
+    from clearrec.stages.train import TrainData, build_backbone
 
     splits, feats, nu, ni = _dataset(data)
     train, valid, test = (ItemSets.from_pairs(u, i, nu, ni) for u, i in splits)
-    cls = backbone_class(model_name)
-    accepts = inspect.signature(cls).parameters
     cfg = TrainConfig()
-    args = {"num_users": nu, "num_items": ni, **getattr(cfg, model_name).model_dump()}
-    if "edge_index" in accepts:
-        args["edge_index"] = torch.stack(splits[0])
-    if "features" in accepts:
-        args["features"] = feats
-    if "embedding_dim" in accepts:
-        args["embedding_dim"] = cfg.embedding_size
+    settings = getattr(cfg, model_name).model_dump()
+    if "embedding_dim" in inspect.signature(backbone_class(model_name)).parameters:
+        settings = {"embedding_dim": cfg.embedding_size, **settings}
+    tensors = TrainData([""] * nu, [""] * ni, {"train": train, "valid": valid, "test": test}, feats, {})
     torch.manual_seed(999)
-    model = cls(**args)
-    del feats, args
+    model = build_backbone(model_name, settings, tensors)
+    del feats, tensors
     cpu = [time.process_time()]
     result = fit(model, train, valid, test, TrainOptions(epochs=epochs + 1, patience=10_000),
                  on_epoch=lambda r: (cpu.append(time.process_time()), after_epoch and after_epoch()))
