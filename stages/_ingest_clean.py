@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -31,15 +32,53 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 ITEMS, INTER = "items", "interactions"
 
 
-def _q(values: pd.Series) -> pd.Series:
-    """Values quoted for a reason text: 'x'."""
-    return "'" + values.astype(str) + "'"
+def _text(part: str | pd.Series) -> str | pa.Array:
+    """One piece of a reason: a literal, or a column's values as Arrow strings (floats as pandas prints them)."""
+    if isinstance(part, str):
+        return part
+    if part.dtype.kind == "f":
+        part = part.astype("str")
+    return pc.cast(pa.array(part.to_numpy() if part.dtype.kind == "O" else part), pa.string())
 
 
-def _where(src: pd.Series, row: pd.Series) -> pd.Series:
-    """ "file.csv row N" per row."""
-    src = src.astype(object)
-    return src.map({s: Path(s).name for s in src.unique()}).astype("str") + " row " + row.astype("str")
+def _join(*parts: str | pd.Series) -> pa.Array:
+    """One reason per row: the literals and columns of ``parts`` concatenated in Arrow (no Python string per row)."""
+    return pc.binary_join_element_wise(*map(_text, parts), "")
+
+
+def _q(values: pd.Series) -> tuple[str, pd.Series, str]:
+    """A value quoted for a reason text ('x'): the pieces for :func:`_join`."""
+    return "'", values, "'"
+
+
+def _where(src: pd.Series, row: pd.Series) -> tuple[pd.Series, str, pd.Series]:
+    """ "file.csv row N" per row: the pieces for :func:`_join`."""
+    src = src.astype("category")
+    return src.cat.rename_categories([Path(s).name for s in src.cat.categories]), " row ", row
+
+
+class Sieve:
+    """Rows of one frame rejected step by step, the frame itself left as it is (no copy per step).
+
+    Each :meth:`reject` sees only the rows no earlier step rejected, so a row gets the first
+    reason that applies; ``alive`` marks the rows still kept.
+    """
+
+    def __init__(self, rejects: Rejects, kind: str, frame: pd.DataFrame) -> None:
+        self.rejects, self.kind, self.frame = rejects, kind, frame
+        self.alive = np.ones(len(frame), dtype=bool)
+
+    def reject(self, mask: np.ndarray | pd.Series, reason: str | Callable[..., pa.Array]) -> None:
+        """Reject the alive rows where ``mask`` holds. ``reason``: a string, or a function of the
+        rejected rows (a frame; with a second parameter, also their positions in the frame)."""
+        at = np.flatnonzero(np.asarray(mask, dtype=bool) & self.alive)
+        if not len(at):
+            return
+        rows = self.frame.take(at).reset_index(drop=True)
+        if not isinstance(reason, str):
+            reason = reason(rows, at) if reason.__code__.co_argcount == 2 else reason(rows)
+        self.rejects.add(self.kind, pa.array(rows["_src"]), rows["_row"].to_numpy(), reason)
+        self.alive[at] = False
 
 
 # ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------
@@ -83,8 +122,8 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items = rejects.add_rows(ITEMS, items, items["item_id"] == "", "empty-id: the item_id is empty")
     first = items.groupby("item_id", sort=False)["_row"].transform("first")
     items = rejects.add_rows(ITEMS, items.assign(_first=first), items["item_id"].duplicated(keep="first"),
-                             lambda bad: "duplicate-item: item_id " + _q(bad["item_id"]) + " already at row "
-                             + bad["_first"].astype(str) + " (the first row is kept)")
+                             lambda bad: _join("duplicate-item: item_id ", *_q(bad["item_id"]), " already at row ",
+                                               bad["_first"], " (the first row is kept)"))
     images = items["image"].astype(object)
     refs = images.copy()
     odd = ~_plain_relative(items["image"])  # only these need normalising (or are rejected)
@@ -92,11 +131,12 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     bad = refs.map(lambda r: isinstance(r, ValueError)).to_numpy(dtype=bool)
     gone = items[bad]
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
-                             lambda rows: "image-path: " + rows["_ref"].astype(str))
+                             lambda rows: _join("image-path: ", rows["_ref"].astype(str)))
     items = items.assign(image=items["_ref"]).drop(columns=["_ref", "_first"])
     items["text"] = [apply_text_template(DEFAULT_TEXT_TEMPLATE, {"title": t, "description": d})  # as encode joins them
                      for t, d in zip(items["title"].tolist(), items["description"].tolist())]
-    rejected = pd.Series(_where(gone["_src"], gone["_row"]).to_numpy(), index=gone["item_id"].to_numpy())
+    rejected = pd.Series(_join(*_where(gone["_src"], gone["_row"])).to_pylist() if len(gone) else [],
+                         index=gone["item_id"].to_numpy(), dtype=object)
     return items, rejected
 
 
@@ -148,49 +188,52 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     Returns user_id, item_id, ts (float64 seconds, NaN = none), rating (float64, NaN = none),
     split (0/1/2 with ``split_policy == "given"``, else -1), _src, _row.
     """
+    sieve = Sieve(rejects, INTER, inter)
     for col in ("user_id", "item_id"):
-        inter = rejects.add_rows(INTER, inter, inter[col] == "", f"empty-id: the {col} is empty")
+        sieve.reject(inter[col] == "", f"empty-id: the {col} is empty")
     ts, bad = parse_timestamps(inter["timestamp"])
-    inter = rejects.add_rows(INTER, inter.assign(ts=ts), bad, lambda rows: "bad-timestamp: "
-                             + _q(rows["timestamp"]) + " is neither unix seconds nor an ISO-8601 date")
+    sieve.reject(bad, lambda rows: _join(
+        "bad-timestamp: ", *_q(rows["timestamp"]), " is neither unix seconds nor an ISO-8601 date"))
     rating = to_float(inter["rating"])
-    bad = (inter["rating"] != "").to_numpy() & ~np.isfinite(rating)
-    inter = rejects.add_rows(INTER, inter.assign(rating_f=rating), bad,
-                             lambda rows: "bad-rating: " + _q(rows["rating"]) + " is not a number")
+    sieve.reject((inter["rating"] != "").to_numpy() & ~np.isfinite(rating),
+                 lambda rows: _join("bad-rating: ", *_q(rows["rating"]), " is not a number"))
     if split_policy == "given":
-        code = inter["split"].str.lower().map(SPLIT_ALIASES)
-        inter = rejects.add_rows(INTER, inter.assign(split_code=code), code.isna(), lambda rows: "bad-split: "
-                                 + _q(rows["split"]) + " is not train / valid / test (or val, 0 / 1 / 2)")
+        split = inter["split"].str.lower().map(SPLIT_ALIASES)
+        sieve.reject(split.isna(), lambda rows: _join(
+            "bad-split: ", *_q(rows["split"]), " is not train / valid / test (or val, 0 / 1 / 2)"))
+        split = split.fillna(-1).to_numpy(np.int8)
     else:
-        inter = inter.assign(split_code=-1)
+        split = np.full(len(inter), -1, dtype=np.int8)
     known = isin(inter["item_id"], items["item_id"])
-    pos = index_in(inter["item_id"], rejected_items.index)  # -1 picks the None appended
-    was = pd.Series(np.append(rejected_items.to_numpy(dtype=object), None)[pos], index=inter.index, dtype=object)
-    inter = rejects.add_rows(INTER, inter.assign(_was=was), ~known & was.notna().to_numpy(), lambda rows:
-                             "rejected-item: item_id " + _q(rows["item_id"]) + " was rejected (items "
-                             + rows["_was"].astype(str) + ")")
-    known = isin(inter["item_id"], items["item_id"])
-    inter = rejects.add_rows(INTER, inter, ~known, lambda rows: "unknown-item: item_id " + _q(rows["item_id"])
-                             + " is not among the items read; add it to the items file (or fix its rejected "
-                             "row there) or remove this row")
+    pos = index_in(inter["item_id"], rejected_items.index)
+    sieve.reject(~known & (pos >= 0), lambda rows, at: _join(
+        "rejected-item: item_id ", *_q(rows["item_id"]), " was rejected (items ",
+        pd.Series(rejected_items.to_numpy(dtype=object)[pos[at]], dtype="str"), ")"))
+    sieve.reject(~known, lambda rows: _join(
+        "unknown-item: item_id ", *_q(rows["item_id"]), " is not among the items read; add it to the items file "
+        "(or fix its rejected row there) or remove this row"))
     if min_rating is not None:
-        inter = rejects.add_rows(INTER, inter, inter["rating_f"] < min_rating, lambda rows: "below-min-rating: "
-                                 + "rating " + rows["rating_f"].astype(str) + f" < ingest.min_rating = {min_rating}")
+        sieve.reject(rating < min_rating, lambda rows, at: _join(
+            "below-min-rating: rating ", pd.Series(rating[at]), f" < ingest.min_rating = {min_rating}"))
     if split_policy in TIMED_SPLITS:
-        inter = rejects.add_rows(INTER, inter, inter["ts"].isna(),
-                                 f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
-    u, i = codes(inter["user_id"]), codes(inter["item_id"])
+        sieve.reject(np.isnan(ts), f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
+    alive = np.flatnonzero(sieve.alive)
+    u, i = codes(inter["user_id"].take(alive)), codes(inter["item_id"].take(alive))
     _, first_of, key = np.unique(u * (int(i.max(initial=0)) + 1) + i, return_index=True, return_inverse=True)
-    first_at = first_of[key.reshape(-1)]  # (N,) position of the first row with the same (user, item)
-    dup = first_at != np.arange(len(inter))
-    if dup.any():
-        first = inter.assign(_first_src=inter["_src"].to_numpy()[first_at], _first_row=inter["_row"].to_numpy()[first_at])
-        inter = rejects.add_rows(INTER, first, dup, lambda rows: "duplicate-interaction: user " + _q(rows["user_id"])
-                                 + " and item " + _q(rows["item_id"]) + " already at "
-                                 + _where(rows["_first_src"], rows["_first_row"]) + " (the first is kept)")
-    return pd.DataFrame({"user_id": inter["user_id"], "item_id": inter["item_id"], "ts": inter["ts"],
-                         "rating": inter["rating_f"], "split": inter["split_code"].astype(np.int8),
-                         "_src": inter["_src"], "_row": inter["_row"]})
+    first_at = alive[first_of[key.reshape(-1)]]  # per alive row: the position of the first with the same (user, item)
+    dup = np.zeros(len(inter), dtype=bool)
+    dup[alive] = first_at != alive
+    first = np.zeros(len(inter), dtype=np.int64)
+    first[alive] = first_at
+    src, row = inter["_src"], inter["_row"].to_numpy()
+    sieve.reject(dup, lambda rows, at: _join(
+        "duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]), " already at ",
+        *_where(src.take(first[at]), pd.Series(row[first[at]])), " (the first is kept)"))
+    keep = np.flatnonzero(sieve.alive)
+    return pd.DataFrame({"user_id": inter["user_id"].take(keep).reset_index(drop=True),
+                         "item_id": inter["item_id"].take(keep).reset_index(drop=True),
+                         "ts": ts[keep], "rating": rating[keep], "split": split[keep],
+                         "_src": src.take(keep).reset_index(drop=True), "_row": row[keep]})
 
 
 # ---- k-core and the train rule ------------------------------------------------------------
@@ -236,21 +279,24 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
     inter = inter.drop(columns=["_code", "_left", "_round"])
     if k > 0:
         items = rejects.add_rows(ITEMS, items.assign(_left=item_left, _round=item_round), item_round > 0,
-                                 lambda rows: "kcore-item: item " + _q(rows["item_id"]) + " had "
-                                 + rows["_left"].astype(str) + " interaction(s) left in round "
-                                 + rows["_round"].astype(str) + f", fewer than kcore = {k}")
+                                 lambda rows: _join(
+            "kcore-item: item ", *_q(rows["item_id"]), " had ", rows["_left"], " interaction(s) left in round ",
+            rows["_round"], f", fewer than kcore = {k}"))
         items = items.drop(columns=["_left", "_round"])
     return inter, items
 
 
 def _core_reasons(k: int):
-    def reasons(rows: pd.DataFrame) -> pd.Series:
-        who = rows["_code"].map({1: "user", 2: "item", 3: "user"})
-        ids = _q(rows["user_id"].where(who == "user", rows["item_id"]))
-        kcore = ("kcore-" + who + ": " + who + " " + ids + " had " + rows["_left"].astype(str)
-                 + " interaction(s) left in round " + rows["_round"].astype(str) + f", fewer than kcore = {k}")
-        no_train = "no-train: user " + ids + " has no train interaction left; a user in valid / test needs one"
-        return no_train.where(rows["_code"] == 3, kcore)
+    def reasons(rows: pd.DataFrame) -> pa.Array:
+        by_user = (rows["_code"] != 2).to_numpy()  # 1 kcore-user, 3 no-train: the user's id; 2 kcore-item
+        who = pa.array(np.where(by_user, "user", "item"))
+        ids = pc.if_else(pa.array(by_user), _text(rows["user_id"]), _text(rows["item_id"]))
+        kcore = pc.binary_join_element_wise("kcore-", who, ": ", who, " '", ids, "' had ", _text(rows["_left"]),
+                                            " interaction(s) left in round ", _text(rows["_round"]),
+                                            f", fewer than kcore = {k}", "")
+        no_train = pc.binary_join_element_wise(
+            "no-train: user '", ids, "' has no train interaction left; a user in valid / test needs one", "")
+        return pc.if_else(pa.array((rows["_code"] == 3).to_numpy()), no_train, kcore)
 
     return reasons
 

@@ -33,26 +33,29 @@ JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 SUPPORTED = ", ".join(sorted([*TEXT_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES]))
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
+_EDGE_SPACE = r"^[\t-\r\x{85}\pZ]|[\t-\r\x{85}\pZ]$"  # Unicode White_Space (what utf8_trim_whitespace strips) at an end
 
 
 class Rejects:
     """Rejected rows: (source file, row number, reason). A reason starts with a short code: ``"code: detail"``.
 
     Each reject also has a kind ("items" or "interactions", not written out) so that counts
-    can be checked per (kind, source): records read = accepted + rejected.
+    can be checked per (kind, source): records read = accepted + rejected. Parts are kept as
+    Arrow arrays, a reason shared by a whole part (and every source) dictionary-encoded, so a
+    few hundred thousand rejects cost their text once, not a Python object each.
     """
 
     def __init__(self) -> None:
-        self._parts: list[pd.DataFrame] = []
+        self._parts: list[tuple[str, pa.DictionaryArray, np.ndarray, pa.Array]] = []  # kind, source, row, reason
 
-    def add(self, kind: str, source: str | Sequence[str], rows: Sequence[int] | np.ndarray,
-            reason: str | Sequence[str]) -> None:
+    def add(self, kind: str, source: str | Sequence[str] | pa.Array, rows: Sequence[int] | np.ndarray,
+            reason: str | Sequence[str] | pa.Array) -> None:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows):
-            self._parts.append(pd.DataFrame({"kind": kind, "source": source, "row": rows, "reason": reason}))
+            self._parts.append((kind, _dictionary(source, len(rows)), rows, _strings(reason, len(rows))))
 
     def add_rows(self, kind: str, frame: pd.DataFrame, mask: np.ndarray | pd.Series,
-                 reason: str | Callable[[pd.DataFrame], pd.Series]) -> pd.DataFrame:
+                 reason: str | Callable[[pd.DataFrame], pa.Array | pd.Series | Sequence[str]]) -> pd.DataFrame:
         """Reject ``frame``'s rows where ``mask`` holds (``frame`` has ``_src`` / ``_row``); return the others.
 
         ``reason`` is a string, or a function of the rejected rows giving one reason per row.
@@ -61,8 +64,7 @@ class Rejects:
         if not mask.any():
             return frame
         bad = frame[mask]
-        why = reason if isinstance(reason, str) else pd.Series(reason(bad)).astype("str").array  # Arrow strings
-        self.add(kind, bad["_src"].to_numpy(), bad["_row"].to_numpy(), why)
+        self.add(kind, pa.array(bad["_src"]), bad["_row"].to_numpy(), reason if isinstance(reason, str) else reason(bad))
         return frame[~mask]
 
     def add_bad(self, kind: str, path: Path) -> Callable[[list[int], list[str]], None]:
@@ -70,29 +72,69 @@ class Rejects:
         return lambda rows, reasons: self.add(kind, str(path), rows, reasons)
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self._parts)
-
-    def frame(self) -> pd.DataFrame:
-        if not self._parts:
-            return pd.DataFrame({"kind": pd.Series(dtype=object), "source": pd.Series(dtype=object),
-                                 "row": pd.Series(dtype=np.int64), "reason": pd.Series(dtype=object)})
-        return pd.concat(self._parts, ignore_index=True)
+        return sum(len(rows) for _, _, rows, _ in self._parts)
 
     def count(self, kind: str, source: str) -> int:
-        df = self.frame()
-        return int(((df["kind"] == kind) & (df["source"] == source)).sum())
+        n = 0
+        for k, src, _, _ in self._parts:
+            if k == kind:
+                hit = np.flatnonzero(np.asarray(src.dictionary.to_pylist(), dtype=object) == source)
+                n += int(np.isin(src.indices.to_numpy(zero_copy_only=False), hit).sum())
+        return n
 
     def to_arrow(self) -> pa.Table:
-        df = self.frame()
-        return pa.table({"source": pa.array(df["source"].astype(object).astype("str"), pa.string()),
-                         "row": pa.array(df["row"].to_numpy(np.int64), pa.int64()),
-                         "reason": pa.array(df["reason"].astype("str"), pa.string())})
+        """source, row, reason (plain strings) of every reject, in the order they were added."""
+        return pa.table({"source": _concat([pc.cast(src, pa.string()) for _, src, _, _ in self._parts]),
+                         "row": pa.array(np.concatenate([r for _, _, r, _ in self._parts] or [np.zeros(0, np.int64)]),
+                                         pa.int64()),
+                         "reason": _concat([pc.cast(why, pa.string()) for _, _, _, why in self._parts])})
 
     def by_code(self) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
-        reasons = pa.array(self.frame()["reason"].astype(str), type=pa.string())
-        codes = pc.struct_field(pc.extract_regex(reasons, r"^(?P<code>[^:]*)"), [0]).to_pandas()
-        return {str(k): int(v) for k, v in codes.value_counts().items()}
+        counts: dict[str, int] = {}
+        for _, _, _, why in self._parts:
+            if pa.types.is_dictionary(why.type):
+                n = np.bincount(why.indices.to_numpy(zero_copy_only=False), minlength=len(why.dictionary))
+                names = _reason_codes(why.dictionary)
+            else:
+                vc = pc.value_counts(_reason_codes(why))
+                names, n = vc.field("values"), vc.field("counts").to_numpy()
+            for name, c in zip(names.to_pylist(), n.tolist()):
+                counts[name] = counts.get(name, 0) + c
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _reason_codes(reasons: pa.Array) -> pa.Array:
+    """The code of each reason: its text before the first ":"."""
+    return pc.struct_field(pc.extract_regex(reasons, r"^(?P<code>[^:]*)"), [0])
+
+
+def _dictionary(values: str | Sequence[str] | pa.Array, n: int) -> pa.DictionaryArray:
+    """``n`` strings as a dictionary array (one value repeated when ``values`` is a str)."""
+    if isinstance(values, str):
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([values], pa.string()))
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.cast(arr, pa.string()).dictionary_encode()
+    return pa.DictionaryArray.from_arrays(arr.indices, pc.cast(arr.dictionary, pa.string()))
+
+
+def _strings(values: str | Sequence[str] | pa.Array, n: int) -> pa.Array:
+    """``n`` reasons: a str becomes one dictionary value repeated, anything else plain Arrow strings."""
+    if isinstance(values, str):
+        return _dictionary(values, n)
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        return pc.cast(arr, pa.string())
+    if isinstance(values, pd.Series):
+        values = values.astype("str")
+    return pa.array(values, pa.string(), from_pandas=True)
+
+
+def _concat(arrays: list[pa.Array]) -> pa.Array:
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
 
 @dataclass
@@ -289,7 +331,7 @@ def _blank(data: bytes, rec: _Records, strip: bool) -> np.ndarray:
 
 
 def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Callable[[list[int], list[str]], None],
-                    what: str) -> tuple[pd.DataFrame, list[int], int]:
+                    what: str) -> tuple[pd.DataFrame, np.ndarray, int]:
     """Parse with ``pyarrow.csv`` (quoting, embedded line breaks, no field size limit). Each record's
     line number comes from :func:`_records`; a record with the wrong number of fields, an unclosed
     quote or bytes that are not ``encoding`` text is rejected alone."""
@@ -362,13 +404,15 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
         frame = frame[~undecodable]
         rows = rows[~undecodable]
     reject(bad_rows, bad_why)
-    return frame, rows.tolist(), n_read
+    return frame, rows, n_read
 
 
 def _binary_to_strings(col: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray]:
     """Bytes -> (stripped strings, Arrow-backed; mask of rows holding bytes that are not UTF-8)."""
     try:
-        text = pc.utf8_trim_whitespace(pc.cast(col, pa.string()))
+        text = pc.cast(col.combine_chunks(), pa.string())  # validates UTF-8, no copy
+        if pc.any(pc.match_substring_regex(text, _EDGE_SPACE)).as_py():  # strip only where there is something to
+            text = pc.utf8_trim_whitespace(text)
     except pa.ArrowInvalid:  # some value is not UTF-8: decode leniently, row by row
         values = [v.decode("utf-8", errors="surrogateescape").strip() for v in col.to_pylist()]
         return pd.Series(values, dtype=object), np.array([bool(_UNDECODABLE.search(v)) for v in values])
@@ -477,7 +521,7 @@ def _read_jsonl(path: Path, data: bytes, encoding: str, reject: Callable[[list[i
     return frame, rows, n_read
 
 
-def _read_parquet(path: Path, what: str) -> tuple[pd.DataFrame, list[int], int]:
+def _read_parquet(path: Path, what: str) -> tuple[pd.DataFrame, np.ndarray, int]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -487,7 +531,7 @@ def _read_parquet(path: Path, what: str) -> tuple[pd.DataFrame, list[int], int]:
     for name in table.column_names:
         columns[name] = _arrow_to_strings(table.column(name))
     frame = pd.DataFrame(columns, dtype=object) if columns else pd.DataFrame(index=range(table.num_rows))
-    return frame, list(range(1, table.num_rows + 1)), table.num_rows
+    return frame, np.arange(1, table.num_rows + 1), table.num_rows
 
 
 def _arrow_to_strings(col: pa.ChunkedArray) -> list[str]:
