@@ -82,25 +82,35 @@ class Sieve:
 
 
 # ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------
-def _arrow(values: pd.Series | pd.Index | np.ndarray) -> pa.Array:
-    arr = pa.array(values.to_numpy() if isinstance(values, pd.Index) else values, type=pa.string(), from_pandas=True)
+def _arrow(values: pd.Series | pd.Index | np.ndarray) -> pa.Array | pa.ChunkedArray:
+    """Strings as Arrow (a pandas str column's chunks as they are: no copy)."""
+    return pa.array(values.to_numpy() if isinstance(values, pd.Index) else values, type=pa.large_string(),
+                    from_pandas=True)
+
+
+def _value_set(values: pd.Series | pd.Index) -> pa.Array:
+    arr = _arrow(values)
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def isin(values: pd.Series, allowed: pd.Series | pd.Index) -> np.ndarray:
     """(N,) bool: ``values[i]`` is one of ``allowed`` (strings)."""
-    return pc.is_in(_arrow(values), value_set=_arrow(allowed)).to_numpy(zero_copy_only=False)
+    return pc.is_in(_arrow(values), value_set=_value_set(allowed)).to_numpy(zero_copy_only=False)
 
 
 def index_in(values: pd.Series, index: pd.Series | pd.Index) -> np.ndarray:
     """(N,) int64 position of each value in ``index`` (unique strings), -1 when absent."""
-    found = pc.index_in(_arrow(values), value_set=_arrow(index))
+    found = pc.index_in(_arrow(values), value_set=_value_set(index))
     return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def codes(values: pd.Series) -> np.ndarray:
     """(N,) int64 code per string, numbered in order of first appearance (like ``pd.factorize``)."""
-    return _arrow(values).dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    encoded = _arrow(values).dictionary_encode()  # one dictionary across the chunks
+    if isinstance(encoded, pa.ChunkedArray):
+        return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks]
+                              or [np.zeros(0, np.int32)]).astype(np.int64)
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def to_float(values: pd.Series) -> np.ndarray:
@@ -218,7 +228,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     if split_policy in TIMED_SPLITS:
         sieve.reject(np.isnan(ts), f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
     alive = np.flatnonzero(sieve.alive)
-    u, i = codes(inter["user_id"].take(alive)), codes(inter["item_id"].take(alive))
+    u, i = codes(inter["user_id"])[alive], codes(inter["item_id"])[alive]
     _, first_of, key = np.unique(u * (int(i.max(initial=0)) + 1) + i, return_index=True, return_inverse=True)
     first_at = alive[first_of[key.reshape(-1)]]  # per alive row: the position of the first with the same (user, item)
     dup = np.zeros(len(inter), dtype=bool)

@@ -83,11 +83,12 @@ class Rejects:
         return n
 
     def to_arrow(self) -> pa.Table:
-        """source, row, reason (plain strings) of every reject, in the order they were added."""
-        return pa.table({"source": _concat([pc.cast(src, pa.string()) for _, src, _, _ in self._parts]),
-                         "row": pa.array(np.concatenate([r for _, _, r, _ in self._parts] or [np.zeros(0, np.int64)]),
-                                         pa.int64()),
-                         "reason": _concat([pc.cast(why, pa.string()) for _, _, _, why in self._parts])})
+        """source, row, reason (plain strings) of every reject, in the order they were added: one chunk
+        per part, nothing concatenated."""
+        schema = pa.schema([("source", pa.string()), ("row", pa.int64()), ("reason", pa.string())])
+        return pa.Table.from_batches([pa.record_batch([pc.cast(src, pa.string()), pa.array(rows, pa.int64()),
+                                                       pc.cast(why, pa.string())], schema=schema)
+                                      for _, src, rows, why in self._parts], schema=schema)
 
     def by_code(self) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
@@ -287,8 +288,8 @@ def _records(data: bytes, sep: str) -> _Records:
     closes it; elsewhere a quote is a literal character. Only the quotes are walked in Python.
     """
     buf = np.frombuffer(data, dtype=np.uint8)
-    newlines = np.flatnonzero(buf == 10)
-    quotes = np.flatnonzero(buf == 34)
+    dt = np.int32 if len(data) < 2**31 - 1 else np.int64  # offsets and line numbers: 4 bytes each where they fit
+    newlines, quotes = _positions(buf, 10, dt), _positions(buf, 34, dt)
     prev = buf[np.maximum(quotes - 1, 0)]
     opener = (quotes == 0) | (prev == ord(sep)) | (prev == 10) | (prev == 13)
     spans: list[int] = []  # open, close, open, close, ... positions of quoted fields
@@ -308,14 +309,20 @@ def _records(data: bytes, sep: str) -> _Records:
             spans.append(q)
     if inside:
         spans.append(len(data))
-    ends = newlines[np.searchsorted(np.asarray(spans, dtype=np.int64), newlines) % 2 == 0]
-    start = np.concatenate(([0], ends + 1))
-    end = np.concatenate((ends, [len(data)]))
+    ends = newlines[np.searchsorted(np.asarray(spans, dtype=np.int64), newlines) % 2 == 0] if spans else newlines
+    start = np.concatenate((np.zeros(1, dt), ends + 1))
+    end = np.concatenate((ends, np.full(1, len(data), dt)))
     if start[-1] >= len(data):  # the file ends with a line break
         start, end = start[:-1], end[:-1]
-    first = np.searchsorted(newlines, start) + 1
-    last = np.searchsorted(newlines, np.maximum(end - 1, start)) + 1
+    first = (np.searchsorted(newlines, start) + 1).astype(dt)
+    last = (np.searchsorted(newlines, np.maximum(end - 1, start)) + 1).astype(dt)
     return _Records(start, end, first, last, unclosed=inside)
+
+
+def _positions(buf: np.ndarray, byte: int, dtype: type, chunk: int = 1 << 23) -> np.ndarray:
+    """Offsets of ``byte`` in ``buf`` as ``dtype``, found a chunk at a time (no full-size temporary)."""
+    parts = [np.flatnonzero(buf[a:a + chunk] == byte).astype(dtype) + dtype(a) for a in range(0, len(buf), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _blank(data: bytes, rec: _Records, strip: bool) -> np.ndarray:
@@ -410,7 +417,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
 def _binary_to_strings(col: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray]:
     """Bytes -> (stripped strings, Arrow-backed; mask of rows holding bytes that are not UTF-8)."""
     try:
-        text = pc.cast(col.combine_chunks(), pa.string())  # validates UTF-8, no copy
+        text = pc.cast(col, pa.large_string())  # validates UTF-8, no copy (pandas' str holds large strings)
         if pc.any(pc.match_substring_regex(text, _EDGE_SPACE)).as_py():  # strip only where there is something to
             text = pc.utf8_trim_whitespace(text)
     except pa.ArrowInvalid:  # some value is not UTF-8: decode leniently, row by row
@@ -440,7 +447,7 @@ def _header_names(header: bytes, sep: str, path: Path, what: str, line: int,
 def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None,
            block_size: int) -> pa.Table:
     """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes."""
-    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names} if names else None,
+    convert = pacsv.ConvertOptions(column_types={n: pa.large_binary() for n in names} if names else None,
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
     parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid)
     while True:
