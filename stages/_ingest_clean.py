@@ -105,12 +105,24 @@ def index_in(values: pd.Series, index: pd.Series | pd.Index) -> np.ndarray:
 
 
 def codes(values: pd.Series) -> np.ndarray:
-    """(N,) int64 code per string, numbered in order of first appearance (like ``pd.factorize``)."""
+    """(N,) int32 code per string, numbered in order of first appearance (like ``pd.factorize``)."""
     encoded = _arrow(values).dictionary_encode()  # one dictionary across the chunks
-    if isinstance(encoded, pa.ChunkedArray):
-        return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks]
-                              or [np.zeros(0, np.int32)]).astype(np.int64)
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks] or [np.zeros(0, np.int32)])
+
+
+def first_of_pair(u: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """(N,) position of the first row with the same (``u``, ``i``) pair: a stable sort of the pair keys
+    (less memory than ``np.unique`` with its index and inverse)."""
+    key = u.astype(np.int64) * (int(i.max(initial=0)) + 1) + i
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    new = np.ones(len(key), dtype=bool)
+    np.not_equal(key[1:], key[:-1], out=new[1:])
+    del key
+    first = np.empty(len(order), dtype=np.int64)
+    first[order] = order[np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))]
+    return first
 
 
 def to_float(values: pd.Series) -> np.ndarray:
@@ -228,17 +240,15 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     if split_policy in TIMED_SPLITS:
         sieve.reject(np.isnan(ts), f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
     alive = np.flatnonzero(sieve.alive)
-    u, i = codes(inter["user_id"])[alive], codes(inter["item_id"])[alive]
-    _, first_of, key = np.unique(u * (int(i.max(initial=0)) + 1) + i, return_index=True, return_inverse=True)
-    first_at = alive[first_of[key.reshape(-1)]]  # per alive row: the position of the first with the same (user, item)
-    dup = np.zeros(len(inter), dtype=bool)
-    dup[alive] = first_at != alive
-    first = np.zeros(len(inter), dtype=np.int64)
-    first[alive] = first_at
+    first = alive[first_of_pair(codes(inter["user_id"])[alive], codes(inter["item_id"])[alive])]
+    dup_at, first = alive[first != alive], first[first != alive]  # a later row of a (user, item) pair, and the first
+    del alive
     src, row = inter["_src"], inter["_row"].to_numpy()
-    sieve.reject(dup, lambda rows, at: _join(
+    dup = np.zeros(len(inter), dtype=bool)
+    dup[dup_at] = True
+    sieve.reject(dup, lambda rows: _join(
         "duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]), " already at ",
-        *_where(src.take(first[at]), pd.Series(row[first[at]])), " (the first is kept)"))
+        *_where(src.take(first), pd.Series(row[first])), " (the first is kept)"))
     keep = np.flatnonzero(sieve.alive)
     return pd.DataFrame({"user_id": inter["user_id"].take(keep).reset_index(drop=True),
                          "item_id": inter["item_id"].take(keep).reset_index(drop=True),
@@ -285,8 +295,9 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
             break
         rnd[drop] = r
         alive &= ~drop
-    inter = rejects.add_rows(INTER, inter.assign(_code=code, _left=left, _round=rnd), ~alive, _core_reasons(k))
-    inter = inter.drop(columns=["_code", "_left", "_round"])
+    sieve = Sieve(rejects, INTER, inter)
+    sieve.reject(~alive, _core_reasons(k, code, left, rnd))
+    inter = inter.take(np.flatnonzero(sieve.alive)).reset_index(drop=True)
     if k > 0:
         items = rejects.add_rows(ITEMS, items.assign(_left=item_left, _round=item_round), item_round > 0,
                                  lambda rows: _join(
@@ -296,17 +307,19 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
     return inter, items
 
 
-def _core_reasons(k: int):
-    def reasons(rows: pd.DataFrame) -> pa.Array:
-        by_user = (rows["_code"] != 2).to_numpy()  # 1 kcore-user, 3 no-train: the user's id; 2 kcore-item
+def _core_reasons(k: int, code: np.ndarray, left: np.ndarray, rnd: np.ndarray):
+    """Reasons for the rows ``filter_core`` removed: ``code`` 1 kcore-user, 2 kcore-item, 3 no-train, with the
+    count that fell short (``left``) and the round (``rnd``), per row of the frame."""
+    def reasons(rows: pd.DataFrame, at: np.ndarray) -> pa.Array:
+        by_user = code[at] != 2  # kcore-user and no-train name the user, kcore-item the item
         who = pa.array(np.where(by_user, "user", "item"))
         ids = pc.if_else(pa.array(by_user), _text(rows["user_id"]), _text(rows["item_id"]))
-        kcore = pc.binary_join_element_wise("kcore-", who, ": ", who, " '", ids, "' had ", _text(rows["_left"]),
-                                            " interaction(s) left in round ", _text(rows["_round"]),
+        kcore = pc.binary_join_element_wise("kcore-", who, ": ", who, " '", ids, "' had ", _text(pd.Series(left[at])),
+                                            " interaction(s) left in round ", _text(pd.Series(rnd[at])),
                                             f", fewer than kcore = {k}", "")
         no_train = pc.binary_join_element_wise(
             "no-train: user '", ids, "' has no train interaction left; a user in valid / test needs one", "")
-        return pc.if_else(pa.array((rows["_code"] == 3).to_numpy()), no_train, kcore)
+        return pc.if_else(pa.array(code[at] == 3), no_train, kcore)
 
     return reasons
 

@@ -48,6 +48,11 @@ class Catalog:
     user_order: list[str] | None = None  # user ids in dense-index order; None = order of first appearance
     features: dict[str, Path] = field(default_factory=dict)  # modality -> .npy whose rows follow _feature_row
 
+    def hand_over_interactions(self) -> pd.DataFrame:
+        """The raw interactions, no longer held here: once cleaned, their strings can be freed."""
+        frame, self.interactions = self.interactions, pd.DataFrame()
+        return frame
+
 
 def load_catalog(config: Config, rejects: Rejects, log: Callable[[str], None]) -> Catalog:
     fmt = config.ingest.format

@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> StageResult:
     _check_policy(cfg, catalog)
     root = config.resolve(cfg.catalog_root)
     items, rejected_items = clean_items(catalog.items, rejects, root)
-    inter = clean_interactions(catalog.interactions, items, rejected_items, rejects,
+    inter = clean_interactions(catalog.hand_over_interactions(), items, rejected_items, rejects,
                                split_policy=cfg.split, min_rating=cfg.min_rating)
     inter, items = filter_core(inter, items, rejects, k=cfg.kcore, need_train=cfg.split == "given")
     cutoffs: dict[str, int] = {}
