@@ -7,6 +7,7 @@ blank gets the empty text.
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import Any, Mapping
 
@@ -15,6 +16,12 @@ DEFAULT_TEXT_TEMPLATE = "{title}. {description}"
 
 def template_fields(template: str) -> list[str]:
     """Names of the ``{placeholders}`` in ``template``; only plain names are allowed."""
+    return list(_parsed_fields(template))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_fields(template: str) -> tuple[str, ...]:
+    """:func:`template_fields`, parsed once per template (ingest fills one template for every item)."""
     names = []
     try:
         parsed = list(string.Formatter().parse(template))
@@ -26,7 +33,7 @@ def template_fields(template: str) -> list[str]:
         if not name.isidentifier() or spec or conv:
             raise ValueError(f"text template {template!r}: use plain {{column}} placeholders, got {{{name}}}")
         names.append(name)
-    return names
+    return tuple(names)
 
 
 def apply_text_template(template: str, fields: Mapping[str, Any]) -> str:
