@@ -94,22 +94,18 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
     from clearrec.models.registry import backbone_class
     from clearrec.models.trainer import TrainOptions, fit
     from clearrec.pipeline.config.train import reference_lr_decay
+    from clearrec.stages.train import TrainData, build_backbone
 
     pairs, feats, nu, ni = load()
     train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
-    cls = backbone_class(name)
     kwargs, default_lr = SETTINGS[name]
     lr = default_lr if lr is None else lr
-    accepts = inspect.signature(cls).parameters
-    args = {"num_users": nu, "num_items": ni, **kwargs, **(overrides or {})}
-    if "edge_index" in accepts:
-        args["edge_index"] = pairs[0]
-    if "features" in accepts:  # a mapping modality name -> (I, d) features
-        args["features"] = feats
-    if "embedding_dim" in accepts:
-        args["embedding_dim"] = 64
+    settings = {**kwargs, **(overrides or {})}
+    if "embedding_dim" in inspect.signature(backbone_class(name)).parameters:
+        settings = {"embedding_dim": 64, **settings}
     torch.manual_seed(seed)
-    model = cls(**args)
+    model = build_backbone(name, settings, TrainData([""] * nu, [""] * ni, {"train": train, "valid": valid, "test": test},
+                                                     feats, {}))
     t0, c0 = time.perf_counter(), time.process_time()
     result = fit(model, train, valid, test, TrainOptions(lr=lr, lr_decay=reference_lr_decay(name), epochs=epochs,
                                                                seed=seed),
