@@ -117,6 +117,7 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
             "cpu_s": time.process_time() - c0,
             "train_s": statistics.median(r.train_seconds for r in hist),
             "eval_s": statistics.median(r.eval_seconds for r in hist),
+            "train_all": [r.train_seconds for r in hist], "eval_all": [r.eval_seconds for r in hist],
             "valid": result.valid["recall@20"], **{k: result.test[k] for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")}}
 
 
