@@ -280,6 +280,30 @@ def test_csv_values_are_kept_as_written(tmp_path):
     assert items[["item_id", "title", "code"]].values.tolist() == [["007", "Lamp", "0.50"], ["8", 'a "b", c', "NULL"]]
 
 
+def test_values_lose_unicode_whitespace_at_their_ends_only(tmp_path):
+    """Stripping is skipped for a column none of whose values starts or ends with whitespace; a column
+    that has one is stripped of every Unicode White_Space character at the ends, as before."""
+    (tmp_path / "items.csv").write_text("item_id,title\n\u00a0i1\u3000,Lamp\u2028\ni2,\tClock  x\x0b\n",
+                                        encoding="utf-8")
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\nu1,i1\nu1,i2\n")
+    _, store, _ = run(tmp_path, items="items.csv", interactions="interactions.csv")
+    items = table(store, "items.parquet")
+    assert items[["item_id", "title"]].values.tolist() == [["i1", "Lamp"], ["i2", "Clock  x"]]
+
+
+def test_reject_counts_by_code_add_up_over_shared_and_per_row_reasons(tmp_path):
+    """A reason shared by a whole check and reasons built per row are counted together by code."""
+    inter = INTERACTIONS + [{"user_id": "", "item_id": "i1", "timestamp": "", "rating": ""},
+                            {"user_id": "u1", "item_id": "i1", "timestamp": "5", "rating": ""},
+                            {"user_id": "u2", "item_id": "i2", "timestamp": "6", "rating": ""},
+                            {"user_id": "u3", "item_id": "nope", "timestamp": "", "rating": ""}]
+    result, store, _ = run(tmp_path, **catalog(tmp_path, interactions=inter))
+    rej = rejects(store)
+    assert result.counts["reject_reasons"] == {"duplicate-interaction": 2, "empty-id": 1, "unknown-item": 1}
+    assert rej["reason"].str.split(":").str[0].value_counts().to_dict() == result.counts["reject_reasons"]
+    assert rej["row"].tolist() == [7, 10, 8, 9]  # lines, in the order of the checks: empty id, unknown item, duplicates
+
+
 def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     keys = catalog(tmp_path)
     text = (tmp_path / "interactions.csv").read_text()
