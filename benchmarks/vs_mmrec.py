@@ -145,8 +145,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     ap.add_argument("--rounds", type=int, default=1, help="ours / reference pairs per model")
     ap.add_argument("--reference-python", default=sys.executable,
-                    help="interpreter for the reference worker: MMRec imports lmdb, so one with it installed "
-                         "(and torch, numpy, scipy, pandas, pyyaml); default this one")
+                    help="interpreter for the reference worker: MMRec imports lmdb, and its MMGCN torch_geometric, "
+                         "so one with those installed (and torch, numpy, scipy, pandas, pyyaml); default this one")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "DATA"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     mmrec = args.mmrec.resolve()
