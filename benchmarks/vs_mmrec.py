@@ -23,7 +23,8 @@ those graphs to the GPU with ``.cuda()`` in the constructor, on a machine withou
 writes its logs under ``<mmrec>/src/log``; the data is staged in a temporary folder.
 
     .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python
-    .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python --models vbpr,bm3 --epochs 5 --rounds 2
+    .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python \\
+        --models vbpr,bm3 --epochs 5 --rounds 2
 """
 
 from __future__ import annotations

@@ -68,15 +68,16 @@ class Sieve:
         self.rejects, self.kind, self.frame = rejects, kind, frame
         self.alive = np.ones(len(frame), dtype=bool)
 
-    def reject(self, mask: np.ndarray | pd.Series, reason: str | Callable[..., pa.Array]) -> None:
+    def reject(self, mask: np.ndarray | pd.Series,
+               reason: str | Callable[[pd.DataFrame, np.ndarray], pa.Array]) -> None:
         """Reject the alive rows where ``mask`` holds. ``reason``: a string, or a function of the
-        rejected rows (a frame; with a second parameter, also their positions in the frame)."""
+        rejected rows (a frame) and their positions in the frame, giving one reason per row."""
         at = np.flatnonzero(np.asarray(mask, dtype=bool) & self.alive)
         if not len(at):
             return
         rows = self.frame.take(at).reset_index(drop=True)
         if not isinstance(reason, str):
-            reason = reason(rows, at) if reason.__code__.co_argcount == 2 else reason(rows)
+            reason = reason(rows, at)
         self.rejects.add(self.kind, pa.array(rows["_src"]), rows["_row"].to_numpy(), reason)
         self.alive[at] = False
 
@@ -214,14 +215,14 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     for col in ("user_id", "item_id"):
         sieve.reject(inter[col] == "", f"empty-id: the {col} is empty")
     ts, bad = parse_timestamps(inter["timestamp"])
-    sieve.reject(bad, lambda rows: _join(
+    sieve.reject(bad, lambda rows, _: _join(
         "bad-timestamp: ", *_q(rows["timestamp"]), " is neither unix seconds nor an ISO-8601 date"))
     rating = to_float(inter["rating"])
     sieve.reject((inter["rating"] != "").to_numpy() & ~np.isfinite(rating),
-                 lambda rows: _join("bad-rating: ", *_q(rows["rating"]), " is not a number"))
+                 lambda rows, _: _join("bad-rating: ", *_q(rows["rating"]), " is not a number"))
     if split_policy == "given":
         split = inter["split"].str.lower().map(SPLIT_ALIASES)
-        sieve.reject(split.isna(), lambda rows: _join(
+        sieve.reject(split.isna(), lambda rows, _: _join(
             "bad-split: ", *_q(rows["split"]), " is not train / valid / test (or val, 0 / 1 / 2)"))
         split = split.fillna(-1).to_numpy(np.int8)
     else:
@@ -231,7 +232,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     sieve.reject(~known & (pos >= 0), lambda rows, at: _join(
         "rejected-item: item_id ", *_q(rows["item_id"]), " was rejected (items ",
         pd.Series(rejected_items.to_numpy(dtype=object)[pos[at]], dtype="str"), ")"))
-    sieve.reject(~known, lambda rows: _join(
+    sieve.reject(~known, lambda rows, _: _join(
         "unknown-item: item_id ", *_q(rows["item_id"]), " is not among the items read; add it to the items file "
         "(or fix its rejected row there) or remove this row"))
     if min_rating is not None:
@@ -246,7 +247,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     src, row = inter["_src"], inter["_row"].to_numpy()
     dup = np.zeros(len(inter), dtype=bool)
     dup[dup_at] = True
-    sieve.reject(dup, lambda rows: _join(
+    sieve.reject(dup, lambda rows, _: _join(
         "duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]), " already at ",
         *_where(src.take(first), pd.Series(row[first])), " (the first is kept)"))
     keep = np.flatnonzero(sieve.alive)

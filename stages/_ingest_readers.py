@@ -64,7 +64,8 @@ class Rejects:
         if not mask.any():
             return frame
         bad = frame[mask]
-        self.add(kind, pa.array(bad["_src"]), bad["_row"].to_numpy(), reason if isinstance(reason, str) else reason(bad))
+        why = reason if isinstance(reason, str) else reason(bad)
+        self.add(kind, pa.array(bad["_src"]), bad["_row"].to_numpy(), why)
         return frame[~mask]
 
     def add_bad(self, kind: str, path: Path) -> Callable[[list[int], list[str]], None]:
