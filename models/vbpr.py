@@ -95,8 +95,11 @@ class VBPR(Backbone):
     with ``q_i`` the item's ID embedding and ``x_m`` its (fixed) features of modality ``m``,
     concatenated in the order of the ``features`` mapping (``hparams()["modalities"]``, and so
     model.json, list them in that order). Loss: BPR plus ``reg * emb_norm`` of the batch's
-    user, positive and negative vectors. :meth:`content_item_vectors` gives vectors for new
-    items from their features alone (``q = 0``), comparable with the trained item vectors.
+    user, positive and negative vectors. A batch with at least as many item rows (2B) as the
+    catalog projects the whole feature table, as the reference does in every batch; a smaller one
+    only its distinct items (the same values, less work on a large catalog).
+    :meth:`content_item_vectors` gives vectors for new items from their features alone
+    (``q = 0``), comparable with the trained item vectors.
 
     Args:
         num_users, num_items: ``U``, ``I``.
@@ -156,13 +159,12 @@ class VBPR(Backbone):
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         u = self.user_embedding[users]  # (B, 2d)
-        if self.modality_hook is None:
-            items = torch.cat([pos_items, neg_items])
+        items = torch.cat([pos_items, neg_items])
+        if self.modality_hook is not None or len(items) >= self.num_items:  # about the whole table: no gather
+            content = self._content(self.features)[items]
+        else:
             uniq, inv = torch.unique(items, return_inverse=True)
             content = self.content(self.features[uniq])[inv]  # (2B, d): only the batch's items
-        else:
-            items = torch.cat([pos_items, neg_items])
-            content = self._content(self.features)[items]
         vecs = torch.cat([self.item_embedding[items], content], dim=1)  # (2B, 2d)
         p, n = vecs.chunk(2)
         loss = bpr_loss((u * p).sum(1), (u * n).sum(1))

@@ -284,6 +284,22 @@ def test_vbpr_content_vectors_for_new_items():
     assert text_only.content_item_vectors({"text": xt[:2]}).shape == (2, 32)
 
 
+@pytest.mark.parametrize("batch", [3, NI])  # 2B < I: the batch's distinct items projected; 2B >= I: the whole table
+def test_vbpr_reference_loss_and_gradients(batch):
+    m = _make("vbpr", None, reg=0.5)
+    g = torch.Generator().manual_seed(3)
+    users, pos, neg = (torch.randint(0, n, (batch,), generator=g) for n in (NU, NI, NI))
+    items = torch.cat([m.item_embedding, m.content(m.features)], dim=1)  # v_i = [q_i ; W x_i + b]
+    u = m.user_embedding[users]
+    bpr = -torch.log(torch.sigmoid((u * items[pos]).sum(1) - (u * items[neg]).sum(1))).mean()
+    reference = bpr + 0.5 * (u.norm() + items[pos].norm() + items[neg].norm()) / batch
+    expected = torch.autograd.grad(reference, list(m.parameters()))
+    loss = m.loss(users, pos, neg)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(torch.autograd.grad(loss, list(m.parameters())), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_lightgcn_reference_loss():
     (_, _, _), edges = _splits()
     m = _make("lightgcn", edges, reg=1e-2)
