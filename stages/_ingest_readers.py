@@ -135,10 +135,6 @@ def _strings(values: str | Sequence[str] | pa.Array, n: int) -> pa.Array:
     return pa.array(values, pa.string(), from_pandas=True)
 
 
-def _concat(arrays: list[pa.Array]) -> pa.Array:
-    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
-
-
 @dataclass
 class RawTable:
     """One raw file as string columns ("" = missing), plus the row number of each kept record."""

@@ -284,7 +284,7 @@ def test_vbpr_content_vectors_for_new_items():
     assert text_only.content_item_vectors({"text": xt[:2]}).shape == (2, 32)
 
 
-@pytest.mark.parametrize("batch", [3, NI])  # 2B < I: the batch's distinct items projected; 2B >= I: the whole table
+@pytest.mark.parametrize("batch", [3, NI])  # 2B < I: the distinct items projected; 2B >= I: the whole table
 def test_vbpr_reference_loss_and_gradients(batch):
     m = _make("vbpr", None, reg=0.5)
     g = torch.Generator().manual_seed(3)
