@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +18,7 @@ import pyarrow as pa
 from ..models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template
 from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
-from ._ingest_readers import Rejects
+from ._ingest_readers import Rejects, Sieve
 
 pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
 pc = lazy_module("pyarrow.compute")
@@ -55,31 +54,6 @@ def _where(src: pd.Series, row: pd.Series) -> tuple[pd.Series, str, pd.Series]:
     """ "file.csv row N" per row: the pieces for :func:`_join`."""
     src = src.astype("category")
     return src.cat.rename_categories([Path(s).name for s in src.cat.categories]), " row ", row
-
-
-class Sieve:
-    """Rows of one frame rejected step by step, the frame itself left as it is (no copy per step).
-
-    Each :meth:`reject` sees only the rows no earlier step rejected, so a row gets the first
-    reason that applies; ``alive`` marks the rows still kept.
-    """
-
-    def __init__(self, rejects: Rejects, kind: str, frame: pd.DataFrame) -> None:
-        self.rejects, self.kind, self.frame = rejects, kind, frame
-        self.alive = np.ones(len(frame), dtype=bool)
-
-    def reject(self, mask: np.ndarray | pd.Series,
-               reason: str | Callable[[pd.DataFrame, np.ndarray], pa.Array]) -> None:
-        """Reject the alive rows where ``mask`` holds. ``reason``: a string, or a function of the
-        rejected rows (a frame) and their positions in the frame, giving one reason per row."""
-        at = np.flatnonzero(np.asarray(mask, dtype=bool) & self.alive)
-        if not len(at):
-            return
-        rows = self.frame.take(at).reset_index(drop=True)
-        if not isinstance(reason, str):
-            reason = reason(rows, at)
-        self.rejects.add(self.kind, pa.array(rows["_src"]), rows["_row"].to_numpy(), reason)
-        self.alive[at] = False
 
 
 # ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------
@@ -242,11 +216,11 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
         sieve.reject(np.isnan(ts), f"no-timestamp: split = '{split_policy}' needs a timestamp on every interaction")
     alive = np.flatnonzero(sieve.alive)
     first = alive[first_of_pair(codes(inter["user_id"])[alive], codes(inter["item_id"])[alive])]
-    dup_at, first = alive[first != alive], first[first != alive]  # a later row of a (user, item) pair, and the first
-    del alive
-    src, row = inter["_src"], inter["_row"].to_numpy()
+    later = first != alive  # a later row of a (user, item) pair; first[later] is the pair's first row
     dup = np.zeros(len(inter), dtype=bool)
-    dup[dup_at] = True
+    dup[alive[later]] = True
+    first = first[later]
+    src, row = inter["_src"], inter["_row"].to_numpy()
     sieve.reject(dup, lambda rows, _: _join(
         "duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]), " already at ",
         *_where(src.take(first), pd.Series(row[first])), " (the first is kept)"))

@@ -63,10 +63,9 @@ class Rejects:
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             return frame
-        bad = frame[mask]
-        why = reason if isinstance(reason, str) else reason(bad)
-        self.add(kind, pa.array(bad["_src"]), bad["_row"].to_numpy(), why)
-        return frame[~mask]
+        sieve = Sieve(self, kind, frame)
+        sieve.reject(mask, reason if isinstance(reason, str) else lambda rows, _: reason(rows))
+        return frame[sieve.alive]
 
     def add_bad(self, kind: str, path: Path) -> Callable[[list[int], list[str]], None]:
         """A callback that rejects rows of ``path`` by number (used while parsing)."""
@@ -104,6 +103,31 @@ class Rejects:
             for name, c in zip(names.to_pylist(), n.tolist()):
                 counts[name] = counts.get(name, 0) + c
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+class Sieve:
+    """Rows of one frame rejected step by step, the frame itself left as it is (no copy per step).
+
+    Each :meth:`reject` sees only the rows no earlier step rejected, so a row gets the first
+    reason that applies; ``alive`` marks the rows still kept.
+    """
+
+    def __init__(self, rejects: Rejects, kind: str, frame: pd.DataFrame) -> None:
+        self.rejects, self.kind, self.frame = rejects, kind, frame
+        self.alive = np.ones(len(frame), dtype=bool)
+
+    def reject(self, mask: np.ndarray | pd.Series,
+               reason: str | Callable[[pd.DataFrame, np.ndarray], pa.Array]) -> None:
+        """Reject the alive rows where ``mask`` holds. ``reason``: a string, or a function of the
+        rejected rows (a frame) and their positions in the frame, giving one reason per row."""
+        at = np.flatnonzero(np.asarray(mask, dtype=bool) & self.alive)
+        if not len(at):
+            return
+        rows = self.frame.take(at).reset_index(drop=True)
+        if not isinstance(reason, str):
+            reason = reason(rows, at)
+        self.rejects.add(self.kind, pa.array(rows["_src"]), rows["_row"].to_numpy(), reason)
+        self.alive[at] = False
 
 
 def _reason_codes(reasons: pa.Array) -> pa.Array:
