@@ -28,7 +28,51 @@ def _gate(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid())
 
 
-class MGCN(Backbone):
+class ContentSideBackbone(Backbone):
+    """What MGCN and SMORE share (SMORE's reference is built on MGCN's code).
+
+    Both hold ``user_embedding`` / ``item_embedding``, per-modality linear maps ``trs`` of the
+    item ``features``, gates ``gate`` / ``prefer`` and attention ``query`` modules, and define
+    :meth:`embeddings` as ``(e^{id}, e^{s})`` of all nodes (U+I, d) each, users first. Scores use
+    ``e^{id} + e^{s}``; the loss is :func:`~clearrec.models.graph.content_side_loss` over the two.
+    """
+
+    uses_graph = True
+    uses_features = True
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.user_embedding)
+        nn.init.xavier_uniform_(self.item_embedding)
+        for module in (self.trs, self.gate, self.prefer, self.query):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+
+    def encoded_features(self) -> dict[str, Tensor]:
+        """``{m: W_m x_m + b_m}`` for all items, (I, d) each: the input of CLEAR's dynamic mode."""
+        return {m: self.trs[m](self.features[m]) for m in self.modalities}
+
+    def pre_epoch(self, generator: torch.Generator | None = None) -> None:
+        """CLEAR's dynamic refit (nothing else changes between epochs)."""
+        if self.modality_hook is not None:
+            with torch.no_grad():
+                self.modality_hook.refit(self.encoded_features())
+
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        content, side = self.embeddings()
+        out = content + side
+        return out[: self.num_users], out[self.num_users :]
+
+    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
+        content, side = self.embeddings()
+        return content_side_loss(content, side, self.num_users, users, pos_items, neg_items, self.reg_weight,
+                                 self.cl_weight, self.temperature)
+
+
+class MGCN(ContentSideBackbone):
     r"""MGCN (Yu et al., "Multi-View Graph Convolutional Network for Multimedia Recommendation",
     ACM MM 2023).
 
@@ -83,9 +127,6 @@ class MGCN(Backbone):
         modality_hook: CLEAR's dynamic mode (see above); needs two modalities.
     """
 
-    uses_graph = True
-    uses_features = True
-
     def __init__(
         self,
         num_users: int,
@@ -134,24 +175,6 @@ class MGCN(Backbone):
         self.register_buffer("r_t", r_t, persistent=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.user_embedding)
-        nn.init.xavier_uniform_(self.item_embedding)
-        for module in (self.trs, self.gate, self.prefer, self.query):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-
-    def encoded_features(self) -> dict[str, Tensor]:
-        """``{m: W_m x_m + b_m}`` for all items, (I, d) each: the purifier gates' inputs."""
-        return {m: self.trs[m](self.features[m]) for m in self.modalities}
-
-    def pre_epoch(self, generator: torch.Generator | None = None) -> None:
-        """CLEAR's dynamic refit (nothing else changes between epochs)."""
-        if self.modality_hook is not None:
-            with torch.no_grad():
-                self.modality_hook.refit(self.encoded_features())
-
     def modality_views(self) -> list[Tensor]:
         """Each modality's view ``[R h_m; h_m]`` with ``h_m = S_m^{L_m} (E_i * gate_m)``, (U+I, d) each."""
         encoded = self.encoded_features()
@@ -178,16 +201,6 @@ class MGCN(Backbone):
         """``(e^{id}, e^{s})`` of all nodes, (U+I, d) each (users first)."""
         content = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.layers)
         return content, self.fuse(content, self.modality_views())
-
-    def forward(self) -> tuple[Tensor, Tensor]:
-        content, side = self.embeddings()
-        out = content + side
-        return out[: self.num_users], out[self.num_users :]
-
-    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        content, side = self.embeddings()
-        return content_side_loss(content, side, self.num_users, users, pos_items, neg_items, self.reg_weight,
-                                 self.cl_weight, self.temperature)
 
     def hparams(self) -> dict[str, Any]:
         return {

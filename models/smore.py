@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, ModalityHook
+from .base import ModalityHook
 from .graph import (
     check_features,
-    content_side_loss,
     knn_cosine,
     layer_mean,
     max_union,
@@ -22,12 +21,12 @@ from .graph import (
     user_item_block,
     user_item_graph,
 )
-from .mgcn import _gate
+from .mgcn import ContentSideBackbone, _gate
 
 FUSION = "fusion"  # the key of the fused view among the per-modality modules
 
 
-class SMORE(Backbone):
+class SMORE(ContentSideBackbone):
     r"""SMORE (Ong & Khong, "Spectrum-based Modality Representation Fusion Graph Convolutional
     Network for Multimodal Recommendation", WSDM 2025).
 
@@ -85,9 +84,6 @@ class SMORE(Backbone):
         trainable_features: let Adam update the input features (reference: True).
         modality_hook: CLEAR's dynamic mode (see above); needs two modalities.
     """
-
-    uses_graph = True
-    uses_features = True
 
     def __init__(
         self,
@@ -153,24 +149,9 @@ class SMORE(Backbone):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.user_embedding)
-        nn.init.xavier_uniform_(self.item_embedding)
-        for module in (self.trs, self.gate, self.prefer, self.query):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
+        super().reset_parameters()
         for w in self.filters.values():
             nn.init.normal_(w)
-
-    def encoded_features(self) -> dict[str, Tensor]:
-        """``{m: W_m x_m + b_m}`` for all items, (I, d) each: the spectral filters' inputs."""
-        return {m: self.trs[m](self.features[m]) for m in self.modalities}
-
-    def pre_epoch(self, generator: torch.Generator | None = None) -> None:
-        """CLEAR's dynamic refit (nothing else changes between epochs)."""
-        if self.modality_hook is not None:
-            with torch.no_grad():
-                self.modality_hook.refit(self.encoded_features())
 
     def spectral(self, encoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The filtered modalities ``c_m`` and the fused ``c_f`` (key ``"fusion"``), (I, d) each."""
@@ -205,16 +186,6 @@ class SMORE(Backbone):
             parts.append(self.dropout(self.prefer[m](content)) * att * views[m])
         parts.append(self.dropout(self.prefer[FUSION](content)) * fused)
         return content, torch.stack(parts).mean(0)
-
-    def forward(self) -> tuple[Tensor, Tensor]:
-        content, side = self.embeddings()
-        out = content + side
-        return out[: self.num_users], out[self.num_users :]
-
-    def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        content, side = self.embeddings()
-        return content_side_loss(content, side, self.num_users, users, pos_items, neg_items, self.reg_weight,
-                                 self.cl_weight, self.temperature)
 
     def hparams(self) -> dict[str, Any]:
         return {
