@@ -166,6 +166,11 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server = start_server(workdir, port, log)
     try:
+        if args.text_share > 0:  # the text encoder loads after start-up: time the load, then measure steady state
+            t0 = time.perf_counter()
+            httpx.post(f"http://127.0.0.1:{port}/search", json={"text": TEXTS[0], "k": args.k},
+                       timeout=600).raise_for_status()
+            print(f"first text search answered {time.perf_counter() - t0:.1f} s after start-up (encoder load)")
         offered = "closed loop" if args.rate <= 0 else f"{args.rate:g}/s each ({args.rate * args.clients:g}/s offered)"
         print(f"{args.clients} clients, {offered}, {args.seconds:g} s, k={args.k}, {len(users)} users, "
               f"{len(items)} items; load average before {os.getloadavg()}")

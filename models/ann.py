@@ -205,13 +205,13 @@ def search_parameters(index: faiss.Index, ef_search: int | None = None, nprobe: 
 
     Raises ``ValueError`` when a knob is given that ``index`` does not have.
     """
+    if ef_search is None and nprobe is None:
+        return None
     have = knob(index)
     if ef_search is not None and have != "efSearch":
         raise ValueError(f"efSearch applies to HNSW indexes; this index is {describe(index)}")
     if nprobe is not None and have != "nprobe":
         raise ValueError(f"nprobe applies to IVF indexes; this index is {describe(index)}")
-    if ef_search is None and nprobe is None:
-        return None
     leaf = faiss.SearchParametersHNSW() if ef_search is not None else faiss.SearchParametersIVF()
     if ef_search is not None:
         leaf.efSearch = int(ef_search)

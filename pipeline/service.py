@@ -37,7 +37,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..models import ann
 from .api import MAX_K, Hit, Recommender, UnknownIdError, open_workdir
 from .errors import ArtifactError, ClearrecError, EncoderUnavailableError
 
@@ -196,7 +195,7 @@ class FastPath:
         if call is not None:
             index, query = call
             try:
-                if ann.knob(index) is not None or index.ntotal * index.d <= self.INLINE_MAX:
+                if index.knob is not None or index.index.ntotal * index.index.d <= self.INLINE_MAX:
                     hits = query()
                 else:
                     hits = await anyio.to_thread.run_sync(query)
@@ -211,7 +210,7 @@ class FastPath:
         await self.app(scope, receive, send)
 
     def _parse(self, scope: dict) -> tuple[Any, Callable[[], list[Hit]]] | None:
-        """(index searched, the query) for a plain, well-formed request; else None."""
+        """(the LoadedIndex searched, the query) for a plain, well-formed request; else None."""
         kind, _, key = scope["path"].lstrip("/").partition("/")
         rec: Recommender | None = self.state.get("rec")
         if kind not in ("recommend", "similar") or not key or "/" in key or rec is None:
@@ -231,12 +230,12 @@ class FastPath:
             flag = self.FLAGS.get(args.get("exclude_seen", "true"))
             if flag is None:
                 return None
-            return rec.items.index, lambda: rec.recommend(key, num["k"], flag, num["ef_search"], num["nprobe"])
+            return rec.items, lambda: rec.recommend(key, num["k"], flag, num["ef_search"], num["nprobe"])
         source = args.get("source", "content")
         index = rec.items if source == "cf" else rec.content if source == "content" else None
         if index is None:
             return None
-        return index.index, lambda: rec.similar(key, num["k"], source, num["ef_search"], num["nprobe"])
+        return index, lambda: rec.similar(key, num["k"], source, num["ef_search"], num["nprobe"])
 
 
 class BodyLimit:

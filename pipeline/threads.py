@@ -15,11 +15,12 @@ from .errors import ConfigError
 
 @contextmanager
 def _scoped(get: Callable[[], int], set_: Callable[[int], None], n: int | None) -> Iterator[None]:
-    """``set_(n)`` for the block, then the previous value back; ``n`` None or 0 changes nothing."""
-    if not n:
+    """``set_(n)`` for the block, then the previous value back; ``n`` None or 0, or the count already
+    set, changes nothing (setting a pool's size costs more than many a query it runs)."""
+    before = get() if n else None
+    if not n or before == n:
         yield
         return
-    before = get()
     set_(n)
     try:
         yield

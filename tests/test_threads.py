@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clearrec.pipeline.threads import ThreadGovernor, _cpu_ticks
+from clearrec.pipeline.threads import ThreadGovernor, _cpu_ticks, _scoped
 
 from test_train_stage import config, run, write_workdir
 
@@ -77,3 +77,19 @@ def test_train_stage_default_is_adaptive_and_restores_torch(tmp_path):
     assert all(1 <= int(n) <= before for n in threads["epochs_per_count"])
     run(store, config(**{"train.backbone": "lightgcn", "train.epochs": 2, "train.threads": 1}))
     assert store.read_json("model/model.json")["training"]["threads"] == {"setting": 1, "epochs_per_count": {"1": 2}}
+
+
+def test_scoped_count_is_set_and_restored_only_when_it_differs():
+    calls = []
+    state = {"n": 1}
+
+    def set_(n):
+        calls.append(n)
+        state["n"] = n
+
+    with _scoped(lambda: state["n"], set_, 1):
+        pass
+    assert calls == []  # already 1: a per-query scope costs no pool resize
+    with _scoped(lambda: state["n"], set_, 3):
+        assert state["n"] == 3
+    assert calls == [3, 1] and state["n"] == 1
