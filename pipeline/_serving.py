@@ -4,7 +4,8 @@
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
 - :class:`QueryEncoder`: the catalog's encoders, CLEAR projector, fill vectors and content
-  layout, for queries and new items;
+  layout, for queries and new items (the text encoder optionally in its own process,
+  :mod:`._encoder_process`);
 - :func:`load_content_pathway`: the trained backbone's content layer alone (VBPR), for new items;
 - :class:`QueryBatcher`: concurrent queries collected on the encoder thread, texts encoded together;
 - :func:`decode_query_image`: a query image decoded reduced to the encoder's input size;
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 
 from ..models import ann
 from ..models.content import ContentLayout
+from ._encoder_process import TextEncoderProcess
 from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from .store import ArtifactStore, arrow_to_vectors, resolve_inside
 from .threads import torch_threads
@@ -155,9 +157,9 @@ class QueryEncoder:
     """
 
     def __init__(self, store: ArtifactStore, layout: ContentLayout | None, blocks: dict[str, dict[str, Any]],
-                 encoders: Mapping[str, Any], max_pixels: int, device: str):
+                 encoders: Mapping[str, Any], max_pixels: int, device: str, text_process: bool = False):
         self.store, self.layout, self.blocks = store, layout, blocks
-        self.max_pixels, self.device = max_pixels, device
+        self.max_pixels, self.device, self.text_process = max_pixels, device, text_process
         self._encoders: dict[str, Any] = {}
         for modality, enc in encoders.items():
             self._encoders[modality] = self._checked(modality, enc)
@@ -168,8 +170,7 @@ class QueryEncoder:
         # which are per thread, so a fixed thread makes a query's vector the same bytes
         # whichever thread (HTTP worker, caller) asks
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearrec-encode")
-        self._batcher = QueryBatcher(self._worker,
-                                     lambda m, payloads: encode_rows(self.encoder(m), self.kind(m), payloads))
+        self._batcher = QueryBatcher(self._worker, self._encode_batch)
         self._decodes = threading.BoundedSemaphore(MAX_DECODES)
 
     def block(self, modality: str) -> dict[str, Any]:
@@ -203,13 +204,30 @@ class QueryEncoder:
                 if identity in (None, "imported"):
                     raise EncoderUnavailableError(f"the catalog's {modality} features were imported without an "
                                                   f"encoder, so {modality} queries cannot be encoded")
-                if self.kind(modality) == "text":
+                if self.kind(modality) == "text" and self.text_process:
+                    enc = TextEncoderProcess(identity, device=self.device, normalize=block["encoder_normalized"],
+                                             torch_threads=QUERY_TORCH_THREADS)
+                elif self.kind(modality) == "text":
                     enc = load_text_encoder(identity, device=self.device, normalize=block["encoder_normalized"])
                 else:
                     enc = load_image_encoder(identity, device=self.device, normalize=block["encoder_normalized"],
                                              max_pixels=self.max_pixels)
                 self._encoders[modality] = self._checked(modality, enc)
             return self._encoders[modality]
+
+    def _encode_batch(self, modality: str, payloads: list[Any]) -> list[Any]:
+        """The batcher's forward pass: :func:`encode_rows` here, or in the encoder's own process."""
+        enc = self.encoder(modality)
+        if isinstance(enc, TextEncoderProcess):
+            return enc.encode_rows(payloads)
+        return encode_rows(enc, self.kind(modality), payloads)
+
+    def close(self) -> None:
+        """Stop encoder processes and the encoder thread."""
+        for enc in self._encoders.values():
+            if isinstance(enc, TextEncoderProcess):
+                enc.close()
+        self._worker.shutdown(wait=False)
 
     def _checked(self, modality: str, enc: Any) -> Any:
         """``enc`` if it is the catalog's encoder: same identity and, where both are known, same weights."""
@@ -393,7 +411,7 @@ class QueryBatcher:
                     future.set_result(row)
 
 
-def encode_rows(enc: Any, kind: str, payloads: list[Any]) -> list[Any]:
+def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_TORCH_THREADS) -> list[Any]:
     """Encoder output per payload, (d,) each (or the exception of a payload that failed).
 
     Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
@@ -407,7 +425,7 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any]) -> list[Any]:
     batch exactly, so image queries and other encoders run one forward pass per query (on the
     same encoder thread).
     """
-    with torch_threads(QUERY_TORCH_THREADS):
+    with torch_threads(threads):
         tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if kind == "text" else []
         if not hasattr(enc, "encode_tokens") or not any(
                 isinstance(t, Mapping) and "attention_mask" in t for t in tokens):

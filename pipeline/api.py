@@ -117,10 +117,13 @@ class Recommender:
             of loading the identity recorded in the features metadata (which they must match).
         max_image_pixels: decompression-bomb cap for query and new-item images.
         device: torch device of the query encoders.
+        text_encoder_process: load the text query encoder in a child process (its forward
+            passes then run outside this process's GIL: what a server answering other requests
+            at the same time needs); the vectors are the same bytes. Not for ``encoders``.
     """
 
     def __init__(self, workdir: str | Path, omp_threads: int | None = 1, encoders: Mapping[str, Any] | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu"):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", text_encoder_process: bool = False):
         root = Path(workdir).expanduser()
         if not root.is_dir():
             raise ArtifactError(f"work directory {root} does not exist; run 'clearrec run' first")
@@ -135,7 +138,8 @@ class Recommender:
         self._titles = read_titles(self.store)
         self._user_row, self._user_vectors = read_users(self.store)
         self._seen = read_seen(self.store, self.items)
-        self._queries = QueryEncoder(self.store, layout, self._blocks, encoders or {}, max_image_pixels, device)
+        self._queries = QueryEncoder(self.store, layout, self._blocks, encoders or {}, max_image_pixels, device,
+                                     text_process=text_encoder_process)
         self._pathway, self._pathway_lock = None, threading.Lock()
 
     # ---- queries ---------------------------------------------------------------------
@@ -244,6 +248,10 @@ class Recommender:
             out["content_index"] = {k: self.info["content"][k] for k in ("factory", "knob", "knob_value", "recall")}
             out["content_index"]["rows"] = self.content.index.ntotal
         return out
+
+    def close(self) -> None:
+        """Stop the query encoders' thread and processes (a server calls it at shutdown)."""
+        self._queries.close()
 
     def warm_up(self) -> None:
         """Load the query encoders now instead of on the first text / image query."""

@@ -101,6 +101,8 @@ def create_app(workdir: str | Path | None = None, recommender: Recommender | Non
         state["rec"] = rec
         yield
         state.clear()
+        if recommender is None:  # opened here: closed here (a recommender passed in is its caller's)
+            rec.close()
 
     app = FastAPI(title="clearrec", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, _invalid_request)

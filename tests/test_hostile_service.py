@@ -263,3 +263,61 @@ def test_http_text_searches_under_concurrency_match_the_python_api(workdir, text
         else:
             assert got == (200, expected[text]), text
     assert len(counting.sizes) < 80  # 80 text queries
+
+
+# ---- 17: the text encoder in its own process (clearrec serve), same bytes ------------------------
+@pytest.fixture(scope="module")
+def encoder_process():
+    from clearrec.pipeline._encoder_process import TextEncoderProcess
+
+    proc = TextEncoderProcess("all-MiniLM-L6-v2")
+    yield proc
+    proc.close()
+
+
+def test_encoder_process_gives_the_bytes_of_the_encoder_in_process(encoder_process, text_encoder):
+    assert (encoder_process.identity, encoder_process.weights_sha256, encoder_process.dim) == \
+        (text_encoder.identity, text_encoder.weights_sha256, text_encoder.dim)
+    here = _serving.encode_rows(text_encoder, "text", TEXTS)
+    there = encoder_process.encode_rows(TEXTS)
+    assert all(np.array_equal(a, b) for a, b in zip(here, there))
+    assert np.array_equal(encoder_process.encode(TEXTS), text_encoder.encode(TEXTS))
+
+
+def test_a_dead_encoder_process_fails_its_call_and_is_restarted(encoder_process, monkeypatch):
+    from clearrec.pipeline import _encoder_process
+    from clearrec.pipeline.errors import EncoderUnavailableError
+
+    started = encoder_process.starts
+    encoder_process._proc.kill()  # dies between calls: the next call starts another
+    encoder_process._proc.wait()
+    assert encoder_process.encode_rows(["swaddle"])[0].shape == (encoder_process.dim,)
+    assert encoder_process.starts == started + 1
+    with monkeypatch.context() as m:  # dies during a call (its reply never comes): that call fails, cleanly
+        m.setattr(_encoder_process, "_recv", lambda stream: encoder_process._proc.kill())
+        with pytest.raises(EncoderUnavailableError, match="exited"):
+            encoder_process.encode_rows(["swaddle"])
+    assert encoder_process.encode_rows(["swaddle"])[0].shape == (encoder_process.dim,)
+    assert encoder_process.starts == started + 2
+
+
+def test_an_encoder_that_cannot_load_is_a_clear_error():
+    from clearrec.pipeline._encoder_process import TextEncoderProcess
+    from clearrec.pipeline.errors import EncoderUnavailableError
+
+    with pytest.raises(EncoderUnavailableError, match="no-such-model"):
+        TextEncoderProcess("sentence-transformers:/no-such-model")
+
+
+def test_search_answers_are_the_same_with_the_text_encoder_in_its_own_process(workdir, text_encoder):
+    here = clearrec.open(workdir, encoders={"text": text_encoder, "image": PaletteEncoder()})
+    there = clearrec.open(workdir, encoders={"image": PaletteEncoder()}, text_encoder_process=True)
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:  # concurrent: batched in the child
+            got = list(pool.map(lambda t: [h.to_dict() for h in there.search_text(t, k=10)], TEXTS))
+        assert got == [[h.to_dict() for h in here.search_text(t, k=10)] for t in TEXTS]
+        child = there._queries.encoder("text")._proc
+        assert child.poll() is None
+    finally:
+        there.close()
+    assert child.poll() is not None  # close() ends the child

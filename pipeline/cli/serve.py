@@ -3,7 +3,9 @@
 Start-up: the work directory is opened (and checksum-verified) first, so that a bad one is a clean
 error; the server then binds and says "serving ... on" once it answers. The query encoders (text /
 image search) load after that, in the background: /health, /recommend and /similar answer at once,
-and a search that arrives before its encoder is loaded waits for it.
+and a search that arrives before its encoder is loaded waits for it. The text encoder runs in a
+child process (``index.serve.text_encoder_process``), so that its forward passes do not wait for
+the server's GIL.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def serve(
     cfg = load_for_queries(config, workdir, set_)
     serve_cfg = cfg.index.serve
     root = workdir_of(cfg, workdir, must_exist=True)
-    rec = open_workdir(root, omp_threads=serve_cfg.omp_threads or None, max_image_pixels=cfg.encode.max_image_pixels)
+    rec = open_workdir(root, omp_threads=serve_cfg.omp_threads or None, max_image_pixels=cfg.encode.max_image_pixels,
+                       text_encoder_process=serve_cfg.text_encoder_process)
     application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes, warm_up=False)
     host, port = host or serve_cfg.host, port or serve_cfg.port
 
@@ -72,4 +75,7 @@ def serve(
                 console.print(f"serving {root} on http://{host}:{port} (Ctrl-C stops)", highlight=False, markup=False)
                 warm_up_in_background(rec)
 
-    Server(uvicorn.Config(application, host=host, port=port, access_log=access_log, log_level="warning")).run()
+    try:
+        Server(uvicorn.Config(application, host=host, port=port, access_log=access_log, log_level="warning")).run()
+    finally:
+        rec.close()
