@@ -416,7 +416,8 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
 
     Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
     padded to a multiple of :data:`TEXT_PAD` tokens, and those of one padded length go through
-    one forward pass on :data:`QUERY_TORCH_THREADS` torch thread(s): each row is then the
+    one forward pass on ``threads`` torch thread(s) (:data:`QUERY_TORCH_THREADS` unless the
+    caller, such as the encoder process, says otherwise): each row is then the
     bytes the text gives alone, padded the same way (measured on CPU with MiniLM: 472 rows of
     3-23 tokens in batches of 2-128, every one bitwise equal to its single-query vector; the
     padding length itself does change the last bits, hence a fixed rule per length). The
