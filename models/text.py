@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import functools
 import string
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_TEXT_TEMPLATE = "{title}. {description}"
+# what str.split() splits on (the characters for which str.isspace() holds) in RE2, without the space
+_OTHER_SPACE = r"\t-\r\x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+# a run of it that is not already one plain space (so single spaces, the common case, are not rewritten)
+_SPACE_RUN = rf" [ {_OTHER_SPACE}]+|[{_OTHER_SPACE}][ {_OTHER_SPACE}]*"
 
 
 def template_fields(template: str) -> list[str]:
@@ -47,6 +54,38 @@ def apply_text_template(template: str, fields: Mapping[str, Any]) -> str:
     if names and not any(values.values()):
         return ""
     return " ".join(template.format_map(values).split())
+
+
+def apply_text_template_columns(template: str, columns: Mapping[str, pa.Array | pa.ChunkedArray],
+                                n: int) -> pa.Array:
+    """:func:`apply_text_template` for ``n`` rows at once, in Arrow compute (no Python string per row).
+
+    ``columns`` maps each placeholder to ``n`` strings (null -> ""); the result equals
+    ``[apply_text_template(template, row) for row in rows]`` value for value.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def collapse(values):
+        return pc.utf8_trim(pc.replace_substring_regex(values, _SPACE_RUN, " "), " ")
+
+    names = template_fields(template)
+    if not names:
+        return pa.array([" ".join(template.split())] * n, pa.large_string())
+    fields = {}
+    for name in names:
+        col = columns[name]
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        fields[name] = collapse(pc.fill_null(pc.cast(col, pa.large_string()), ""))
+    parts: list[Any] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append(pa.scalar(literal, pa.large_string()))
+        if name is not None:
+            parts.append(fields[name])
+    text = collapse(pc.binary_join_element_wise(*parts, pa.scalar("", pa.large_string())))
+    blank = functools.reduce(pc.and_, [pc.equal(f, "") for f in fields.values()])
+    return pc.if_else(blank, pa.scalar("", pa.large_string()), text)
 
 
 def cap_text(template: str, fields: Mapping[str, Any], max_chars: int) -> tuple[str, bool]:

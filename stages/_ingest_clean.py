@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template
+from ..models.text import DEFAULT_TEXT_TEMPLATE, apply_text_template_columns
 from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
 from ._ingest_readers import Rejects, Sieve
@@ -57,40 +57,49 @@ def _where(src: pd.Series, row: pd.Series) -> tuple[pd.Series, str, pd.Series]:
 
 
 # ---- vectorised helpers (Arrow compute on string columns, instead of Python per value) ------
-def _arrow(values: pd.Series | pd.Index | np.ndarray) -> pa.Array | pa.ChunkedArray:
+def arrow_strings(values: pd.Series | pd.Index | np.ndarray) -> pa.Array | pa.ChunkedArray:
     """Strings as Arrow (a pandas str column's chunks as they are: no copy)."""
     return pa.array(values.to_numpy() if isinstance(values, pd.Index) else values, type=pa.large_string(),
                     from_pandas=True)
 
 
 def _value_set(values: pd.Series | pd.Index) -> pa.Array:
-    arr = _arrow(values)
+    arr = arrow_strings(values)
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def isin(values: pd.Series, allowed: pd.Series | pd.Index) -> np.ndarray:
     """(N,) bool: ``values[i]`` is one of ``allowed`` (strings)."""
-    return pc.is_in(_arrow(values), value_set=_value_set(allowed)).to_numpy(zero_copy_only=False)
+    return pc.is_in(arrow_strings(values), value_set=_value_set(allowed)).to_numpy(zero_copy_only=False)
 
 
 def index_in(values: pd.Series, index: pd.Series | pd.Index) -> np.ndarray:
     """(N,) int64 position of each value in ``index`` (unique strings), -1 when absent."""
-    found = pc.index_in(_arrow(values), value_set=_value_set(index))
+    found = pc.index_in(arrow_strings(values), value_set=_value_set(index))
     return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def codes(values: pd.Series) -> np.ndarray:
     """(N,) int32 code per string, numbered in order of first appearance (like ``pd.factorize``)."""
-    encoded = _arrow(values).dictionary_encode()  # one dictionary across the chunks
+    encoded = arrow_strings(values).dictionary_encode()  # one dictionary across the chunks
     chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
     return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks] or [np.zeros(0, np.int32)])
+
+
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for non-negative integer keys, made unique by their position
+    (key * N + position) where that fits in int64, so that the faster default sort gives the same order."""
+    n = len(keys)
+    if n and int(keys.max()) < (2**62) // n:
+        return np.argsort(keys.astype(np.int64) * n + np.arange(n))
+    return np.argsort(keys, kind="stable")
 
 
 def first_of_pair(u: np.ndarray, i: np.ndarray) -> np.ndarray:
     """(N,) position of the first row with the same (``u``, ``i``) pair: a stable sort of the pair keys
     (less memory than ``np.unique`` with its index and inverse)."""
     key = u.astype(np.int64) * (int(i.max(initial=0)) + 1) + i
-    order = np.argsort(key, kind="stable")
+    order = stable_argsort(key)
     key = key[order]
     new = np.ones(len(key), dtype=bool)
     np.not_equal(key[1:], key[:-1], out=new[1:])
@@ -102,7 +111,7 @@ def first_of_pair(u: np.ndarray, i: np.ndarray) -> np.ndarray:
 
 def to_float(values: pd.Series) -> np.ndarray:
     """Strings -> (N,) float64, NaN for "" and for text that is not a number."""
-    arr = _arrow(values)
+    arr = arrow_strings(values)
     arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
     try:
         return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
@@ -130,8 +139,9 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
                              lambda rows: _join("image-path: ", rows["_ref"].astype(str)))
     items = items.assign(image=items["_ref"]).drop(columns=["_ref", "_first"])
-    items["text"] = [apply_text_template(DEFAULT_TEXT_TEMPLATE, {"title": t, "description": d})  # as encode joins them
-                     for t, d in zip(items["title"].tolist(), items["description"].tolist())]
+    fields = {c: arrow_strings(items[c]) for c in ("title", "description")}
+    text = apply_text_template_columns(DEFAULT_TEXT_TEMPLATE, fields, len(items))  # as encode joins them
+    items["text"] = text.to_pandas().set_axis(items.index)
     rejected = pd.Series(_join(*_where(gone["_src"], gone["_row"])).to_pylist() if len(gone) else [],
                          index=gone["item_id"].to_numpy(), dtype=object)
     return items, rejected
@@ -327,11 +337,12 @@ def assign_split(user: np.ndarray, ts: np.ndarray, policy: str, ratios: tuple[fl
     valid row (users with 3+ rows).
     """
     n = len(user)
-    if policy == "random":
-        key = np.random.default_rng(seed).random(n)
-        order = np.lexsort((key, user))
-    else:
-        order = np.lexsort((-np.arange(n), -ts, user))
+    if policy == "random":  # by user, then by a seeded random key (np.lexsort((key, user)), in two sorts)
+        within = np.argsort(np.random.default_rng(seed).random(n))
+    else:  # by user, then newest first, then later row first (np.lexsort((-np.arange(n), -ts, user)))
+        backwards = np.arange(n)[::-1]
+        within = backwards[np.argsort(-ts[backwards], kind="stable")]
+    order = within[stable_argsort(user[within])]
     sorted_user = user[order]
     counts = np.bincount(user)
     start = np.concatenate(([0], np.cumsum(counts)[:-1]))

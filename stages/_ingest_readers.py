@@ -33,7 +33,6 @@ JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 SUPPORTED = ", ".join(sorted([*TEXT_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES]))
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
-_EDGE_SPACE = r"^[\t-\r\x{85}\pZ]|[\t-\r\x{85}\pZ]$"  # Unicode White_Space (what utf8_trim_whitespace strips) at an end
 
 
 class Rejects:
@@ -439,12 +438,26 @@ def _binary_to_strings(col: pa.ChunkedArray) -> tuple[pd.Series, np.ndarray]:
     """Bytes -> (stripped strings, Arrow-backed; mask of rows holding bytes that are not UTF-8)."""
     try:
         text = pc.cast(col, pa.large_string())  # validates UTF-8, no copy (pandas' str holds large strings)
-        if pc.any(pc.match_substring_regex(text, _EDGE_SPACE)).as_py():  # strip only where there is something to
+        if any(_may_have_edge_space(chunk) for chunk in text.chunks):  # strip only where there may be something to
             text = pc.utf8_trim_whitespace(text)
     except pa.ArrowInvalid:  # some value is not UTF-8: decode leniently, row by row
         values = [v.decode("utf-8", errors="surrogateescape").strip() for v in col.to_pylist()]
         return pd.Series(values, dtype=object), np.array([bool(_UNDECODABLE.search(v)) for v in values])
     return text.to_pandas(), np.zeros(len(text), dtype=bool)
+
+
+def _may_have_edge_space(arr: pa.Array) -> bool:
+    """Whether a value of ``arr`` (large strings) may start or end with Unicode White_Space: an ASCII
+    space / tab / line break, or any non-ASCII character (tested on the first and last byte only)."""
+    _, offsets, data = arr.buffers()
+    if data is None or len(arr) == 0:
+        return False
+    offsets = np.frombuffer(offsets, dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(data, dtype=np.uint8)
+    start, end = offsets[:-1], offsets[1:]
+    filled = end > start
+    edges = np.concatenate((data[start[filled]], data[end[filled] - 1]))
+    return bool(((edges == 32) | ((edges >= 9) & (edges <= 13)) | (edges >= 0x80)).any())
 
 
 def _header_names(header: bytes, sep: str, path: Path, what: str, line: int,

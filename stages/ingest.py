@@ -26,13 +26,14 @@ from ..pipeline.errors import InputDataError
 from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.workdir import INTERACTIONS, ITEMS, REJECTS, USERS, imported
-from ._ingest_clean import (SPLITS, TIMED_SPLITS, assign_split, clean_interactions, clean_items, filter_core,
-                            global_temporal_split, index_in)
+from ._ingest_clean import (SPLITS, TIMED_SPLITS, arrow_strings, assign_split, clean_interactions, clean_items,
+                            filter_core, global_temporal_split, index_in, stable_argsort)
 from ._ingest_formats import MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._imported import feature_table, is_normalized
 from ._ingest_readers import Rejects
 
 pd = lazy_module("pandas")  # imported on first use (pipeline/lazy.py)
+pc = lazy_module("pyarrow.compute")
 
 OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
 
@@ -71,7 +72,7 @@ def run(ctx: StageContext) -> StageResult:
     ts = inter["ts"].to_numpy()
     split = inter["split"].to_numpy() if cfg.split in ("given", "global-temporal") else assign_split(
         user_idx, ts, cfg.split, cfg.split_ratios, cfg.seed)
-    order = np.argsort(user_idx, kind="stable")
+    order = stable_argsort(user_idx)
 
     counts = _counts(catalog, items, inter, rejects, n_users=len(users), split=split)
     counts["reject_reasons"] = by_code
@@ -154,7 +155,7 @@ def _write_items(ctx: StageContext, items: pd.DataFrame, root: Path, catalog: Ca
     columns = {"item_idx": pa.array(np.arange(len(items)), pa.int64())}
     for col in items.columns:
         if not col.startswith("_"):
-            columns[col] = pa.array(items[col].tolist(), pa.string())
+            columns[col] = pc.cast(arrow_strings(items[col]), pa.string())
     order = ["item_idx", "item_id", "title", "description", "text", "image"]
     table = pa.table({c: columns[c] for c in order + [c for c in columns if c not in order]})
     ctx.store.write_parquet(ITEMS, table, metadata={

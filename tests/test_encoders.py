@@ -13,7 +13,7 @@ from encode_fixtures import TINY_CLIP_CFG, image_bytes, png_header, tiny_clip_di
 from PIL import Image, ImageFile
 
 from clearrec.models.encoders import ImageDecodeError, load_image_encoder, load_text_encoder, safe_open_image
-from clearrec.models.text import apply_text_template, template_fields
+from clearrec.models.text import apply_text_template, apply_text_template_columns, template_fields
 from clearrec.pipeline.errors import EncoderUnavailableError
 
 
@@ -180,6 +180,26 @@ def test_text_template():
     for bad in ("{title!r}", "{title:>10}", "{a.b}", "{title"):
         with pytest.raises(ValueError):
             template_fields(bad)
+
+
+@pytest.mark.parametrize("template", ["{title}. {description}", "  {a}\t:{b}{a} ", "{title}", "no fields"])
+def test_text_template_on_columns_equals_the_row_by_row_join(template):
+    """Every character str.split() splits on (and only those) collapses to one space, blank fields
+    included, exactly as the row-by-row template does."""
+    import random
+    import sys
+
+    import pyarrow as pa
+
+    spaces = [c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace()]
+    alphabet = spaces + [" "] * 8 + list("ab.,\u00e9\u200b\ufeff\u00ad")  # zero-width / soft hyphen: not spaces
+    rng = random.Random(7)
+    names = sorted(set(template_fields(template)))
+    rows = [{n: None if rng.random() < 0.1 else "".join(rng.choices(alphabet, k=rng.randint(0, 9))) for n in names}
+            for _ in range(5000)]
+    columns = {n: pa.array([r[n] for r in rows], pa.string()) for n in names}
+    got = apply_text_template_columns(template, columns, len(rows)).to_pylist()
+    assert got == [apply_text_template(template, r) for r in rows]
 
 
 # ---- guarded image decoding -------------------------------------------------------------

@@ -451,6 +451,34 @@ def test_random_split_is_seeded_per_user_8_1_1(tmp_path):
     assert (counts["valid"] >= 1).all() and (counts["test"] >= 1).all()
 
 
+@pytest.mark.parametrize("policy", ["random", "temporal", "leave-one-out"])
+def test_split_order_is_the_lexicographic_one(policy):
+    """The split codes are those of the plain lexsort formulation (by user, then the random key, or
+    newest first with the later row first on ties), so a seed gives the same split as it always has."""
+    from clearrec.stages._ingest_clean import SPLITS, assign_split, split_sizes, stable_argsort
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    user = rng.integers(0, 400, n)
+    ts = rng.integers(0, 30, n).astype(np.float64)  # many ties
+    if policy == "random":
+        order = np.lexsort((np.random.default_rng(11).random(n), user))
+    else:
+        order = np.lexsort((-np.arange(n), -ts, user))
+    counts = np.bincount(user)
+    if policy == "leave-one-out":
+        n_valid, n_test = (counts >= 3).astype(np.int64), (counts >= 2).astype(np.int64)
+    else:
+        n_valid, n_test = split_sizes(counts, (0.8, 0.1, 0.1))
+    rank = np.arange(n) - np.concatenate(([0], np.cumsum(counts)[:-1]))[user[order]]
+    expected = np.zeros(n, dtype=np.int8)
+    expected[order[rank < n_test[user[order]]]] = SPLITS.index("test")
+    expected[order[(rank >= n_test[user[order]]) & (rank < (n_test + n_valid)[user[order]])]] = SPLITS.index("valid")
+    np.testing.assert_array_equal(assign_split(user, ts, policy, (0.8, 0.1, 0.1), 11), expected)
+    for keys in (user, np.array([2**62, 0, 2**62, 5]), np.zeros(0, dtype=np.int64)):  # the second: no room to widen
+        np.testing.assert_array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))
+
+
 def test_split_ratios_are_configurable(tmp_path):
     keys = random_catalog(tmp_path)
     result, _, _ = run(tmp_path, split="random", split_ratios=[0.6, 0.2, 0.2], **keys)
