@@ -37,7 +37,7 @@ def _text(part: str | pd.Series) -> str | pa.Array:
         return part
     if part.dtype.kind == "f":
         part = part.astype("str")
-    return pc.cast(pa.array(part.to_numpy() if part.dtype.kind == "O" else part), pa.string())
+    return pc.cast(pa.array(part, from_pandas=True), pa.string())  # Arrow-backed and categorical columns: no copy
 
 
 def _join(*parts: str | pd.Series) -> pa.Array:

@@ -131,7 +131,7 @@ class Sieve:
 
 def _reason_codes(reasons: pa.Array) -> pa.Array:
     """The code of each reason: its text before the first ":"."""
-    return pc.struct_field(pc.extract_regex(reasons, r"^(?P<code>[^:]*)"), [0])
+    return pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0)
 
 
 def _dictionary(values: str | Sequence[str] | pa.Array, n: int) -> pa.DictionaryArray:
@@ -298,6 +298,7 @@ class _Records:
     first_line: np.ndarray  # (R,) 1-based line of its first byte
     last_line: np.ndarray  # (R,) 1-based line of its last byte
     unclosed: bool  # the last record ends inside an open quote
+    quoted: bool  # some field is quoted (only then can a value hold a line break)
 
 
 def _records(data: bytes, sep: str) -> _Records:
@@ -334,9 +335,12 @@ def _records(data: bytes, sep: str) -> _Records:
     end = np.concatenate((ends, np.full(1, len(data), dt)))
     if start[-1] >= len(data):  # the file ends with a line break
         start, end = start[:-1], end[:-1]
+    if not spans:  # no quoted field: record k is line k + 1
+        lines = np.arange(1, len(start) + 1, dtype=dt)
+        return _Records(start, end, lines, lines, unclosed=False, quoted=False)
     first = (np.searchsorted(newlines, start) + 1).astype(dt)
     last = (np.searchsorted(newlines, np.maximum(end - 1, start)) + 1).astype(dt)
-    return _Records(start, end, first, last, unclosed=inside)
+    return _Records(start, end, first, last, unclosed=inside, quoted=True)
 
 
 def _positions(buf: np.ndarray, byte: int, dtype: type, chunk: int = 1 << 23) -> np.ndarray:
@@ -399,7 +403,7 @@ def _read_delimited(path: Path, data: bytes, sep: str, encoding: str, reject: Ca
 
     body = memoryview(data)[rec.start[h]:body_end]  # no copy
     longest = int((rec.end - rec.start).max()) + 2
-    table = _parse(body, sep, raw_names, on_invalid, block_size=max(1 << 22, 2 * longest))
+    table = _parse(body, sep, raw_names, on_invalid, block_size=max(1 << 22, 2 * longest), quoted=rec.quoted)
     if table.num_rows + len(invalid) != len(data_idx):  # pyarrow split records otherwise (a stray quote)
         raise InputDataError(f"{what} {path}: quoting is inconsistent (pyarrow read {table.num_rows + len(invalid)} "
                              f"records, line breaks outside quotes give {len(data_idx)}); a field holding a \" must be "
@@ -479,11 +483,12 @@ def _header_names(header: bytes, sep: str, path: Path, what: str, line: int,
 
 
 def _parse(body: bytes | memoryview, sep: str, names: list[str] | None, on_invalid: Callable | None,
-           block_size: int) -> pa.Table:
-    """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes."""
+           block_size: int, quoted: bool = True) -> pa.Table:
+    """``pyarrow.csv`` on ``body`` (header line first), every column read as bytes; without ``quoted``
+    no value can hold a line break, and the parser is told so (it is faster then)."""
     convert = pacsv.ConvertOptions(column_types={n: pa.large_binary() for n in names} if names else None,
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
-    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid)
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=quoted, invalid_row_handler=on_invalid)
     while True:
         try:
             return pacsv.read_csv(pa.BufferReader(pa.py_buffer(body)), read_options=pacsv.ReadOptions(block_size=block_size,

@@ -16,7 +16,9 @@ Counts are conserved per file: records read = accepted + rejected (in the manife
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +41,21 @@ OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
 
 
 def run(ctx: StageContext) -> StageResult:
+    """Ingest; the Parquet files are written by two background threads while the rest goes on (Arrow
+    releases the GIL while it encodes), and all of them are on disk before this returns or raises."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-write") as pool:
+        pending: list[Future] = []
+
+        def write(name: str, table: pa.Table, **kwargs) -> None:
+            pending.append(pool.submit(ctx.store.write_parquet, name, table, **kwargs))
+
+        result = _ingest(ctx, write)
+        for done in pending:
+            done.result()  # a failed write fails the stage
+    return result
+
+
+def _ingest(ctx: StageContext, write: Callable[..., None]) -> StageResult:
     config = ctx.config
     cfg = config.ingest
     rejects = Rejects()
@@ -54,7 +71,7 @@ def run(ctx: StageContext) -> StageResult:
         code, cutoffs = global_temporal_split(inter["ts"].to_numpy(), cfg.split_ratios)
         inter, items = filter_core(inter.assign(split=code), items, rejects, k=0, need_train=True)
     items = items.reset_index(drop=True)
-    ctx.store.write_parquet(REJECTS, rejects.to_arrow())
+    write(REJECTS, rejects.to_arrow())
     by_code = rejects.by_code()
     if inter.empty or items.empty:
         raise InputDataError(
@@ -78,17 +95,19 @@ def run(ctx: StageContext) -> StageResult:
     counts["reject_reasons"] = by_code
     if cutoffs:
         counts["split_cutoffs"] = cutoffs
-    _write_items(ctx, items, root, catalog)
-    ctx.store.write_parquet(USERS, pa.table({
+    write(ITEMS, _items_table(items), metadata={
+        "catalog_root": str(root), "source": catalog.source, "format": cfg.format})
+    write(USERS, pa.table({
         "user_idx": pa.array(np.arange(len(users)), pa.int64()),
         "user_id": pa.array(users.astype(str).tolist(), pa.string())}))
     rating = inter["rating"].to_numpy()
-    ctx.store.write_parquet(INTERACTIONS, pa.table({
+    write(INTERACTIONS, pa.table({
         "user_idx": pa.array(user_idx[order], pa.int64()),
         "item_idx": pa.array(item_idx[order], pa.int64()),
         "timestamp": pa.array(np.nan_to_num(ts[order]).astype(np.int64), pa.int64(), mask=np.isnan(ts[order])),
         "rating": pa.array(rating[order], pa.float64(), mask=np.isnan(rating[order])),
-        "split": pa.array(np.asarray(SPLITS, dtype=object)[split[order]], pa.string())}))
+        "split": pc.cast(pa.DictionaryArray.from_arrays(pa.array(split[order], pa.int8()), pa.array(SPLITS)),
+                         pa.string())}))
     outputs = list(OUTPUTS)
     for old in sorted(ctx.store.path("imported").glob("*.parquet")) if ctx.store.path("imported").is_dir() else []:
         if old.stem not in catalog.features:
@@ -151,15 +170,13 @@ def _counts(catalog: Catalog, items: pd.DataFrame, inter: pd.DataFrame, rejects:
     return {**totals, "users": n_users, **{s: int(per_split[j]) for j, s in enumerate(SPLITS)}, "sources": sources}
 
 
-def _write_items(ctx: StageContext, items: pd.DataFrame, root: Path, catalog: Catalog) -> None:
+def _items_table(items: pd.DataFrame) -> pa.Table:
     columns = {"item_idx": pa.array(np.arange(len(items)), pa.int64())}
     for col in items.columns:
         if not col.startswith("_"):
             columns[col] = pc.cast(arrow_strings(items[col]), pa.string())
     order = ["item_idx", "item_id", "title", "description", "text", "image"]
-    table = pa.table({c: columns[c] for c in order + [c for c in columns if c not in order]})
-    ctx.store.write_parquet(ITEMS, table, metadata={
-        "catalog_root": str(root), "source": catalog.source, "format": ctx.config.ingest.format})
+    return pa.table({c: columns[c] for c in order + [c for c in columns if c not in order]})
 
 
 def _write_imported(ctx: StageContext, name: str, modality: str, path: Path, items: pd.DataFrame) -> None:
