@@ -134,7 +134,8 @@ def clean_items(items: pd.DataFrame, rejects: Rejects, root: Path) -> tuple[pd.D
     refs = images.copy()
     odd = ~_plain_relative(items["image"])  # only these need normalising (or are rejected)
     refs[odd] = [_image_ref(v, root) for v in images[odd].tolist()]
-    bad = refs.map(lambda r: isinstance(r, ValueError)).to_numpy(dtype=bool)
+    bad = np.zeros(len(items), dtype=bool)
+    bad[odd] = [isinstance(r, ValueError) for r in refs[odd].tolist()]
     gone = items[bad]
     items = rejects.add_rows(ITEMS, items.assign(_ref=refs), bad,
                              lambda rows: _join("image-path: ", rows["_ref"].astype(str)))
@@ -205,10 +206,11 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     sieve.reject((inter["rating"] != "").to_numpy() & ~np.isfinite(rating),
                  lambda rows, _: _join("bad-rating: ", *_q(rows["rating"]), " is not a number"))
     if split_policy == "given":
-        split = inter["split"].str.lower().map(SPLIT_ALIASES)
-        sieve.reject(split.isna(), lambda rows, _: _join(
+        alias = pc.index_in(pc.utf8_lower(arrow_strings(inter["split"])), value_set=pa.array(list(SPLIT_ALIASES)))
+        alias = alias.fill_null(-1).to_numpy(zero_copy_only=False)
+        sieve.reject(alias < 0, lambda rows, _: _join(
             "bad-split: ", *_q(rows["split"]), " is not train / valid / test (or val, 0 / 1 / 2)"))
-        split = split.fillna(-1).to_numpy(np.int8)
+        split = np.where(alias < 0, -1, np.array(list(SPLIT_ALIASES.values()), dtype=np.int8)[alias]).astype(np.int8)
     else:
         split = np.full(len(inter), -1, dtype=np.int8)
     known = isin(inter["item_id"], items["item_id"])

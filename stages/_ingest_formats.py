@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -269,6 +270,14 @@ def _read_split_file(path: Path, split: str, rejects: Rejects) -> tuple[pd.DataF
     if not isinstance(data, dict):
         raise InputDataError(f"{path} must be a JSON object {{\"<userIdx>\": [itemIdx, ...]}}, "
                              f"got a {type(data).__name__}")
+    plain = _plain_split_pairs(data)
+    if plain is not None:
+        users_arr, items_arr = plain
+        frame = pd.DataFrame({"user": users_arr, "item": items_arr, "split": split, "_src": str(path),
+                              "_row": np.arange(1, len(items_arr) + 1, dtype=np.int64)})
+        if not len(frame):
+            raise InputDataError(f"{path} holds no interactions; it must map user indices to lists of item indices")
+        return frame, len(frame)
     users: list[int] = []
     items: list[int] = []
     rows: list[int] = []
@@ -300,3 +309,23 @@ def _read_split_file(path: Path, split: str, rejects: Rejects) -> tuple[pd.DataF
     frame = pd.DataFrame({"user": np.asarray(users, np.int64), "item": np.asarray(items, np.int64),
                           "split": split, "_src": str(path), "_row": np.asarray(rows, np.int64)})
     return frame, row
+
+
+def _plain_split_pairs(data: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(user, item) int64 arrays when every key is a non-negative integer and every value a list of
+    non-negative ints (the common case, checked without a Python loop per pair); None otherwise."""
+    keys, lists = list(data), list(data.values())
+    digits = "".join(keys)
+    if set(map(type, lists)) - {list} or "" in data or not (digits.isascii() and digits.isdigit()):
+        return None
+    flat = list(chain.from_iterable(lists))
+    if set(map(type, flat)) - {int}:  # bool and float are not item indices
+        return None
+    try:
+        items = np.array(flat, dtype=np.int64)
+    except OverflowError:
+        return None
+    if (items < 0).any():
+        return None
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    return np.repeat(np.array([int(k) for k in keys], dtype=np.int64), lengths), items

@@ -29,7 +29,7 @@ from ..pipeline.lazy import lazy_module
 from ..pipeline.stage import StageContext, StageResult, StageSpec
 from ..pipeline.workdir import INTERACTIONS, ITEMS, REJECTS, USERS, imported
 from ._ingest_clean import (SPLITS, TIMED_SPLITS, arrow_strings, assign_split, clean_interactions, clean_items,
-                            filter_core, global_temporal_split, index_in, stable_argsort)
+                            filter_core, global_temporal_split, index_in, isin, stable_argsort)
 from ._ingest_formats import MMREC_COLUMNS, Catalog, external_inputs, load_catalog
 from ._imported import feature_table, is_normalized
 from ._ingest_readers import Rejects
@@ -83,7 +83,7 @@ def _ingest(ctx: StageContext, write: Callable[..., None]) -> StageResult:
     users = pd.Index(pd.unique(inter["user_id"]))  # order of first appearance
     if catalog.user_order is not None:
         given = pd.Index(catalog.user_order)
-        users = given[given.isin(users)]
+        users = given[isin(given, users)]
     user_idx = index_in(inter["user_id"], users)
     item_idx = index_in(inter["item_id"], items["item_id"])
     ts = inter["ts"].to_numpy()
