@@ -191,7 +191,8 @@ def parse_timestamps(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items: pd.Series, rejects: Rejects,
                        *, split_policy: str, min_rating: float | None) -> pd.DataFrame:
-    """Parse timestamp / rating / split and drop rows that cannot be used.
+    """Parse timestamp / rating / split and drop rows that cannot be used. ``inter`` is consumed: its
+    timestamp / rating / split columns are dropped once parsed.
 
     Returns user_id, item_id, ts (float64 seconds, NaN = none), rating (float64, NaN = none),
     split (0/1/2 with ``split_policy == "given"``, else -1), _src, _row.
@@ -213,6 +214,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
         split = np.where(alias < 0, -1, np.array(list(SPLIT_ALIASES.values()), dtype=np.int8)[alias]).astype(np.int8)
     else:
         split = np.full(len(inter), -1, dtype=np.int8)
+    inter.drop(columns=["timestamp", "rating", "split"], inplace=True)  # parsed: free their raw strings
     known = isin(inter["item_id"], items["item_id"])
     pos = index_in(inter["item_id"], rejected_items.index)
     sieve.reject(~known & (pos >= 0), lambda rows, at: _join(
@@ -221,6 +223,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     sieve.reject(~known, lambda rows, _: _join(
         "unknown-item: item_id ", *_q(rows["item_id"]), " is not among the items read; add it to the items file "
         "(or fix its rejected row there) or remove this row"))
+    del known, pos
     if min_rating is not None:
         sieve.reject(rating < min_rating, lambda rows, at: _join(
             "below-min-rating: rating ", pd.Series(rating[at]), f" < ingest.min_rating = {min_rating}"))
