@@ -15,7 +15,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -128,6 +128,19 @@ class ArtifactStore:
             table = table.replace_schema_metadata(schema_meta)
         with self.atomic(name) as tmp:
             pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        return self.path(name)
+
+    def write_parquet_batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+                              metadata: Mapping[str, Any] | None = None) -> Path:
+        """:meth:`write_parquet` of a table given as record batches, each written as it comes (one row
+        group per batch), so that the whole table is never held in memory at once."""
+        if metadata is not None:
+            schema = schema.with_metadata({**(schema.metadata or {}), META_KEY: json.dumps(
+                metadata, sort_keys=True, default=_json_default).encode()})
+        with self.atomic(name) as tmp:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
         return self.path(name)
 
     def read_parquet(

@@ -214,7 +214,8 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
         split = np.where(alias < 0, -1, np.array(list(SPLIT_ALIASES.values()), dtype=np.int8)[alias]).astype(np.int8)
     else:
         split = np.full(len(inter), -1, dtype=np.int8)
-    inter.drop(columns=["timestamp", "rating", "split"], inplace=True)  # parsed: free their raw strings
+    for parsed in ("timestamp", "rating", "split"):
+        del inter[parsed]  # free the raw strings (the frame is this function's; the sieve sees the same frame)
     known = isin(inter["item_id"], items["item_id"])
     pos = index_in(inter["item_id"], rejected_items.index)
     sieve.reject(~known & (pos >= 0), lambda rows, at: _join(
@@ -223,7 +224,7 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     sieve.reject(~known, lambda rows, _: _join(
         "unknown-item: item_id ", *_q(rows["item_id"]), " is not among the items read; add it to the items file "
         "(or fix its rejected row there) or remove this row"))
-    del known, pos
+    known = pos = None  # no longer needed: free them before the pair search
     if min_rating is not None:
         sieve.reject(rating < min_rating, lambda rows, at: _join(
             "below-min-rating: rating ", pd.Series(rating[at]), f" < ingest.min_rating = {min_rating}"))

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -81,13 +81,19 @@ class Rejects:
                 n += int(np.isin(src.indices.to_numpy(zero_copy_only=False), hit).sum())
         return n
 
+    SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("reason", pa.string())])
+
     def to_arrow(self) -> pa.Table:
-        """source, row, reason (plain strings) of every reject, in the order they were added: one chunk
-        per part, nothing concatenated."""
-        schema = pa.schema([("source", pa.string()), ("row", pa.int64()), ("reason", pa.string())])
-        return pa.Table.from_batches([pa.record_batch([pc.cast(src, pa.string()), pa.array(rows, pa.int64()),
-                                                       pc.cast(why, pa.string())], schema=schema)
-                                      for _, src, rows, why in self._parts], schema=schema)
+        """source, row, reason (plain strings) of every reject, in the order they were added."""
+        return pa.Table.from_batches(list(self.batches()), schema=self.SCHEMA)
+
+    def batches(self, max_rows: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+        """:meth:`to_arrow` as record batches of at most ``max_rows``, each made plain strings only when
+        it is taken (for writing without holding every reject's source path as text at once)."""
+        for _, src, rows, why in self._parts:
+            for a in range(0, len(rows), max_rows):
+                yield pa.record_batch([pc.cast(src[a:a + max_rows], pa.string()), pa.array(rows[a:a + max_rows]),
+                                       pc.cast(why[a:a + max_rows], pa.string())], schema=self.SCHEMA)
 
     def by_code(self) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""

@@ -41,13 +41,16 @@ OUTPUTS = (ITEMS, USERS, INTERACTIONS, REJECTS)
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Ingest; the Parquet files are written by two background threads while the rest goes on (Arrow
+    """Ingest; the Parquet files are written by a background thread while the rest goes on (Arrow
     releases the GIL while it encodes), and all of them are on disk before this returns or raises."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-write") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write") as pool:
         pending: list[Future] = []
 
-        def write(name: str, table: pa.Table, **kwargs) -> None:
-            pending.append(pool.submit(ctx.store.write_parquet, name, table, **kwargs))
+        def write(name: str, table: pa.Table | Rejects, **kwargs) -> None:
+            if isinstance(table, Rejects):
+                pending.append(pool.submit(ctx.store.write_parquet_batches, name, Rejects.SCHEMA, table.batches()))
+            else:
+                pending.append(pool.submit(ctx.store.write_parquet, name, table, **kwargs))
 
         result = _ingest(ctx, write)
         for done in pending:
@@ -71,7 +74,7 @@ def _ingest(ctx: StageContext, write: Callable[..., None]) -> StageResult:
         code, cutoffs = global_temporal_split(inter["ts"].to_numpy(), cfg.split_ratios)
         inter, items = filter_core(inter.assign(split=code), items, rejects, k=0, need_train=True)
     items = items.reset_index(drop=True)
-    write(REJECTS, rejects.to_arrow())
+    write(REJECTS, rejects)
     by_code = rejects.by_code()
     if inter.empty or items.empty:
         raise InputDataError(

@@ -304,6 +304,22 @@ def test_reject_counts_by_code_add_up_over_shared_and_per_row_reasons(tmp_path):
     assert rej["row"].tolist() == [7, 10, 8, 9]  # lines, in the order of the checks: empty id, unknown item, duplicates
 
 
+def test_rejects_are_written_batch_by_batch_as_they_were_added(tmp_path):
+    from clearrec.stages._ingest_readers import Rejects
+
+    rej = Rejects()
+    rej.add("interactions", "a.csv", [2, 3, 4, 5, 6], [f"bad-rating: row {i}" for i in range(5)])
+    rej.add("items", "b.csv", [9], "empty-id: the item_id is empty")
+    assert [b.num_rows for b in rej.batches(max_rows=2)] == [2, 2, 1, 1]
+    store = ArtifactStore(tmp_path)
+    store.write_parquet_batches("rejects.parquet", Rejects.SCHEMA, rej.batches(max_rows=2), metadata={"k": 1})
+    back = store.read_parquet("rejects.parquet")
+    assert back.schema.remove_metadata() == Rejects.SCHEMA and store.parquet_metadata("rejects.parquet") == {"k": 1}
+    assert back.to_pylist() == rej.to_arrow().to_pylist()
+    assert back.column("source").to_pylist() == ["a.csv"] * 5 + ["b.csv"]
+    assert pq.ParquetFile(store.path("rejects.parquet")).num_row_groups == 4
+
+
 def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
     keys = catalog(tmp_path)
     text = (tmp_path / "interactions.csv").read_text()
