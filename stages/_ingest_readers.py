@@ -95,18 +95,19 @@ class Rejects:
                 yield pa.record_batch([pc.cast(src[a:a + max_rows], pa.string()), pa.array(rows[a:a + max_rows]),
                                        pc.cast(why[a:a + max_rows], pa.string())], schema=self.SCHEMA)
 
-    def by_code(self) -> dict[str, int]:
+    def by_code(self, max_rows: int = 1 << 16) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
         counts: dict[str, int] = {}
         for _, _, _, why in self._parts:
             if pa.types.is_dictionary(why.type):
                 n = np.bincount(why.indices.to_numpy(zero_copy_only=False), minlength=len(why.dictionary))
-                names = _reason_codes(why.dictionary)
-            else:
-                vc = pc.value_counts(_reason_codes(why))
-                names, n = vc.field("values"), vc.field("counts").to_numpy()
-            for name, c in zip(names.to_pylist(), n.tolist()):
-                counts[name] = counts.get(name, 0) + c
+                for name, c in zip(_reason_codes(why.dictionary).to_pylist(), n.tolist()):
+                    counts[name] = counts.get(name, 0) + c
+                continue
+            for a in range(0, len(why), max_rows):  # slices: the codes of every reason never exist at once
+                vc = pc.value_counts(_reason_codes(why[a:a + max_rows]))
+                for name, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+                    counts[name] = counts.get(name, 0) + c
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 

@@ -318,6 +318,8 @@ def test_rejects_are_written_batch_by_batch_as_they_were_added(tmp_path):
     assert back.to_pylist() == rej.to_arrow().to_pylist()
     assert back.column("source").to_pylist() == ["a.csv"] * 5 + ["b.csv"]
     assert pq.ParquetFile(store.path("rejects.parquet")).num_row_groups == 4
+    rej.add("interactions", "a.csv", [7, 8], ["kcore-user: u", "bad-rating: again"])
+    assert rej.by_code(max_rows=2) == rej.by_code() == {"bad-rating": 6, "empty-id": 1, "kcore-user": 1}
 
 
 def test_malformed_csv_rows_are_rejected_with_line_numbers(tmp_path):
