@@ -235,11 +235,17 @@ def clean_interactions(inter: pd.DataFrame, items: pd.DataFrame, rejected_items:
     later = first != alive  # a later row of a (user, item) pair; first[later] is the pair's first row
     dup = np.zeros(len(inter), dtype=bool)
     dup[alive[later]] = True
-    first = first[later]
+    dup_at, first = alive[later], first[later]
     src, row = inter["_src"], inter["_row"].to_numpy()
-    sieve.reject(dup, lambda rows, _: _join(
-        "duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]), " already at ",
-        *_where(src.take(first), pd.Series(row[first])), " (the first is kept)"))
+    first_src, first_row = src.take(first).reset_index(drop=True), row[first]
+    first = None
+
+    def duplicate(rows: pd.DataFrame, at: np.ndarray) -> pa.Array:
+        j = np.searchsorted(dup_at, at)  # the rows' places among the duplicates
+        return _join("duplicate-interaction: user ", *_q(rows["user_id"]), " and item ", *_q(rows["item_id"]),
+                     " already at ", *_where(first_src.take(j), pd.Series(first_row[j])), " (the first is kept)")
+
+    sieve.reject(dup, duplicate, code="duplicate-interaction")
     keep = np.flatnonzero(sieve.alive)
     return pd.DataFrame({"user_id": inter["user_id"].take(keep).reset_index(drop=True),
                          "item_id": inter["item_id"].take(keep).reset_index(drop=True),
@@ -287,7 +293,11 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
         rnd[drop] = r
         alive &= ~drop
     sieve = Sieve(rejects, INTER, inter)
-    sieve.reject(~alive, _core_reasons(k, code, left, rnd))
+    gone = np.flatnonzero(~alive)
+    code, left, rnd = code[gone], left[gone], rnd[gone]  # kept for the reasons, which are made when written
+    n = np.bincount(code, minlength=4)
+    sieve.reject(~alive, _core_reasons(k, gone, code, left, rnd),
+                 code={"kcore-user": int(n[1]), "kcore-item": int(n[2]), "no-train": int(n[3])})
     inter = inter.take(np.flatnonzero(sieve.alive)).reset_index(drop=True)
     if k > 0:
         items = rejects.add_rows(ITEMS, items.assign(_left=item_left, _round=item_round), item_round > 0,
@@ -298,19 +308,20 @@ def filter_core(inter: pd.DataFrame, items: pd.DataFrame, rejects: Rejects, *, k
     return inter, items
 
 
-def _core_reasons(k: int, code: np.ndarray, left: np.ndarray, rnd: np.ndarray):
-    """Reasons for the rows ``filter_core`` removed: ``code`` 1 kcore-user, 2 kcore-item, 3 no-train, with the
-    count that fell short (``left``) and the round (``rnd``), per row of the frame."""
+def _core_reasons(k: int, gone: np.ndarray, code: np.ndarray, left: np.ndarray, rnd: np.ndarray):
+    """Reasons for the rows ``filter_core`` removed (positions ``gone``): per removed row ``code`` 1 kcore-user,
+    2 kcore-item, 3 no-train, with the count that fell short (``left``) and the round (``rnd``)."""
     def reasons(rows: pd.DataFrame, at: np.ndarray) -> pa.Array:
-        by_user = code[at] != 2  # kcore-user and no-train name the user, kcore-item the item
+        j = np.searchsorted(gone, at)
+        by_user = code[j] != 2  # kcore-user and no-train name the user, kcore-item the item
         who = pa.array(np.where(by_user, "user", "item"))
         ids = pc.if_else(pa.array(by_user), _text(rows["user_id"]), _text(rows["item_id"]))
-        kcore = pc.binary_join_element_wise("kcore-", who, ": ", who, " '", ids, "' had ", _text(pd.Series(left[at])),
-                                            " interaction(s) left in round ", _text(pd.Series(rnd[at])),
+        kcore = pc.binary_join_element_wise("kcore-", who, ": ", who, " '", ids, "' had ", _text(pd.Series(left[j])),
+                                            " interaction(s) left in round ", _text(pd.Series(rnd[j])),
                                             f", fewer than kcore = {k}", "")
         no_train = pc.binary_join_element_wise(
             "no-train: user '", ids, "' has no train interaction left; a user in valid / test needs one", "")
-        return pc.if_else(pa.array(code[at] == 3), no_train, kcore)
+        return pc.if_else(pa.array(code[j] == 3), no_train, kcore)
 
     return reasons
 

@@ -41,17 +41,19 @@ class Rejects:
     Each reject also has a kind ("items" or "interactions", not written out) so that counts
     can be checked per (kind, source): records read = accepted + rejected. Parts are kept as
     Arrow arrays, a reason shared by a whole part (and every source) dictionary-encoded, so a
-    few hundred thousand rejects cost their text once, not a Python object each.
+    few hundred thousand rejects cost their text once, not a Python object each. Reasons built per
+    row can be :class:`Deferred`: made 64k rows at a time when written, never all at once.
     """
 
     def __init__(self) -> None:
-        self._parts: list[tuple[str, pa.DictionaryArray, np.ndarray, pa.Array]] = []  # kind, source, row, reason
+        self._parts: list[tuple[str, pa.DictionaryArray, np.ndarray, pa.Array | Deferred]] = []  # kind, source, row, reason
 
     def add(self, kind: str, source: str | Sequence[str] | pa.Array, rows: Sequence[int] | np.ndarray,
-            reason: str | Sequence[str] | pa.Array) -> None:
+            reason: str | Sequence[str] | pa.Array | Deferred) -> None:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows):
-            self._parts.append((kind, _dictionary(source, len(rows)), rows, _strings(reason, len(rows))))
+            why = reason if isinstance(reason, Deferred) else _strings(reason, len(rows))
+            self._parts.append((kind, _dictionary(source, len(rows)), rows, why))
 
     def add_rows(self, kind: str, frame: pd.DataFrame, mask: np.ndarray | pd.Series,
                  reason: str | Callable[[pd.DataFrame], pa.Array | pd.Series | Sequence[str]]) -> pd.DataFrame:
@@ -92,13 +94,19 @@ class Rejects:
         it is taken (for writing without holding every reject's source path as text at once)."""
         for _, src, rows, why in self._parts:
             for a in range(0, len(rows), max_rows):
-                yield pa.record_batch([pc.cast(src[a:a + max_rows], pa.string()), pa.array(rows[a:a + max_rows]),
-                                       pc.cast(why[a:a + max_rows], pa.string())], schema=self.SCHEMA)
+                b = min(a + max_rows, len(rows))
+                reasons = why.build(a, b) if isinstance(why, Deferred) else why[a:b]
+                yield pa.record_batch([pc.cast(src[a:b], pa.string()), pa.array(rows[a:b]),
+                                       pc.cast(reasons, pa.string())], schema=self.SCHEMA)
 
     def by_code(self, max_rows: int = 1 << 16) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
         counts: dict[str, int] = {}
-        for _, _, _, why in self._parts:
+        for _, _, rows, why in self._parts:
+            if isinstance(why, Deferred):
+                for name, c in why.codes.items():
+                    counts[name] = counts.get(name, 0) + c
+                continue
             if pa.types.is_dictionary(why.type):
                 n = np.bincount(why.indices.to_numpy(zero_copy_only=False), minlength=len(why.dictionary))
                 for name, c in zip(_reason_codes(why.dictionary).to_pylist(), n.tolist()):
@@ -109,6 +117,15 @@ class Rejects:
                 for name, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
                     counts[name] = counts.get(name, 0) + c
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Per-row reasons of one part of :class:`Rejects`, ``codes[c]`` of them with the code ``c``: ``build(a, b)``
+    gives those of its rows ``a:b`` (called when the rejects are written, one slice at a time)."""
+
+    codes: Mapping[str, int]
+    build: Callable[[int, int], pa.Array]
 
 
 class Sieve:
@@ -123,14 +140,24 @@ class Sieve:
         self.alive = np.ones(len(frame), dtype=bool)
 
     def reject(self, mask: np.ndarray | pd.Series,
-               reason: str | Callable[[pd.DataFrame, np.ndarray], pa.Array]) -> None:
+               reason: str | Callable[[pd.DataFrame, np.ndarray], pa.Array], *,
+               code: str | Mapping[str, int] | None = None) -> None:
         """Reject the alive rows where ``mask`` holds. ``reason``: a string, or a function of the
-        rejected rows (a frame) and their positions in the frame, giving one reason per row."""
+        rejected rows (a frame) and their positions in the frame, giving one reason per row. With
+        ``code`` (every reason's code, or the number of reasons per code) the function is called later,
+        on slices of the rejected rows (:class:`Deferred`); it must then use nothing that changes after
+        this call."""
         at = np.flatnonzero(np.asarray(mask, dtype=bool) & self.alive)
         if not len(at):
             return
         rows = self.frame.take(at).reset_index(drop=True)
-        if not isinstance(reason, str):
+        if code is not None and not isinstance(reason, str):
+            fn = reason
+            codes = {code: len(at)} if isinstance(code, str) else {c: n for c, n in code.items() if n}
+            if sum(codes.values()) != len(at):
+                raise ValueError(f"reason counts {codes} do not add up to the {len(at)} rows rejected")
+            reason = Deferred(codes, lambda a, b: fn(rows.iloc[a:b].reset_index(drop=True), at[a:b]))
+        elif not isinstance(reason, str):
             reason = reason(rows, at)
         self.rejects.add(self.kind, pa.array(rows["_src"]), rows["_row"].to_numpy(), reason)
         self.alive[at] = False
