@@ -426,6 +426,31 @@ def test_kcore_is_iterated_until_stable(tmp_path):
     assert result.counts["reject_reasons"] == {"kcore-user": 2, "kcore-item": 3}
 
 
+
+def test_reasons_made_at_write_time_are_the_same_in_slices_of_one_row(tmp_path, monkeypatch):
+    """Duplicate and k-core reasons are built when rejects.parquet is written, slice by slice: each row's
+    reason must be its own (first row of its pair, its count and round) whatever the slice size."""
+    from clearrec.stages._ingest_readers import Rejects
+
+    pairs = [("A", "x"), ("A", "y"), ("A", "x"), ("B", "x"), ("B", "y"), ("C", "y"), ("B", "x"), ("C", "z"),
+             ("A", "y"), ("D", "z"), ("A", "x")]
+    items = [{"item_id": i, "title": i.upper()} for i in ("x", "y", "z", "w")]
+    keys = catalog(tmp_path, items=items, interactions=[{"user_id": u, "item_id": i} for u, i in pairs])
+    whole = rejects(run(tmp_path, "whole", kcore=2, **keys)[1])
+    monkeypatch.setattr(Rejects.batches, "__defaults__", (1,))
+    result, store, _ = run(tmp_path, "sliced", kcore=2, **keys)
+    sliced = rejects(store)
+    assert sliced.values.tolist() == whole.values.tolist()
+    by_row = sliced[sliced["source"].str.endswith("interactions.csv")].set_index("row")["reason"]
+    assert by_row[4] == "duplicate-interaction: user 'A' and item 'x' already at interactions.csv row 2 (the first is kept)"
+    assert by_row[8] == "duplicate-interaction: user 'B' and item 'x' already at interactions.csv row 5 (the first is kept)"
+    assert by_row[10] == "duplicate-interaction: user 'A' and item 'y' already at interactions.csv row 3 (the first is kept)"
+    assert by_row[12] == "duplicate-interaction: user 'A' and item 'x' already at interactions.csv row 2 (the first is kept)"
+    assert by_row[11] == "kcore-user: user 'D' had 1 interaction(s) left in round 1, fewer than kcore = 2"
+    assert by_row[9] == "kcore-item: item 'z' had 1 interaction(s) left in round 2, fewer than kcore = 2"
+    assert by_row[7] == "kcore-user: user 'C' had 1 interaction(s) left in round 3, fewer than kcore = 2"
+    assert result.counts["reject_reasons"] == {"duplicate-interaction": 4, "kcore-user": 2, "kcore-item": 3}
+
 # ---- split policies -----------------------------------------------------------------------
 def random_catalog(tmp_path: Path, n_users: int = 80, n_items: int = 120, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
