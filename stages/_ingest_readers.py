@@ -13,6 +13,7 @@ import codecs
 import difflib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -101,22 +102,18 @@ class Rejects:
 
     def by_code(self, max_rows: int = 1 << 16) -> dict[str, int]:
         """Number of rejects per reason code, most frequent first."""
-        counts: dict[str, int] = {}
-        for _, _, rows, why in self._parts:
+        counts: Counter[str] = Counter()
+        for _, _, _, why in self._parts:
             if isinstance(why, Deferred):
-                for name, c in why.codes.items():
-                    counts[name] = counts.get(name, 0) + c
-                continue
-            if pa.types.is_dictionary(why.type):
+                counts.update(why.codes)
+            elif pa.types.is_dictionary(why.type):
                 n = np.bincount(why.indices.to_numpy(zero_copy_only=False), minlength=len(why.dictionary))
-                for name, c in zip(_reason_codes(why.dictionary).to_pylist(), n.tolist()):
-                    counts[name] = counts.get(name, 0) + c
-                continue
-            for a in range(0, len(why), max_rows):  # slices: the codes of every reason never exist at once
-                vc = pc.value_counts(_reason_codes(why[a:a + max_rows]))
-                for name, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
-                    counts[name] = counts.get(name, 0) + c
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+                counts.update(dict(zip(_reason_codes(why.dictionary).to_pylist(), n.tolist())))
+            else:
+                for a in range(0, len(why), max_rows):  # slices: the codes of every reason never exist at once
+                    vc = pc.value_counts(_reason_codes(why[a:a + max_rows]))
+                    counts.update(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+        return dict(counts.most_common())
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,6 @@ def test_kcore_is_iterated_until_stable(tmp_path):
     assert result.counts["reject_reasons"] == {"kcore-user": 2, "kcore-item": 3}
 
 
-
 def test_reasons_made_at_write_time_are_the_same_in_slices_of_one_row(tmp_path, monkeypatch):
     """Duplicate and k-core reasons are built when rejects.parquet is written, slice by slice: each row's
     reason must be its own (first row of its pair, its count and round) whatever the slice size."""
@@ -450,6 +449,7 @@ def test_reasons_made_at_write_time_are_the_same_in_slices_of_one_row(tmp_path, 
     assert by_row[9] == "kcore-item: item 'z' had 1 interaction(s) left in round 2, fewer than kcore = 2"
     assert by_row[7] == "kcore-user: user 'C' had 1 interaction(s) left in round 3, fewer than kcore = 2"
     assert result.counts["reject_reasons"] == {"duplicate-interaction": 4, "kcore-user": 2, "kcore-item": 3}
+
 
 # ---- split policies -----------------------------------------------------------------------
 def random_catalog(tmp_path: Path, n_users: int = 80, n_items: int = 120, seed: int = 0) -> dict:
