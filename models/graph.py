@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import row_logsumexp
+
 EPS_DEGREE = 1e-7  # added to node degrees before the inverse square root (reference behaviour)
 
 
@@ -325,12 +327,11 @@ def info_nce(view1: Tensor, view2: Tensor, index: Tensor, temperature: float) ->
     ``n`` distinct rows: a row drawn ``c`` times is one column with ``log c`` added to its logit
     and one row weighted ``c``, the same value as the (B, B) form in an (n, n) product.
     """
-    rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)  # (n,), (B,), (n,)
-    a = F.normalize(view1[rows], dim=1)  # (n, d)
+    rows, counts = torch.unique(index, return_counts=True)  # (n,), (n,)
+    a = F.normalize(view1[rows], dim=1) / temperature  # (n, d), 1 / t folded in before the (n, n) product
     b = F.normalize(view2[rows], dim=1)
-    logits = a @ b.T / temperature  # (n, n)
-    weight = counts.to(logits.dtype)
-    per_row = torch.logsumexp(logits + weight.log()[None, :], dim=1) - logits.diagonal()  # (n,)
+    weight = counts.to(a.dtype)
+    per_row = row_logsumexp(a, b, weight.log(), bound=1 / temperature) - (a * b).sum(1)  # (n,)
     return (weight * per_row).sum() / index.numel()
 
 

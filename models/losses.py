@@ -5,6 +5,8 @@
 - :func:`info_nce_candidates`: the sum-reduced InfoNCE of LGMRec's hypergraph contrast, every
   row of a candidate table a negative (:func:`clearrec.models.graph.info_nce` is the in-batch
   form of MGCN / SMORE).
+- :func:`row_logsumexp`: ``log sum_j exp(a_i . x_j + s_j)`` per row, the denominator of both,
+  with a hand-written backward over one saved (n, m) table of exponentials.
 - :func:`dropout` / :func:`gumbel_softmax`: inverted dropout and the Gumbel-softmax drawn
   from an optional ``torch.Generator`` (the trainer's seeded one, handed to ``pre_epoch``),
   so a seeded run repeats exactly whatever else used the global RNG.
@@ -16,14 +18,58 @@ BPR, the batch embedding regulariser and the feature-mapping check are
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def cosine_alignment(online: Tensor, target: Tensor) -> Tensor:
     """``1 - mean_b cos(online_b, target_b)`` over (B, d) rows; no gradient reaches ``target``."""
     return 1.0 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
+
+
+class _RowLogSumExp(torch.autograd.Function):
+    """``log sum_j exp(a_i . x_j + s_j)``: the (n, m) logits are exponentiated in place (first shifted
+    by their row maxima unless ``bounded``), and only those exponentials ``E`` are kept for the
+    backward pass, whose gradient with respect to the logits is the row softmax ``E / rowsum(E)``
+    times the incoming one."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor, shift: Tensor | None, bounded: bool) -> Tensor:  # type: ignore[override]
+        logits = a @ x.T  # (n, m)
+        if shift is not None:
+            logits.add_(shift)
+        row_top = None if bounded else logits.amax(1, keepdim=True)  # (n, 1)
+        exps = (logits if bounded else logits.sub_(row_top)).exp_()
+        total = exps.sum(1)  # (n,)
+        ctx.save_for_backward(a, x, exps, total)
+        return total.log() if bounded else total.log() + row_top.squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        a, x, exps, total = ctx.saved_tensors
+        soft = exps * (grad / total)[:, None]  # (n, m): d out_i / d logit_ij, times grad_i
+        return (soft @ x if ctx.needs_input_grad[0] else None, soft.T @ a if ctx.needs_input_grad[1] else None,
+                soft.sum(0) if ctx.needs_input_grad[2] else None, None)
+
+
+def row_logsumexp(a: Tensor, x: Tensor, shift: Tensor | None = None, bound: float | None = None) -> Tensor:
+    """(n,) ``log sum_j exp(a_i . x_j + shift_j)`` of ``a`` (n, d) against ``x`` (m, d), ``shift`` (m,) or none.
+
+    Equals ``torch.logsumexp(a @ x.T + shift, dim=1)``, with one (n, m) table made and kept instead of
+    autograd's several. ``bound``: a known bound of every ``|a_i . x_j|`` (``1 / tau`` for unit rows
+    scaled by ``1 / tau``). When ``bound + max |shift| + log m`` is below 80, no exponential (nor a row's
+    sum of them) can overflow or underflow in float32, and the logits are exponentiated as they are;
+    otherwise each row is first shifted by its maximum (one more pass over the table).
+    """
+    reach = float("inf") if bound is None else float(bound) + math.log(max(len(x), 1))
+    if shift is not None and len(shift):
+        reach += float(shift.abs().max())
+    return _RowLogSumExp.apply(a, x, shift, reach < 80)
 
 
 def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
@@ -32,15 +78,11 @@ def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, ta
     ``anchor``, ``positive``: (B, d); ``candidates``: (N, d), the positives among them (LGMRec's
     ``ssl_triple_loss``: summed over the batch, not averaged). ``counts`` (B,) weighs each row
     ``n_b`` (default 1): a batch's distinct rows with their multiplicities give the loss of the
-    whole batch. Cosines are at most 1, so for ``tau > 1/80`` the exponentials cannot overflow
-    and are summed directly (in place on the (B, N) logits); below that, ``logsumexp``.
+    whole batch. The denominator is :func:`row_logsumexp` (stable for any ``tau``).
     """
     a = F.normalize(anchor) / tau  # (B, d), 1 / tau folded in before the (B, N) product
     p, x = F.normalize(positive), F.normalize(candidates)
-    pos = (a * p).sum(1)  # (B,)
-    logits = a @ x.T  # (B, N)
-    total = logits.exp_().sum(1).log() if tau > 1 / 80 else torch.logsumexp(logits, dim=1)
-    per_row = total - pos
+    per_row = row_logsumexp(a, x, bound=1 / tau) - (a * p).sum(1)
     return per_row.sum() if counts is None else (per_row * counts).sum()
 
 

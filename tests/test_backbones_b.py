@@ -13,7 +13,7 @@ from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import hypergraph_step
-from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce
+from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
 from clearrec.models.trainer import TrainOptions, fit
@@ -431,3 +431,22 @@ def test_config_section_holds_constructor_arguments_with_their_defaults(name):
     for key, value in params.items():
         default = signature[key].default
         assert value == ({"image": 256} if default is None and key == "latent" else default), key
+
+
+def test_row_logsumexp_equals_autograd_logsumexp_in_value_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    for scale, bound in ((1.0, None), (5.0, 5.0), (100.0, 100.0)):  # row maxima; exponentials as they are; maxima again
+        a = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64)) * scale
+        x = F.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64))
+        shift = torch.rand(9, generator=g, dtype=torch.float64).log()
+        weight = torch.randn(6, generator=g, dtype=torch.float64)
+        for s in (None, shift):
+            leaves = [t.clone().requires_grad_() for t in (a, x) + ((s,) if s is not None else ())]
+            got = row_logsumexp(leaves[0], leaves[1], leaves[2] if s is not None else None, bound=bound)
+            ref_leaves = [t.clone().requires_grad_() for t in leaves]
+            logits = ref_leaves[0] @ ref_leaves[1].T + (ref_leaves[2] if s is not None else 0)
+            ref = torch.logsumexp(logits, dim=1)
+            torch.testing.assert_close(got, ref)
+            for mine, theirs in zip(torch.autograd.grad((got * weight).sum(), leaves),
+                                    torch.autograd.grad((ref * weight).sum(), ref_leaves)):
+                torch.testing.assert_close(mine, theirs)
