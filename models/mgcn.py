@@ -33,8 +33,9 @@ class ContentSideBackbone(Backbone):
 
     Both hold ``user_embedding`` / ``item_embedding``, per-modality linear maps ``trs`` of the
     item ``features``, gates ``gate`` / ``prefer`` and attention ``query`` modules, and define
-    :meth:`embeddings` as ``(e^{id}, e^{s})`` of all nodes (U+I, d) each, users first. Scores use
-    ``e^{id} + e^{s}``; the loss is :func:`~clearrec.models.graph.content_side_loss` over the two.
+    :meth:`views` (``e^{id}`` and the modality views of all nodes, (U+I, d) each, users first) and
+    :meth:`fuse`, which makes ``e^{s}`` from them row by row. Scores use ``e^{id} + e^{s}``; the loss
+    is :func:`~clearrec.models.graph.content_side_loss` over the two, on the batch's rows only.
     """
 
     uses_graph = True
@@ -58,8 +59,19 @@ class ContentSideBackbone(Backbone):
             with torch.no_grad():
                 self.modality_hook.refit(self.encoded_features())
 
-    def embeddings(self) -> tuple[Tensor, Tensor]:
+    def views(self) -> tuple[Tensor, list[Tensor]]:
+        """``e^{id}`` and the modality views of all nodes, (U+I, d) each (users first): what :meth:`fuse`
+        turns into ``e^s`` row by row."""
         raise NotImplementedError
+
+    def fuse(self, content: Tensor, views: list[Tensor]) -> Tensor:
+        """``e^s`` of some nodes from their rows of ``e^{id}`` and of the views (the same rows in each)."""
+        raise NotImplementedError
+
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """``(e^{id}, e^{s})`` of all nodes, (U+I, d) each (users first)."""
+        content, views = self.views()
+        return content, self.fuse(content, views)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         content, side = self.embeddings()
@@ -67,8 +79,15 @@ class ContentSideBackbone(Backbone):
         return out[: self.num_users], out[self.num_users :]
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
-        content, side = self.embeddings()
-        return content_side_loss(content, side, self.num_users, users, pos_items, neg_items, self.reg_weight,
+        """:func:`~clearrec.models.graph.content_side_loss`, with ``e^s`` fused only for the batch's distinct
+        users and items (the fusion is row-wise, and the loss reads no other rows)."""
+        content, views = self.views()
+        b = len(users)
+        rows, at = torch.unique(torch.cat([users, pos_items + self.num_users, neg_items + self.num_users]),
+                                return_inverse=True)  # at: each batch entry's place among ``rows``
+        content = content[rows]
+        side = self.fuse(content, [v[rows] for v in views])
+        return content_side_loss(content, side, 0, at[:b], at[b : 2 * b], at[2 * b :], self.reg_weight,
                                  self.cl_weight, self.temperature)
 
 
@@ -188,19 +207,18 @@ class MGCN(ContentSideBackbone):
             views.append(torch.cat([spmm(self.r, h, self.r_t), h]))
         return views
 
+    def views(self) -> tuple[Tensor, list[Tensor]]:
+        content = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.layers)
+        return content, self.modality_views()
+
     def fuse(self, content: Tensor, views: list[Tensor]) -> Tensor:
-        """The behaviour-aware fuser: ``e^s`` (U+I, d) from ``e^{id}`` and the modality views."""
-        att = torch.softmax(torch.cat([self.query(v) for v in views], dim=1), dim=1)  # (U+I, M)
+        """The behaviour-aware fuser: ``e^s`` of some nodes (n, d) from their ``e^{id}`` and modality views."""
+        att = torch.softmax(torch.cat([self.query(v) for v in views], dim=1), dim=1)  # (n, M)
         common = sum(att[:, j : j + 1] * v for j, v in enumerate(views))
         side = common
         for m, v in zip(self.modalities, views):
             side = side + self.prefer[m](content) * (v - common)
         return side / (len(views) + 1)
-
-    def embeddings(self) -> tuple[Tensor, Tensor]:
-        """``(e^{id}, e^{s})`` of all nodes, (U+I, d) each (users first)."""
-        content = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.layers)
-        return content, self.fuse(content, self.modality_views())
 
     def hparams(self) -> dict[str, Any]:
         return {

@@ -166,26 +166,30 @@ class SMORE(ContentSideBackbone):
         out[FUSION] = torch.fft.irfft(fused, n=d, dim=1, norm="ortho")
         return out
 
-    def embeddings(self) -> tuple[Tensor, Tensor]:
-        """``(e^{id}, e^{s})`` of all nodes, (U+I, d) each (users first)."""
+    def views(self) -> tuple[Tensor, list[Tensor]]:
+        """``e^{id}`` and the views of every modality and then of the fusion, (U+I, d) each (users first)."""
         encoded = self.encoded_features()
         if self.modality_hook is not None:
             encoded = self.modality_hook(encoded)
         conv = self.spectral(encoded)
-        views = {}
+        views = []
         for j, k in enumerate([*self.modalities, FUSION]):
             h = self.item_embedding * self.gate[k](conv[k])  # (I, d)
             for _ in range(self.mm_layers):
                 h = spmm(getattr(self, f"mm_adj_{j}"), h, getattr(self, f"mm_adj_t_{j}"))
-            views[k] = torch.cat([spmm(self.r, h, self.r_t), h])  # (U+I, d)
+            views.append(torch.cat([spmm(self.r, h, self.r_t), h]))  # (U+I, d)
         content = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.layers)
-        fused = views[FUSION]
+        return content, views
+
+    def fuse(self, content: Tensor, views: list[Tensor]) -> Tensor:
+        """``e^s`` of some nodes (n, d) from their ``e^{id}`` and their rows of :meth:`views`."""
+        fused = views[-1]
         parts = []
-        for m in self.modalities:
+        for m, view in zip(self.modalities, views):
             att = torch.softmax(self.query[m](fused), dim=-1)  # over the embedding axis, as the reference
-            parts.append(self.dropout(self.prefer[m](content)) * att * views[m])
+            parts.append(self.dropout(self.prefer[m](content)) * att * view)
         parts.append(self.dropout(self.prefer[FUSION](content)) * fused)
-        return content, torch.stack(parts).mean(0)
+        return torch.stack(parts).mean(0)
 
     def hparams(self) -> dict[str, Any]:
         return {

@@ -205,7 +205,15 @@ def test_mgcn_and_smore_loss_equal_the_reference_form():
             return (-torch.log(torch.exp((v1 * v2).sum(-1) / 0.2) / torch.exp(v1 @ v2.T / 0.2).sum(1))).mean()
 
         cl = nce(side[NU + pos], content[NU + pos]) + nce(side[users], content[users])
-        torch.testing.assert_close(m.loss(users, pos, neg), bpr + m.reg_weight * reg + m.cl_weight * cl)
+        ref = bpr + m.reg_weight * reg + m.cl_weight * cl
+        got = m.loss(users, pos, neg)  # e^s fused for the batch's rows only
+        torch.testing.assert_close(got, ref)
+        params = [p for p in m.parameters() if p.requires_grad]
+        for mine, theirs in zip(torch.autograd.grad(got, params, allow_unused=True),
+                                torch.autograd.grad(ref, params, allow_unused=True)):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                torch.testing.assert_close(mine, theirs)
 
 
 # ---- dense references of each model's key step ------------------------------------------------
