@@ -194,8 +194,9 @@ class MGCN(ContentSideBackbone):
         self.register_buffer("r_t", r_t, persistent=False)
         self.reset_parameters()
 
-    def modality_views(self) -> list[Tensor]:
-        """Each modality's view ``[R h_m; h_m]`` with ``h_m = S_m^{L_m} (E_i * gate_m)``, (U+I, d) each."""
+    def views(self) -> tuple[Tensor, list[Tensor]]:
+        """``e^{id}`` and each modality's view ``[R h_m; h_m]`` with ``h_m = S_m^{L_m} (E_i * gate_m)``,
+        (U+I, d) each."""
         encoded = self.encoded_features()
         if self.modality_hook is not None:
             encoded = self.modality_hook(encoded)
@@ -205,11 +206,8 @@ class MGCN(ContentSideBackbone):
             for _ in range(self.mm_layers):
                 h = spmm(getattr(self, f"mm_adj_{j}"), h, getattr(self, f"mm_adj_t_{j}"))
             views.append(torch.cat([spmm(self.r, h, self.r_t), h]))
-        return views
-
-    def views(self) -> tuple[Tensor, list[Tensor]]:
         content = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.layers)
-        return content, self.modality_views()
+        return content, views
 
     def fuse(self, content: Tensor, views: list[Tensor]) -> Tensor:
         """The behaviour-aware fuser: ``e^s`` of some nodes (n, d) from their ``e^{id}`` and modality views."""
