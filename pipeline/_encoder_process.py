@@ -12,12 +12,16 @@ and a body. Parent -> child: JSON ``{"op": "rows" | "encode", "texts": [...]}``.
 parent: a JSON header line, then ``rows x dim`` float32 values; a row that failed is zeros and
 its message is in the header's ``errors``. The first frame from the child says whether the
 encoder loaded (``ready``), with its identity and weights checksum.
+
+:class:`TextEncoderPool` runs several such children of one encoder, so that forward passes of
+different query batches run at the same time on different cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import subprocess
 import sys
@@ -68,17 +72,26 @@ class TextEncoderProcess:
     during a call makes that call raise :class:`EncoderUnavailableError`.
     """
 
-    def __init__(self, identity: str, device: str = "cpu", normalize: bool = True, torch_threads: int = 1):
+    def __init__(self, identity: str, device: str = "cpu", normalize: bool = True, torch_threads: int = 1,
+                 start: bool = True):
         self._spec = {"identity": identity, "device": device, "normalize": normalize, "torch_threads": torch_threads}
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self.starts = 0  # child processes started so far (for health checks and tests)
-        self._start()
+        if start:
+            self._start()
 
     def _start(self) -> None:
+        self._launch()
+        self._await_ready()
+
+    def _launch(self) -> None:
+        """Start the child; it loads the encoder while the caller goes on (:meth:`_await_ready` waits)."""
         self._proc = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(self._spec)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.starts += 1
+
+    def _await_ready(self) -> None:
         body = _recv(self._proc.stdout)
         if body is None:
             code = self._proc.wait()
@@ -131,6 +144,62 @@ class TextEncoderProcess:
                     self._proc.kill()
                     self._proc.wait()
             self._proc = None
+
+
+class TextEncoderPool:
+    """``processes`` children (:class:`TextEncoderProcess`) of the text encoder ``identity``.
+
+    A call takes a child that is free (waiting for one if all are busy), so up to ``processes``
+    forward passes run at once, each in its own process on ``torch_threads`` thread(s): every
+    child runs the same code on the same weights, so a vector is the same bytes whichever child
+    computed it. The children load at the same time; if one cannot, the others are stopped and
+    the error is raised. Has the attributes the server checks an encoder by.
+    """
+
+    def __init__(self, identity: str, processes: int = 2, device: str = "cpu", normalize: bool = True,
+                 torch_threads: int = 1):
+        if processes < 1:
+            raise ValueError(f"a text encoder pool needs at least one process; got {processes}")
+        self.children = [TextEncoderProcess(identity, device, normalize, torch_threads, start=False)
+                         for _ in range(processes)]
+        try:
+            for child in self.children:
+                child._launch()
+            for child in self.children:
+                child._await_ready()
+        except BaseException:
+            self.close()
+            raise
+        first = self.children[0]
+        self.identity, self.weights_sha256, self.dim, self.untrained = (first.identity, first.weights_sha256,
+                                                                        first.dim, first.untrained)
+        self._free: queue.SimpleQueue[TextEncoderProcess] = queue.SimpleQueue()
+        for child in self.children:
+            self._free.put(child)
+
+    @property
+    def starts(self) -> int:
+        """Child processes started so far, over all children (restarts included)."""
+        return sum(child.starts for child in self.children)
+
+    def _on_free_child(self, fn: Any) -> Any:
+        child = self._free.get()
+        try:
+            return fn(child)
+        finally:
+            self._free.put(child)
+
+    def encode_rows(self, texts: Sequence[str]) -> list[Any]:
+        """:meth:`TextEncoderProcess.encode_rows` on a free child."""
+        return self._on_free_child(lambda child: child.encode_rows(texts))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """:meth:`TextEncoderProcess.encode` on a free child."""
+        return self._on_free_child(lambda child: child.encode(texts))
+
+    def close(self) -> None:
+        for child in self.children:
+            child.close()
 
 
 def _serve(spec: dict[str, Any], requests: IO[bytes], replies: IO[bytes]) -> None:

@@ -4,7 +4,7 @@
   with its row -> item_id mapping;
 - :func:`verified_info`: ``index/index_info.json``, checked against the manifest;
 - :class:`QueryEncoder`: the catalog's encoders, CLEAR projector, fill vectors and content
-  layout, for queries and new items (the text encoder optionally in its own process,
+  layout, for queries and new items (the text encoder optionally in child processes,
   :mod:`._encoder_process`);
 - :func:`load_content_pathway`: the trained backbone's content layer alone (VBPR), for new items;
 - :class:`QueryBatcher`: concurrent queries collected on the encoder thread, texts encoded together;
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from ..models import ann
 from ..models.content import ContentLayout
-from ._encoder_process import TextEncoderProcess
+from ._encoder_process import TextEncoderPool
 from .errors import ArtifactError, EncoderUnavailableError, IntegrityError
 from .store import ArtifactStore, arrow_to_vectors, resolve_inside
 from .threads import torch_threads
@@ -153,13 +153,16 @@ class QueryEncoder:
     Per modality: the catalog's encoder (loaded on first use) -> the saved CLEAR projector
     (only if the catalog's features were projected) -> its block of the content layout the
     index was built with (``index_info.json``). ``blocks``: per modality, how its queries are
-    encoded (encoder identity, weights, template, missing policy, projector).
+    encoded (encoder identity, weights, template, missing policy, projector). With
+    ``text_processes`` (> 0) a text encoder runs in that many child processes
+    (:class:`TextEncoderPool`) and text query batches have as many threads to run on, so that
+    batches run at the same time.
     """
 
     def __init__(self, store: ArtifactStore, layout: ContentLayout | None, blocks: dict[str, dict[str, Any]],
-                 encoders: Mapping[str, Any], max_pixels: int, device: str, text_process: bool = False):
+                 encoders: Mapping[str, Any], max_pixels: int, device: str, text_processes: int = 0):
         self.store, self.layout, self.blocks = store, layout, blocks
-        self.max_pixels, self.device, self.text_process = max_pixels, device, text_process
+        self.max_pixels, self.device, self.text_processes = max_pixels, device, text_processes
         self._encoders: dict[str, Any] = {}
         for modality, enc in encoders.items():
             self._encoders[modality] = self._checked(modality, enc)
@@ -171,6 +174,9 @@ class QueryEncoder:
         # whichever thread (HTTP worker, caller) asks
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearrec-encode")
         self._batcher = QueryBatcher(self._worker, self._encode_batch)
+        # batches for encoder processes run on threads of their own (the forward pass is in the child)
+        self._pool_workers = ThreadPoolExecutor(max_workers=max(1, text_processes), thread_name_prefix="clearrec-pool")
+        self._pool_batcher = QueryBatcher(self._pool_workers, self._encode_batch)
         self._decodes = threading.BoundedSemaphore(MAX_DECODES)
 
     def block(self, modality: str) -> dict[str, Any]:
@@ -204,9 +210,9 @@ class QueryEncoder:
                 if identity in (None, "imported"):
                     raise EncoderUnavailableError(f"the catalog's {modality} features were imported without an "
                                                   f"encoder, so {modality} queries cannot be encoded")
-                if self.kind(modality) == "text" and self.text_process:
-                    enc = TextEncoderProcess(identity, device=self.device, normalize=block["encoder_normalized"],
-                                             torch_threads=QUERY_TORCH_THREADS)
+                if self.kind(modality) == "text" and self.text_processes > 0:
+                    enc = TextEncoderPool(identity, self.text_processes, device=self.device,
+                                          normalize=block["encoder_normalized"], torch_threads=QUERY_TORCH_THREADS)
                 elif self.kind(modality) == "text":
                     enc = load_text_encoder(identity, device=self.device, normalize=block["encoder_normalized"])
                 else:
@@ -216,18 +222,19 @@ class QueryEncoder:
             return self._encoders[modality]
 
     def _encode_batch(self, modality: str, payloads: list[Any]) -> list[Any]:
-        """The batcher's forward pass: :func:`encode_rows` here, or in the encoder's own process."""
+        """The batcher's forward pass: :func:`encode_rows` here, or in one of the encoder's processes."""
         enc = self.encoder(modality)
-        if isinstance(enc, TextEncoderProcess):
+        if isinstance(enc, TextEncoderPool):
             return enc.encode_rows(payloads)
         return encode_rows(enc, self.kind(modality), payloads)
 
     def close(self) -> None:
         """Stop encoder processes and the encoder thread."""
         for enc in self._encoders.values():
-            if isinstance(enc, TextEncoderProcess):
+            if isinstance(enc, TextEncoderPool):
                 enc.close()
         self._worker.shutdown(wait=False)
+        self._pool_workers.shutdown(wait=False)
 
     def _checked(self, modality: str, enc: Any) -> Any:
         """``enc`` if it is the catalog's encoder: same identity and, where both are known, same weights."""
@@ -298,8 +305,13 @@ class QueryEncoder:
             sizes = [max(s) for s in (getattr(e, "image_size", None) for e in encoders.values()) if s]
             with self._decodes:
                 payload = decode_query_image(payload, self.max_pixels, max(sizes) if sizes else None)
-        blocks = {m: self.content_block(m, self._batcher.submit(m, payload)[None, :]) for m in names}  # (1, d) each
+        blocks = {m: self.content_block(m, self._batcher_of(encoders[m]).submit(m, payload)[None, :])
+                  for m in names}  # (1, d) each
         return self.layout.rows(blocks)
+
+    def _batcher_of(self, enc: Any) -> QueryBatcher:
+        """The batcher of an encoder: an encoder pool's batches run in parallel, the others on the encoder thread."""
+        return self._pool_batcher if isinstance(enc, TextEncoderPool) else self._batcher
 
     def item_features(self, rows: list[dict[str, Any]],
                       catalog_root: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -117,13 +117,15 @@ class Recommender:
             of loading the identity recorded in the features metadata (which they must match).
         max_image_pixels: decompression-bomb cap for query and new-item images.
         device: torch device of the query encoders.
-        text_encoder_process: load the text query encoder in a child process (its forward
-            passes then run outside this process's GIL: what a server answering other requests
-            at the same time needs); the vectors are the same bytes. Not for ``encoders``.
+        text_encoder_processes: run the text query encoder in this many child processes (its
+            forward passes then run outside this process's GIL, and batches of concurrent queries
+            run at the same time, one per process: what a server answering other requests at the
+            same time needs); the vectors are the same bytes. 0: in this process. Not for ``encoders``.
     """
 
     def __init__(self, workdir: str | Path, omp_threads: int | None = 1, encoders: Mapping[str, Any] | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu", text_encoder_process: bool = False):
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu",
+                 text_encoder_processes: int = 0):
         root = Path(workdir).expanduser()
         if not root.is_dir():
             raise ArtifactError(f"work directory {root} does not exist; run 'clearrec run' first")
@@ -139,7 +141,7 @@ class Recommender:
         self._user_row, self._user_vectors = read_users(self.store)
         self._seen = read_seen(self.store, self.items)
         self._queries = QueryEncoder(self.store, layout, self._blocks, encoders or {}, max_image_pixels, device,
-                                     text_process=text_encoder_process)
+                                     text_processes=text_encoder_processes)
         self._pathway, self._pathway_lock = None, threading.Lock()
 
     # ---- queries ---------------------------------------------------------------------

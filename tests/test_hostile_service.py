@@ -311,13 +311,53 @@ def test_an_encoder_that_cannot_load_is_a_clear_error():
 
 def test_search_answers_are_the_same_with_the_text_encoder_in_its_own_process(workdir, text_encoder):
     here = clearrec.open(workdir, encoders={"text": text_encoder, "image": PaletteEncoder()})
-    there = clearrec.open(workdir, encoders={"image": PaletteEncoder()}, text_encoder_process=True)
+    there = clearrec.open(workdir, encoders={"image": PaletteEncoder()}, text_encoder_processes=2)
     try:
-        with ThreadPoolExecutor(max_workers=8) as pool:  # concurrent: batched in the child
-            got = list(pool.map(lambda t: [h.to_dict() for h in there.search_text(t, k=10)], TEXTS))
-        assert got == [[h.to_dict() for h in here.search_text(t, k=10)] for t in TEXTS]
-        child = there._queries.encoder("text")._proc
-        assert child.poll() is None
+        with ThreadPoolExecutor(max_workers=8) as pool:  # concurrent: batched in the children
+            got = list(pool.map(lambda t: [h.to_dict() for h in there.search_text(t, k=10)], TEXTS * 4))
+        assert got == [[h.to_dict() for h in here.search_text(t, k=10)] for t in TEXTS] * 4
+        children = [c._proc for c in there._queries.encoder("text").children]
+        assert len(children) == 2 and all(c.poll() is None for c in children)
     finally:
         there.close()
-    assert child.poll() is not None  # close() ends the child
+    assert all(c.poll() is not None for c in children)  # close() ends the children
+
+
+def test_an_encoder_pool_answers_while_one_child_is_busy():
+    from clearrec.pipeline._encoder_process import TextEncoderPool
+
+    pool = TextEncoderPool("all-MiniLM-L6-v2", processes=2)
+    try:
+        assert len({c._proc.pid for c in pool.children}) == 2 and pool.starts == 2
+        busy = pool._free.get()  # one child taken, as by a batch in flight
+        answered = pool.encode_rows(["swaddle", "car seat"])  # the other one answers
+        pool._free.put(busy)
+        assert np.array_equal(np.stack(answered), np.stack(busy.encode_rows(["swaddle", "car seat"])))
+    finally:
+        pool.close()
+    assert all(c._proc is None for c in pool.children)
+
+
+def test_text_batches_run_at_the_same_time_on_an_encoder_pool(workdir, monkeypatch):
+    from clearrec.pipeline._encoder_process import TextEncoderPool
+
+    both = threading.Barrier(2, timeout=20)  # broken unless two batches are encoding at once
+    first_in = threading.Event()
+    real = TextEncoderPool.encode_rows
+
+    def meet(self, texts):
+        first_in.set()
+        both.wait()
+        return real(self, texts)
+
+    rec = clearrec.open(workdir, encoders={"image": PaletteEncoder()}, text_encoder_processes=2)
+    try:
+        expected = [h.to_dict() for h in rec.search_text("stroller", k=5)]
+        monkeypatch.setattr(TextEncoderPool, "encode_rows", meet)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            first = pool.submit(rec.search_text, "stroller", 5)
+            assert first_in.wait(20)  # the first batch is in its forward pass: the second is a batch of its own
+            second = pool.submit(rec.search_text, "stroller", 5)
+            assert [h.to_dict() for h in first.result()] == [h.to_dict() for h in second.result()] == expected
+    finally:
+        rec.close()

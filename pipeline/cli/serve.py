@@ -3,9 +3,9 @@
 Start-up: the work directory is opened (and checksum-verified) first, so that a bad one is a clean
 error; the server then binds and says "serving ... on" once it answers. The query encoders (text /
 image search) load after that, in the background: /health, /recommend and /similar answer at once,
-and a search that arrives before its encoder is loaded waits for it. The text encoder runs in a
-child process (``index.serve.text_encoder_process``), so that its forward passes do not wait for
-the server's GIL.
+and a search that arrives before its encoder is loaded waits for it. The text encoder runs in
+child processes (``index.serve.text_encoder_processes``), so that its forward passes do not wait for
+the server's GIL and batches of concurrent queries run at the same time.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def serve(
     serve_cfg = cfg.index.serve
     root = workdir_of(cfg, workdir, must_exist=True)
     rec = open_workdir(root, omp_threads=serve_cfg.omp_threads or None, max_image_pixels=cfg.encode.max_image_pixels,
-                       text_encoder_process=serve_cfg.text_encoder_process)
+                       text_encoder_processes=serve_cfg.text_encoder_processes)
     application = create_app(recommender=rec, max_body_bytes=serve_cfg.max_body_bytes, warm_up=False)
     host, port = host or serve_cfg.host, port or serve_cfg.port
 

@@ -16,7 +16,9 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)  # TCP port of `clearrec serve`
     max_body_bytes: int = Field(8 * 2**20, ge=1024, le=2**31)  # request bodies above this size (bytes) get 413
     omp_threads: int = Field(1, ge=0, le=1024)  # FAISS OpenMP threads at query time; 1 suits single queries; 0 = leave as is
-    text_encoder_process: bool = True  # `clearrec serve` runs the text query encoder in a child process (its own GIL)
+    # `clearrec serve` runs the text query encoder in this many child processes (their own GIL; batches of
+    # concurrent queries run at the same time, one per process); 0 = in the server process
+    text_encoder_processes: int = Field(2, ge=0, le=64)
 
 
 class IndexConfig(Section):
