@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone
-from .graph import bpr_loss, emb_norm
+from .losses import bpr_emb_loss
 
 
 class BPRMF(Backbone):
@@ -51,10 +51,7 @@ class BPRMF(Backbone):
 
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         u, p, n = self.user_embedding[users], self.item_embedding[pos_items], self.item_embedding[neg_items]
-        loss = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        if self.reg > 0:
-            loss = loss + self.reg * emb_norm(u, p, n)
-        return loss
+        return bpr_emb_loss(u, p, n, self.reg)
 
     def hparams(self) -> dict[str, Any]:
         return {"embedding_dim": self.embedding_dim, "reg": self.reg}

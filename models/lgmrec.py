@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
-from .graph import bpr_loss, check_features, emb_norm, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
-from .losses import dropout, gumbel_softmax, info_nce_candidates
+from .graph import check_features, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
+from .losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates
 
 
 def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layers: int) -> tuple[Tensor, Tensor]:
@@ -168,7 +168,7 @@ class LGMRec(Backbone):
     def loss(self, users: Tensor, pos_items: Tensor, neg_items: Tensor) -> Tensor:
         z, hyper = self.embeddings()
         u, p, n = z[users], z[pos_items + self.num_users], z[neg_items + self.num_users]
-        loss = bpr_loss((u * p).sum(1), (u * n).sum(1))
+        loss = bpr_emb_loss(u, p, n, self.reg_weight)
         if self.cl_weight:  # over the batch's distinct users / items, weighted by their counts: the same sum
             uu, nu = torch.unique(users, return_counts=True)
             ui, ni = torch.unique(pos_items, return_counts=True)
@@ -176,8 +176,6 @@ class LGMRec(Backbone):
                 (ua, ia), (ub, ib) = hyper[a], hyper[b]
                 cl = info_nce_candidates(ua[uu], ub[uu], ub, self.tau, nu) + info_nce_candidates(ia[ui], ib[ui], ib, self.tau, ni)
                 loss = loss + self.cl_weight * cl
-        if self.reg_weight:
-            loss = loss + self.reg_weight * emb_norm(u, p, n)
         return loss
 
     def hparams(self) -> dict[str, Any]:

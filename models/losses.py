@@ -7,6 +7,8 @@
   form of MGCN / SMORE).
 - :func:`row_logsumexp`: ``log sum_j exp(a_i . x_j + s_j)`` per row, the denominator of both,
   with a hand-written backward over one saved (n, m) table of exponentials.
+- :func:`bpr_emb_loss`: BPR of dot-product scores plus the batch embedding regulariser
+  (VBPR, BPR-MF, LGMRec), one autograd node with a hand-written backward.
 - :func:`dropout` / :func:`gumbel_softmax`: inverted dropout and the Gumbel-softmax drawn
   from an optional ``torch.Generator`` (the trainer's seeded one, handed to ``pre_epoch``),
   so a seeded run repeats exactly whatever else used the global RNG.
@@ -70,6 +72,43 @@ def row_logsumexp(a: Tensor, x: Tensor, shift: Tensor | None = None, bound: floa
     if shift is not None and len(shift):
         reach += float(shift.abs().max())
     return _RowLogSumExp.apply(a, x, shift, reach < 80)
+
+
+class _BprEmbNorm(torch.autograd.Function):
+    """``mean_b softplus(u_b . (n_b - p_b)) + reg * (||u|| + ||p|| + ||n||) / B``, its gradient written out:
+    with ``s_b = sigmoid(u_b . (n_b - p_b)) / B``, ``d/du = s (n - p) + reg u / (B ||u||)``,
+    ``d/dp = -s u + reg p / (B ||p||)``, ``d/dn = s u + reg n / (B ||n||)`` (a zero norm's term is 0)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, p: Tensor, n: Tensor, reg: float) -> Tensor:  # type: ignore[override]
+        diff = n - p  # (B, d)
+        x = (u * diff).sum(1)  # (B,): score of the negative minus that of the positive
+        norms = torch.stack([u.norm(), p.norm(), n.norm()]) if reg else None
+        ctx.reg = reg
+        ctx.save_for_backward(u, p, n, diff, x, norms)
+        loss = F.softplus(x).mean()
+        return loss + reg * norms.sum() / len(u) if reg else loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        u, p, n, diff, x, norms = ctx.saved_tensors
+        b = len(u)
+        s = (torch.sigmoid(x) * (grad / b))[:, None]  # (B, 1)
+        su = s * u
+        if not ctx.reg:
+            return s * diff, -su, su, None
+        r = torch.where(norms > 0, (grad * ctx.reg / b) / norms, torch.zeros_like(norms))  # (3,)
+        return torch.addcmul(u * r[0], s, diff), (p * r[1]).sub_(su), (n * r[2]).add_(su), None
+
+
+def bpr_emb_loss(u: Tensor, p: Tensor, n: Tensor, reg: float = 0.0) -> Tensor:
+    """``bpr_loss((u * p).sum(1), (u * n).sum(1)) + reg * emb_norm(u, p, n)`` of (B, d) rows, as one node.
+
+    The value and gradients of the composition in :mod:`clearrec.models.graph` (tested), with about
+    half its work: autograd keeps and revisits each product, sum and norm separately.
+    """
+    return _BprEmbNorm.apply(u, p, n, float(reg))
 
 
 def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import ModalityHook, Backbone
-from .graph import bpr_loss, check_features, emb_norm
+from .graph import check_features
+from .losses import bpr_emb_loss
 
 
 class ContentPathway(nn.Module):
@@ -167,10 +168,7 @@ class VBPR(Backbone):
             content = self.content(self.features[uniq])[inv]  # (2B, d): only the batch's items
         vecs = torch.cat([self.item_embedding[items], content], dim=1)  # (2B, 2d)
         p, n = vecs.chunk(2)
-        loss = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        if self.reg > 0:
-            loss = loss + self.reg * emb_norm(u, p, n)
-        return loss
+        return bpr_emb_loss(u, p, n, self.reg)
 
     def content_item_vectors(self, features: Mapping[str, Tensor]) -> Tensor:
         """Vectors (N, 2d) of new items from their features alone: :meth:`ContentPathway.item_vectors`."""

@@ -13,7 +13,8 @@ from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import hypergraph_step
-from clearrec.models.losses import dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
+from clearrec.models.graph import bpr_loss, emb_norm
+from clearrec.models.losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
 from clearrec.models.trainer import TrainOptions, fit
@@ -431,6 +432,24 @@ def test_config_section_holds_constructor_arguments_with_their_defaults(name):
     for key, value in params.items():
         default = signature[key].default
         assert value == ({"image": 256} if default is None and key == "latent" else default), key
+
+
+def test_bpr_emb_loss_equals_the_composition_in_value_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    u, p, n = (torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    for reg, zero in ((0.0, None), (0.7, None), (2.0, 1)):  # the last with p all zeros: its norm's gradient is 0
+        leaves = [t.clone() for t in (u, p, n)]
+        if zero is not None:
+            leaves[zero].zero_()
+        mine_in = [t.clone().requires_grad_() for t in leaves]
+        ref_in = [t.clone().requires_grad_() for t in leaves]
+        got = bpr_emb_loss(*mine_in, reg)
+        ru, rp, rn = ref_in
+        ref = bpr_loss((ru * rp).sum(1), (ru * rn).sum(1)) + reg * emb_norm(ru, rp, rn)
+        torch.testing.assert_close(got, ref)
+        for mine, theirs in zip(torch.autograd.grad(got * 1.3, mine_in), torch.autograd.grad(ref * 1.3, ref_in)):
+            assert torch.isfinite(mine).all()
+            torch.testing.assert_close(mine, theirs)
 
 
 def test_row_logsumexp_equals_autograd_logsumexp_in_value_and_gradients():
