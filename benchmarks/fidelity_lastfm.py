@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,9 +86,11 @@ def load() -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int, int]:
     return pairs, feats, int(users.max()) + 1, int(items.max()) + 1
 
 
-def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: float | None = None) -> dict:
+def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: float | None = None,
+        data: Callable[[], tuple] = load) -> dict:
     """Train backbone ``name`` (its ``SETTINGS``, then ``overrides``; Adam at ``lr``, default its
-    setting's) on one seed; the run's epochs, timings and metrics at the best-valid epoch."""
+    setting's) on one seed; the run's epochs, timings and metrics at the best-valid epoch. ``data``:
+    :func:`load`, or a function giving another dataset in its form."""
     import inspect
 
     from clearrec.models.metrics import ItemSets
@@ -96,7 +99,7 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
     from clearrec.pipeline.config.train import reference_lr_decay
     from clearrec.stages.train import TrainData, build_backbone
 
-    pairs, feats, nu, ni = load()
+    pairs, feats, nu, ni = data()
     train, valid, test = (ItemSets.from_pairs(p[0], p[1], nu, ni) for p in pairs)
     kwargs, default_lr = SETTINGS[name]
     lr = default_lr if lr is None else lr
