@@ -28,7 +28,7 @@ writes its logs under ``<mmrec>/src/log``; the data is staged in a temporary fol
     .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python
     .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python \\
         --models vbpr,bm3 --epochs 5 --rounds 2
-    .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python \
+    .venv/bin/python benchmarks/vs_mmrec.py --mmrec ../MMRec --reference-python ../mmrec-env/bin/python \\
         --data amazon-baby --epochs 2
 """
 
@@ -200,7 +200,8 @@ def main() -> None:
     unknown = sorted(set(models) - set(NAMES))
     if unknown:
         ap.error(f"--models: unknown {unknown}; choose from {', '.join(NAMES)}")
-    print(f"{'Last.fm-2K' if args.data == 'lastfm' else 'Amazon Baby'}, 1 thread, {args.epochs} timed epochs after 1 warm-up, {args.rounds} round(s); "
+    dataset = "Last.fm-2K" if args.data == "lastfm" else "Amazon Baby"
+    print(f"{dataset}, 1 thread, {args.epochs} timed epochs after 1 warm-up, {args.rounds} round(s); "
           f"load average at start {os.getloadavg()[0]:.1f}")
     print("| model | round | ours s/epoch train + eval | reference s/epoch train + eval | ratio | ours / reference "
           "peak RSS MiB |\n|---|---|---|---|---|---|")
