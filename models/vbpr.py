@@ -133,6 +133,7 @@ class VBPR(Backbone):
         self.user_embedding = nn.Parameter(torch.empty(num_users, 2 * embedding_dim))  # (U, 2d)
         self.item_embedding = nn.Parameter(torch.empty(num_items, embedding_dim))  # (I, d)
         self.content = nn.Linear(self.features.shape[1], embedding_dim)
+        self._feature_block: Tensor | None = None  # reused by _batch_features
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,10 +166,29 @@ class VBPR(Backbone):
             content = self._content(self.features)[items]
         else:
             uniq, inv = torch.unique(items, return_inverse=True)
-            content = self.content(self.features[uniq])[inv]  # (2B, d): only the batch's items
+            content = self.content(self._batch_features(uniq))[inv]  # (2B, d): only the batch's items
         vecs = torch.cat([self.item_embedding[items], content], dim=1)  # (2B, 2d)
         p, n = vecs.chunk(2)
         return bpr_emb_loss(u, p, n, self.reg)
+
+    def _batch_features(self, rows: Tensor) -> Tensor:
+        """``features[rows]``, copied into a block kept from batch to batch (a new block of 2B x sum d_m
+        floats in every batch costs more in page faults than the copy itself). The block is saved for
+        the content layer's backward, so a second loss before that backward makes autograd raise
+        (the block's version changed) instead of using the wrong rows."""
+        block = self._feature_block
+        if block is None or block.shape[0] < len(rows) or block.device != self.features.device:
+            block = self._feature_block = self.features.new_empty(len(rows) * 5 // 4 + 1, self.features.shape[1])
+        out = block[: len(rows)]
+        torch.index_select(self.features, 0, rows, out=out)
+        return out
+
+    def train(self, mode: bool = True) -> VBPR:
+        """As :meth:`torch.nn.Module.train`; leaving training mode frees the block of :meth:`_batch_features`
+        (evaluation does not need it, and would otherwise hold it beside its score tables)."""
+        if not mode:
+            self._feature_block = None
+        return super().train(mode)
 
     def content_item_vectors(self, features: Mapping[str, Tensor]) -> Tensor:
         """Vectors (N, 2d) of new items from their features alone: :meth:`ContentPathway.item_vectors`."""

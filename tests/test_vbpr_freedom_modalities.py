@@ -7,7 +7,7 @@ import torch
 from clearrec.models.clear import ClearOptions
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.freedom import FREEDOM, mixing_weights
-from clearrec.models.graph import item_item_graph
+from clearrec.models.graph import bpr_loss, emb_norm, item_item_graph
 from clearrec.models.trainer import TrainOptions, fit
 from clearrec.models.vbpr import VBPR, ContentPathway
 from safetensors.torch import load_file, save_file
@@ -69,6 +69,39 @@ def test_vbpr_concatenates_in_the_mapping_order():
     w = m.content.weight  # (d, 9 + 20 + 12)
     torch.testing.assert_close(parts["image"], feats["image"] @ w[:, 9:29].T)
     torch.testing.assert_close(sum(parts.values()) + m.content.bias, m.content(m.features))
+
+
+def test_vbpr_batch_features_reuse_one_block_and_give_the_plain_gathers_loss_and_gradients():
+    feats = _features()
+    torch.manual_seed(0)
+    m = VBPR(NU, NI, feats, embedding_dim=16, reg=0.1)
+    g = torch.Generator().manual_seed(1)
+    blocks = set()
+    for _ in range(3):  # 2B = 32 rows of NI: the batch-items path
+        users, pos, neg = (torch.randint(0, n, (16,), generator=g) for n in (NU, NI, NI))
+        m.zero_grad()
+        loss = m.loss(users, pos, neg)
+        loss.backward()
+        blocks.add(m._feature_block.data_ptr())
+        got = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        items = torch.cat([pos, neg])
+        vecs = torch.cat([m.item_embedding[items], m.content(m.features[items])], dim=1)
+        p_vec, n_vec = vecs.chunk(2)
+        u = m.user_embedding[users]
+        want = bpr_loss((u * p_vec).sum(1), (u * n_vec).sum(1)) + 0.1 * emb_norm(u, p_vec, n_vec)
+        want.backward()
+        torch.testing.assert_close(loss, want)
+        for a, p in zip(got, m.parameters()):
+            torch.testing.assert_close(a, p.grad)
+    assert len(blocks) == 1  # one block for every batch
+    m.vectors()  # evaluation frees it
+    assert m._feature_block is None and m.training
+    users, pos, neg = (torch.randint(0, n, (16,), generator=g) for n in (NU, NI, NI))
+    first = m.loss(users, pos, neg)
+    m.loss(users, neg, pos)  # overwrites the rows the first loss's backward needs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
 
 
 def test_vbpr_content_pathway_with_three_modalities_saves_loads_and_embeds_new_items(tmp_path):
