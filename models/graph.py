@@ -85,6 +85,30 @@ def spmm(a: Tensor, x: Tensor, a_t: Tensor | None = None) -> Tensor:
     return _SpMM.apply(x, a, a if a_t is None else a_t)
 
 
+class _DenseMM(torch.autograd.Function):
+    """``y = x w`` with ``dL/dw = (g^T x)^T`` and ``dL/dx = g w^T``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        dx = grad @ w.T if ctx.needs_input_grad[0] else None
+        dw = (grad.T @ x).T.contiguous() if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def dense_mm(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w`` for a tall ``x`` (N, k) and a narrow ``w`` (k, n): the same product and gradients, ``w``'s
+    gradient taken as ``(g^T x)^T``. Autograd's ``x^T g`` hands MKL a transposed tall ``x``, which runs
+    2-20x slower on the CPUs measured (an (I, 4096) feature table times a (4096, 4) weight: 464 ms
+    against 24 ms; BENCHMARKS.md)."""
+    return _DenseMM.apply(x, w)
+
+
 class _LayerMean(torch.autograd.Function):
     """``y = (x + A x + ... + A^L x) / (L + 1)``, forward and backward by Horner's rule.
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
-from .graph import check_features, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
+from .graph import check_features, dense_mm, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
 from .losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates
 
 
@@ -128,7 +128,7 @@ class LGMRec(Backbone):
 
     def modality_features(self) -> dict[str, Tensor]:
         """``{m: X_m W_m}``, (I, d) each, the hook applied."""
-        out = {m: getattr(self, f"features_{m}") @ w for m, w in self.transforms.items()}
+        out = {m: dense_mm(getattr(self, f"features_{m}"), w) for m, w in self.transforms.items()}
         return self.modality_hook(out) if self.modality_hook is not None else out
 
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
@@ -140,7 +140,7 @@ class LGMRec(Backbone):
 
     def memberships(self, name: str) -> tuple[Tensor, Tensor]:
         """Item (I, h) and user (U, h) hyperedge memberships of modality ``name``."""
-        logits_i = getattr(self, f"features_{name}") @ self.hyperedges[name]  # (I, h)
+        logits_i = dense_mm(getattr(self, f"features_{name}"), self.hyperedges[name])  # (I, h)
         logits_u = spmm(self.inter, logits_i, self.inter_t)  # (U, h)
         if not self.training:
             return torch.softmax(logits_i / self.tau, 1), torch.softmax(logits_u / self.tau, 1)

@@ -13,7 +13,7 @@ from clearrec.models.clear import ClearOptions, ClearProjector
 from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import hypergraph_step
-from clearrec.models.graph import bpr_loss, emb_norm
+from clearrec.models.graph import bpr_loss, dense_mm, emb_norm
 from clearrec.models.losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
@@ -450,6 +450,24 @@ def test_bpr_emb_loss_equals_the_composition_in_value_and_gradients():
         for mine, theirs in zip(torch.autograd.grad(got * 1.3, mine_in), torch.autograd.grad(ref * 1.3, ref_in)):
             assert torch.isfinite(mine).all()
             torch.testing.assert_close(mine, theirs)
+
+
+def test_dense_mm_equals_the_product_in_value_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(40, 9, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
+    for x_grad, w_grad in ((False, True), (True, True), (True, False)):  # fixed features, trainable ones, fixed weight
+        x, w = x0.clone().requires_grad_(x_grad), w0.clone().requires_grad_(w_grad)
+        rx, rw = x0.clone().requires_grad_(x_grad), w0.clone().requires_grad_(w_grad)
+        got, ref = dense_mm(x, w), rx @ rw
+        torch.testing.assert_close(got, ref)
+        upstream = torch.randn(40, 3, generator=g, dtype=torch.float64)
+        got.backward(upstream)
+        ref.backward(upstream)
+        for mine, theirs in ((x, rx), (w, rw)):
+            assert (mine.grad is None) == (theirs.grad is None)
+            if mine.grad is not None:
+                assert mine.grad.is_contiguous()
+                torch.testing.assert_close(mine.grad, theirs.grad)
 
 
 def test_row_logsumexp_equals_autograd_logsumexp_in_value_and_gradients():
