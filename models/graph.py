@@ -103,9 +103,9 @@ class _DenseMM(torch.autograd.Function):
 
 def dense_mm(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w`` for a tall ``x`` (N, k) and a narrow ``w`` (k, n): the same product and gradients, ``w``'s
-    gradient taken as ``(g^T x)^T``. Autograd's ``x^T g`` hands MKL a transposed tall ``x``, which runs
-    2-20x slower on the CPUs measured (an (I, 4096) feature table times a (4096, 4) weight: 464 ms
-    against 24 ms; BENCHMARKS.md)."""
+    gradient taken as ``(g^T x)^T``. Autograd's ``x^T g`` hands MKL a transposed tall ``x``, which ran up
+    to 19x slower on the benchmark machine (AMD EPYC, one thread: a (7050, 4096) feature table times a
+    (4096, 4) weight, 464 ms against 24 ms; (4096, 64): 301 against 124 ms; BENCHMARKS.md)."""
     return _DenseMM.apply(x, w)
 
 
