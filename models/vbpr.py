@@ -176,11 +176,12 @@ class VBPR(Backbone):
         floats in every batch costs more in page faults than the copy itself). The block is saved for
         the content layer's backward, so a second loss before that backward makes autograd raise
         (the block's version changed) instead of using the wrong rows."""
-        block = self._feature_block
-        if block is None or block.shape[0] < len(rows) or block.device != self.features.device:
-            block = self._feature_block = self.features.new_empty(len(rows) * 5 // 4 + 1, self.features.shape[1])
+        block, feats = self._feature_block, self.features
+        if block is None or block.shape[0] < len(rows) or (block.device, block.dtype) != (feats.device, feats.dtype):
+            # a quarter more rows than this batch's, so that batches a little larger reuse it too
+            block = self._feature_block = feats.new_empty(len(rows) * 5 // 4 + 1, feats.shape[1])
         out = block[: len(rows)]
-        torch.index_select(self.features, 0, rows, out=out)
+        torch.index_select(feats, 0, rows, out=out)
         return out
 
     def train(self, mode: bool = True) -> VBPR:

@@ -102,6 +102,9 @@ def test_vbpr_batch_features_reuse_one_block_and_give_the_plain_gathers_loss_and
     m.loss(users, neg, pos)  # overwrites the rows the first loss's backward needs
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         first.backward()
+    m.double()  # a block of the old dtype is not reused
+    m.loss(users, pos, neg).backward()
+    assert m._feature_block.dtype == torch.float64
 
 
 def test_vbpr_content_pathway_with_three_modalities_saves_loads_and_embeds_new_items(tmp_path):
