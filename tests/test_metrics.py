@@ -144,3 +144,17 @@ def test_no_relevant_users_gives_zeros():
     empty = ItemSets.from_pairs(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3, 4)
     got = ranking_metrics(torch.randn(3, 2), torch.randn(4, 2), empty, None, (5,))
     assert all(v == 0.0 for v in got.values())
+
+
+def test_topk_in_blocks_of_users_equals_one_block_and_each_user_alone():
+    g = torch.Generator().manual_seed(3)
+    num_users, num_items = 13, 40
+    user_vecs, item_vecs = torch.randn(num_users, 5, generator=g), torch.randn(num_items, 5, generator=g)
+    exclude = _to_item_sets({u: {u, (3 * u + 1) % num_items} for u in range(num_users)}, num_users, num_items)
+    users = torch.tensor([12, 0, 5, 5, 7, 1, 3, 9, 2, 11, 4])
+    whole = topk_items(user_vecs, item_vecs, users, 6, exclude, max_block=1 << 20)
+    blocks = topk_items(user_vecs, item_vecs, users, 6, exclude, max_block=3 * num_items)  # 3 users a block, last 2
+    assert torch.equal(whole[1], blocks[1]) and torch.allclose(whole[0], blocks[0], atol=1e-5)  # other product sizes
+    for row, u in enumerate(users.tolist()):
+        alone = topk_items(user_vecs, item_vecs, torch.tensor([u]), 6, exclude)
+        assert torch.equal(alone[1][0], blocks[1][row]) and torch.allclose(alone[0][0], blocks[0][row], atol=1e-5)
