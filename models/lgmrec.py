@@ -12,7 +12,15 @@ from torch import Tensor, nn
 
 from .base import Backbone, ModalityHook
 from .graph import check_features, dense_mm, layer_mean, sparse_csr, spmm, transpose_csr, user_item_graph
-from .losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates
+from .losses import TableCache, bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates
+
+
+def hyperedge_latent(item_hyper: Tensor, items: Tensor, layers: int) -> Tensor:
+    r"""The last layer's hyperedge embeddings :math:`Z` (h, d) of :func:`hypergraph_step`."""
+    z = item_hyper.T @ items  # (h, d)
+    for _ in range(layers - 1):
+        z = item_hyper.T @ (item_hyper @ z)
+    return z
 
 
 def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layers: int) -> tuple[Tensor, Tensor]:
@@ -20,13 +28,11 @@ def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layer
 
     With item and user hyperedge memberships ``H_i`` (I, h), ``H_u`` (U, h) and item embeddings
     ``E`` (I, d), each layer sends items to hyperedges and back: :math:`Z = H_i^T E`,
-    :math:`E \leftarrow H_i Z`, users read the last :math:`Z`: :math:`H_u Z`.
+    :math:`E \leftarrow H_i Z`, users read the last :math:`Z`: :math:`H_u Z`. Both outputs are
+    the memberships times :math:`Z` (:func:`hyperedge_latent`): rank at most ``h``.
     """
-    e = items
-    for _ in range(layers):
-        z = item_hyper.T @ e  # (h, d)
-        e = item_hyper @ z  # (I, d)
-    return user_hyper @ z, e
+    z = hyperedge_latent(item_hyper, items, layers)
+    return user_hyper @ z, item_hyper @ z
 
 
 class LGMRec(Backbone):
@@ -48,7 +54,9 @@ class LGMRec(Backbone):
     Loss: BPR + ``cl_weight`` times the InfoNCE (summed over the batch) between every pair of
     modalities' hypergraph embeddings, of the batch's users (candidates: all users) and of its
     positive items (candidates: all items), + ``reg_weight * emb_norm`` of the batch's final
-    embeddings.
+    embeddings. The hypergraph embeddings are :math:`H Z` with ``h`` hyperedges, so when ``h < d``
+    the (batch, all) cosines of the contrast are taken through ``h`` instead of ``d``
+    (``factors`` of :func:`~clearrec.models.losses.info_nce_candidates`): the same loss up to rounding.
 
     As the reference (MMRec ``src/models/lgmrec.py``) we use fixed features, raw (unnormalised)
     ``R`` for the user hyperedges, and the last layer's ``Z`` for the users. The reference also
@@ -120,6 +128,7 @@ class LGMRec(Backbone):
         self.register_buffer("inv_degree", 1.0 / (deg[:, None] + 1e-7), persistent=False)  # (U, 1)
         self.register_buffer("adj", user_item_graph(users, items, num_users, num_items), persistent=False)
         self._generator: torch.Generator | None = None
+        self._tables = TableCache()  # the contrast's (batch, all) tables, kept through training
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,8 +137,16 @@ class LGMRec(Backbone):
 
     def modality_features(self) -> dict[str, Tensor]:
         """``{m: X_m W_m}``, (I, d) each, the hook applied."""
-        out = {m: dense_mm(getattr(self, f"features_{m}"), w) for m, w in self.transforms.items()}
-        return self.modality_hook(out) if self.modality_hook is not None else out
+        return self._feature_products()[0]
+
+    def _feature_products(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``({m: X_m W_m}, {m: X_m V_m})``, the hook applied to the first: one product of each
+        feature table with ``[W_m | V_m]`` (d + h columns), one pass over ``X_m`` instead of two."""
+        feats, logits = {}, {}
+        for m, w in self.transforms.items():
+            both = dense_mm(getattr(self, f"features_{m}"), torch.cat([w, self.hyperedges[m]], 1))  # (I, d + h)
+            feats[m], logits[m] = both[:, : w.shape[1]], both[:, w.shape[1] :]
+        return (self.modality_hook(feats) if self.modality_hook is not None else feats), logits
 
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """Keep the trainer's generator for the Gumbel noise and dropout; refit CLEAR's dynamic hook."""
@@ -138,9 +155,10 @@ class LGMRec(Backbone):
             with torch.no_grad():
                 self.modality_hook.refit({m: getattr(self, f"features_{m}") @ w for m, w in self.transforms.items()})
 
-    def memberships(self, name: str) -> tuple[Tensor, Tensor]:
-        """Item (I, h) and user (U, h) hyperedge memberships of modality ``name``."""
-        logits_i = dense_mm(getattr(self, f"features_{name}"), self.hyperedges[name])  # (I, h)
+    def memberships(self, name: str, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Item (I, h) and user (U, h) hyperedge memberships of modality ``name``; ``logits``: its
+        ``X_m V_m`` (I, h) when already made."""
+        logits_i = dense_mm(getattr(self, f"features_{name}"), self.hyperedges[name]) if logits is None else logits
         logits_u = spmm(self.inter, logits_i, self.inter_t)  # (U, h)
         if not self.training:
             return torch.softmax(logits_i / self.tau, 1), torch.softmax(logits_u / self.tau, 1)
@@ -148,17 +166,23 @@ class LGMRec(Backbone):
         hi, hu = gumbel_softmax(logits_i, self.tau, g), gumbel_softmax(logits_u, self.tau, g)
         return dropout(hi, p, g), dropout(hu, p, g)
 
-    def embeddings(self) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-        """Final node embeddings (U+I, d) and each modality's hypergraph ``(users, items)`` embeddings."""
+    def embeddings(self) -> tuple[Tensor, dict[str, tuple[Tensor, ...]]]:
+        """Final node embeddings (U+I, d) and, per modality, its hypergraph embeddings with their factors:
+        ``(users (U, d), items (I, d), H_u, H_i, Z)``, users ``= H_u Z`` and items ``= H_i Z``."""
         cge = layer_mean(self.adj, torch.cat([self.user_embedding, self.item_embedding]), self.ui_layers)
         out = cge
-        for f in self.modality_features().values():
+        feats, logits = self._feature_products()
+        for f in feats.values():
             x = torch.cat([spmm(self.inter, f, self.inter_t) * self.inv_degree, f])  # (U+I, d)
             for _ in range(self.mm_layers):
                 x = spmm(self.adj, x)
             out = out + F.normalize(x)
-        hyper = {m: hypergraph_step(*self.memberships(m), cge[self.num_users :], self.hyper_layers) for m in self.modalities}
-        ghe = torch.stack([torch.cat(h) for h in hyper.values()]).sum(0)  # (U+I, d)
+        hyper = {}
+        for m in self.modalities:
+            hi, hu = self.memberships(m, logits[m])
+            z = hyperedge_latent(hi, cge[self.num_users :], self.hyper_layers)
+            hyper[m] = (hu @ z, hi @ z, hu, hi, z)
+        ghe = torch.stack([torch.cat(h[:2]) for h in hyper.values()]).sum(0)  # (U+I, d)
         return out + self.alpha * F.normalize(ghe), hyper
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -172,11 +196,23 @@ class LGMRec(Backbone):
         if self.cl_weight:  # over the batch's distinct users / items, weighted by their counts: the same sum
             uu, nu = torch.unique(users, return_counts=True)
             ui, ni = torch.unique(pos_items, return_counts=True)
+            low = self.hyper_num < self.embedding_dim  # the (batch, all) cosines through the h hyperedges
             for a, b in combinations(self.modalities, 2):
-                (ua, ia), (ub, ib) = hyper[a], hyper[b]
-                cl = info_nce_candidates(ua[uu], ub[uu], ub, self.tau, nu) + info_nce_candidates(ia[ui], ib[ui], ib, self.tau, ni)
+                (ua, ia, hua, hia, za), (ub, ib, hub, hib, zb) = hyper[a], hyper[b]
+                fu = (hua[uu], za, hub, zb) if low else None
+                fi = (hia[ui], za, hib, zb) if low else None
+                tu = self._tables.table(("users", a, b), len(uu), self.num_users, ua)
+                ti = self._tables.table(("items", a, b), len(ui), self.num_items, ia)
+                cl = (info_nce_candidates(ua[uu], ub[uu], ub, self.tau, nu, fu, tu)
+                      + info_nce_candidates(ia[ui], ib[ui], ib, self.tau, ni, fi, ti))
                 loss = loss + self.cl_weight * cl
         return loss
+
+    def train(self, mode: bool = True) -> LGMRec:
+        """As :meth:`torch.nn.Module.train`; leaving training mode frees the contrast's kept tables."""
+        if not mode:
+            self._tables.clear()
+        return super().train(mode)
 
     def hparams(self) -> dict[str, Any]:
         return {"embedding_dim": self.embedding_dim, "ui_layers": self.ui_layers, "mm_layers": self.mm_layers,

@@ -6,7 +6,8 @@
   row of a candidate table a negative (:func:`clearrec.models.graph.info_nce` is the in-batch
   form of MGCN / SMORE).
 - :func:`row_logsumexp`: ``log sum_j exp(a_i . x_j + s_j)`` per row, the denominator of both,
-  with a hand-written backward over one saved (n, m) table of exponentials.
+  with a hand-written backward over one saved (n, m) table of exponentials; :class:`TableCache`
+  keeps such tables from batch to batch.
 - :func:`bpr_emb_loss`: BPR of dot-product scores plus the batch embedding regulariser
   (VBPR, BPR-MF, LGMRec), one autograd node with a hand-written backward.
 - :func:`dropout` / :func:`gumbel_softmax`: inverted dropout and the Gumbel-softmax drawn
@@ -21,6 +22,7 @@ BPR, the batch embedding regulariser and the feature-mapping check are
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +39,12 @@ class _RowLogSumExp(torch.autograd.Function):
     """``log sum_j exp(a_i . x_j + s_j)``: the (n, m) logits are exponentiated in place (first shifted
     by their row maxima unless ``bounded``), and only those exponentials ``E`` are kept for the
     backward pass, whose gradient with respect to the logits is the row softmax ``E / rowsum(E)``
-    times the incoming one."""
+    times the incoming one. That gradient table is never made: with ``w = grad / rowsum(E)`` (n,),
+    ``d/da = w * (E x)``, ``d/dx = E^T (w * a)`` and ``d/ds = E^T w``, each one pass over ``E``."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, x: Tensor, shift: Tensor | None, bounded: bool) -> Tensor:  # type: ignore[override]
-        logits = a @ x.T  # (n, m)
+    def forward(ctx, a: Tensor, x: Tensor, shift: Tensor | None, bounded: bool, out: Tensor | None) -> Tensor:  # type: ignore[override]
+        logits = a @ x.T if out is None else torch.mm(a, x.T, out=out)  # (n, m)
         if shift is not None:
             logits.add_(shift)
         row_top = None if bounded else logits.amax(1, keepdim=True)  # (n, 1)
@@ -52,26 +55,54 @@ class _RowLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         a, x, exps, total = ctx.saved_tensors
-        soft = exps * (grad / total)[:, None]  # (n, m): d out_i / d logit_ij, times grad_i
-        return (soft @ x if ctx.needs_input_grad[0] else None, soft.T @ a if ctx.needs_input_grad[1] else None,
-                soft.sum(0) if ctx.needs_input_grad[2] else None, None)
+        w = grad / total  # (n,): d out_i / d logit_ij = w_i * exps_ij
+        # (x^T E^T)^T and ((w a)^T E)^T: the same products as E x and E^T (w a), which MKL ran 3-5x
+        # slower on the benchmark machine when x and a are narrow (LGMRec's h = 4 columns)
+        return ((x.T @ exps.T).T.mul_(w[:, None]) if ctx.needs_input_grad[0] else None,
+                ((a * w[:, None]).T @ exps).T if ctx.needs_input_grad[1] else None,
+                w @ exps if ctx.needs_input_grad[2] else None, None, None)
 
 
-def row_logsumexp(a: Tensor, x: Tensor, shift: Tensor | None = None, bound: float | None = None) -> Tensor:
+def row_logsumexp(a: Tensor, x: Tensor, shift: Tensor | None = None, bound: float | None = None,
+                  out: Tensor | None = None) -> Tensor:
     """(n,) ``log sum_j exp(a_i . x_j + shift_j)`` of ``a`` (n, d) against ``x`` (m, d), ``shift`` (m,) or none.
 
     Equals ``torch.logsumexp(a @ x.T + shift, dim=1)``, with one (n, m) table made and kept instead of
     autograd's several. ``bound``: a known bound of every ``|a_i . x_j|`` (``1 / tau`` for unit rows
     scaled by ``1 / tau``). When ``bound + max |shift| + log m`` is below 80, no exponential (nor a row's
     sum of them) can overflow or underflow in float32, and the logits are exponentiated as they are;
-    otherwise each row is first shifted by its maximum (one more pass over the table).
+    otherwise each row is first shifted by its maximum (one more pass over the table). ``out``: an
+    (n, m) table to hold the exponentials (a :class:`TableCache`'s), kept for the backward pass.
     """
     reach = float("inf") if bound is None else float(bound) + math.log(max(len(x), 1))
     if shift is not None and len(shift):
         reach += float(shift.abs().max())
-    return _RowLogSumExp.apply(a, x, shift, reach < 80)
+    return _RowLogSumExp.apply(a, x, shift, reach < 80, out)
+
+
+class TableCache:
+    """(n, m) tables kept from batch to batch for :func:`row_logsumexp`'s ``out``, one per key.
+
+    A new table of a batch's (distinct users x all users) logits, 150 MB on Amazon Baby, costs more
+    in page faults (and, with transparent huge pages, in compaction) than the product that fills
+    it. A table saved for a backward pass that has not run yet and then written again makes
+    autograd raise (its version changed) instead of using the wrong values.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[Any, Tensor] = {}
+
+    def table(self, key: Any, n: int, m: int, like: Tensor) -> Tensor:
+        """An (n, m) table of ``like``'s dtype and device; its storage grows by a quarter when too small."""
+        flat = self._flat.get(key)
+        if flat is None or flat.numel() < n * m or (flat.device, flat.dtype) != (like.device, like.dtype):
+            flat = self._flat[key] = like.new_empty(n * m * 5 // 4 + 1)
+        return flat[: n * m].view(n, m)
+
+    def clear(self) -> None:
+        self._flat.clear()
 
 
 class _BprEmbNorm(torch.autograd.Function):
@@ -111,17 +142,31 @@ def bpr_emb_loss(u: Tensor, p: Tensor, n: Tensor, reg: float = 0.0) -> Tensor:
     return _BprEmbNorm.apply(u, p, n, float(reg))
 
 
-def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None) -> Tensor:
+def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, tau: float, counts: Tensor | None = None,
+                        factors: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, out: Tensor | None = None) -> Tensor:
     r"""``-sum_b n_b log( exp(c(a_b, p_b) / tau) / sum_j exp(c(a_b, x_j) / tau) )`` with ``c`` the cosine.
 
     ``anchor``, ``positive``: (B, d); ``candidates``: (N, d), the positives among them (LGMRec's
     ``ssl_triple_loss``: summed over the batch, not averaged). ``counts`` (B,) weighs each row
     ``n_b`` (default 1): a batch's distinct rows with their multiplicities give the loss of the
     whole batch. The denominator is :func:`row_logsumexp` (stable for any ``tau``).
+
+    ``factors``: ``(P, Z, Q, Y)`` with ``anchor = P Z`` (P (B, h), Z (h, d)) and ``candidates = Q Y``
+    (Q (N, h), Y (h, d)), as LGMRec's hypergraph embeddings are (``h`` hyperedges). The (B, N)
+    cosines are then ``(P Z Y^T / |a_b|) (Q / |x_j|)^T``, a product over ``h`` instead of ``d``
+    (the same value up to rounding). ``out``: :func:`row_logsumexp`'s (B, N) table.
     """
     a = F.normalize(anchor) / tau  # (B, d), 1 / tau folded in before the (B, N) product
-    p, x = F.normalize(positive), F.normalize(candidates)
-    per_row = row_logsumexp(a, x, bound=1 / tau) - (a * p).sum(1)
+    p = F.normalize(positive)
+    if factors is None:
+        lse = row_logsumexp(a, F.normalize(candidates), bound=1 / tau, out=out)
+    else:
+        pa, za, qx, yx = factors
+        eps = 1e-12  # F.normalize's
+        a_low = (pa @ (za @ yx.T)) / (anchor.norm(dim=1, keepdim=True).clamp_min(eps) * tau)  # (B, h)
+        x_low = qx / candidates.norm(dim=1, keepdim=True).clamp_min(eps)  # (N, h)
+        lse = row_logsumexp(a_low, x_low, bound=1 / tau, out=out)
+    per_row = lse - (a * p).sum(1)
     return per_row.sum() if counts is None else (per_row * counts).sum()
 
 

@@ -326,6 +326,23 @@ def test_info_nce_matches_the_naive_formula():
     torch.testing.assert_close(info_nce(a[rows], p[rows], x, 0.2), info_nce(a[distinct], p[distinct], x, 0.2, counts))
 
 
+def test_info_nce_through_factors_equals_the_full_product_in_value_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    hu, zu = torch.rand(30, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    hv, zv = torch.rand(30, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    rows, counts = torch.tensor([1, 4, 7, 29]), torch.tensor([2.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    for tau in (0.2, 0.01):
+        mine = [t.clone().requires_grad_() for t in (hu, zu, hv, zv)]
+        theirs = [t.clone().requires_grad_() for t in (hu, zu, hv, zv)]
+        u, v = mine[0] @ mine[1], mine[2] @ mine[3]
+        got = info_nce(u[rows], v[rows], v, tau, counts, (mine[0][rows], mine[1], mine[2], mine[3]))
+        ru, rv = theirs[0] @ theirs[1], theirs[2] @ theirs[3]
+        ref = info_nce(ru[rows], rv[rows], rv, tau, counts)
+        torch.testing.assert_close(got, ref)
+        for a, b in zip(torch.autograd.grad(got, mine), torch.autograd.grad(ref, theirs)):
+            torch.testing.assert_close(a, b)
+
+
 def test_lgmrec_hypergraph_step_and_embeddings_match_dense_reference():
     (_, _, _), edges = _splits()
     torch.manual_seed(0)
