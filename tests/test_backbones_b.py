@@ -372,6 +372,21 @@ def test_lgmrec_hypergraph_step_and_embeddings_match_dense_reference():
     torch.testing.assert_close(torch.cat([u, i]), local + 0.3 * F.normalize(ghe))
 
 
+def test_lgmrec_kept_contrast_tables_refuse_a_stale_backward_and_are_freed_on_eval():
+    (_, _, _), edges = _splits()
+    torch.manual_seed(0)
+    model = _make("lgmrec", edges).train()
+    model.pre_epoch(torch.Generator().manual_seed(0))
+    batch = torch.arange(6), torch.arange(6), torch.arange(6, 12)
+    first = model.loss(*batch)
+    model.loss(*batch).backward()  # writes the same kept tables again
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        first.backward()
+    assert model._tables._flat
+    model.eval()
+    assert not model._tables._flat
+
+
 def test_lgmrec_training_views_are_random_and_eval_is_deterministic():
     (_, _, _), edges = _splits()
     torch.manual_seed(0)
