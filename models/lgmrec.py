@@ -15,24 +15,18 @@ from .graph import check_features, dense_mm, layer_mean, sparse_csr, spmm, trans
 from .losses import TableCache, bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates
 
 
-def hyperedge_latent(item_hyper: Tensor, items: Tensor, layers: int) -> Tensor:
-    r"""The last layer's hyperedge embeddings :math:`Z` (h, d) of :func:`hypergraph_step`."""
-    z = item_hyper.T @ items  # (h, d)
-    for _ in range(layers - 1):
-        z = item_hyper.T @ (item_hyper @ z)
-    return z
-
-
-def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layers: int) -> tuple[Tensor, Tensor]:
-    r"""LGMRec's hypergraph message passing -> ``(users (U, d), items (I, d))``.
+def hypergraph_step(item_hyper: Tensor, user_hyper: Tensor, items: Tensor, layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    r"""LGMRec's hypergraph message passing -> ``(users (U, d), items (I, d), Z (h, d))``.
 
     With item and user hyperedge memberships ``H_i`` (I, h), ``H_u`` (U, h) and item embeddings
     ``E`` (I, d), each layer sends items to hyperedges and back: :math:`Z = H_i^T E`,
     :math:`E \leftarrow H_i Z`, users read the last :math:`Z`: :math:`H_u Z`. Both outputs are
-    the memberships times :math:`Z` (:func:`hyperedge_latent`): rank at most ``h``.
+    the memberships times the last :math:`Z`: rank at most ``h``.
     """
-    z = hyperedge_latent(item_hyper, items, layers)
-    return user_hyper @ z, item_hyper @ z
+    z = item_hyper.T @ items  # (h, d)
+    for _ in range(layers - 1):
+        z = item_hyper.T @ (item_hyper @ z)
+    return user_hyper @ z, item_hyper @ z, z
 
 
 class LGMRec(Backbone):
@@ -135,10 +129,6 @@ class LGMRec(Backbone):
         for p in (self.user_embedding, self.item_embedding, *self.transforms.values(), *self.hyperedges.values()):
             nn.init.xavier_uniform_(p)
 
-    def modality_features(self) -> dict[str, Tensor]:
-        """``{m: X_m W_m}``, (I, d) each, the hook applied."""
-        return self._feature_products()[0]
-
     def _feature_products(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``({m: X_m W_m}, {m: X_m V_m})``, the hook applied to the first: one product of each
         feature table with ``[W_m | V_m]`` (d + h columns), one pass over ``X_m`` instead of two."""
@@ -155,10 +145,8 @@ class LGMRec(Backbone):
             with torch.no_grad():
                 self.modality_hook.refit({m: getattr(self, f"features_{m}") @ w for m, w in self.transforms.items()})
 
-    def memberships(self, name: str, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Item (I, h) and user (U, h) hyperedge memberships of modality ``name``; ``logits``: its
-        ``X_m V_m`` (I, h) when already made."""
-        logits_i = dense_mm(getattr(self, f"features_{name}"), self.hyperedges[name]) if logits is None else logits
+    def memberships(self, logits_i: Tensor) -> tuple[Tensor, Tensor]:
+        """Item (I, h) and user (U, h) hyperedge memberships from a modality's ``X_m V_m`` (I, h)."""
         logits_u = spmm(self.inter, logits_i, self.inter_t)  # (U, h)
         if not self.training:
             return torch.softmax(logits_i / self.tau, 1), torch.softmax(logits_u / self.tau, 1)
@@ -179,9 +167,9 @@ class LGMRec(Backbone):
             out = out + F.normalize(x)
         hyper = {}
         for m in self.modalities:
-            hi, hu = self.memberships(m, logits[m])
-            z = hyperedge_latent(hi, cge[self.num_users :], self.hyper_layers)
-            hyper[m] = (hu @ z, hi @ z, hu, hi, z)
+            hi, hu = self.memberships(logits[m])
+            users, items, z = hypergraph_step(hi, hu, cge[self.num_users :], self.hyper_layers)
+            hyper[m] = (users, items, hu, hi, z)
         ghe = torch.stack([torch.cat(h[:2]) for h in hyper.values()]).sum(0)  # (U+I, d)
         return out + self.alpha * F.normalize(ghe), hyper
 

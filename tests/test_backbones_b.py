@@ -365,7 +365,7 @@ def test_lgmrec_hypergraph_step_and_embeddings_match_dense_reference():
             lat = hi.T @ e
             e = hi @ lat
         ghe = ghe + torch.cat([hu @ lat, e])
-        hyper_u, hyper_i = hypergraph_step(hi, hu, cge[NU:], 2)
+        hyper_u, hyper_i, _ = hypergraph_step(hi, hu, cge[NU:], 2)
         torch.testing.assert_close(hyper_u, hu @ lat)
         torch.testing.assert_close(hyper_i, e)
     u, i = model.forward()
