@@ -110,7 +110,8 @@ class BM3(Backbone):
         if self.modality_hook is not None:
             out = self.modality_hook({m: enc(self.feature(m)) for m, enc in self.encoders.items()})
             return out if items is None else {m: e[items] for m, e in out.items()}
-        return {m: enc(self.feature(m) if items is None else self.feature(m)[items]) for m, enc in self.encoders.items()}
+        return {m: enc(self.feature(m) if items is None else self.feature(m).index_select(0, items))
+                for m, enc in self.encoders.items()}
 
     def pre_epoch(self, generator: torch.Generator | None = None) -> None:
         """Keep the trainer's generator for the dropout views; refit CLEAR's dynamic hook."""
@@ -136,13 +137,16 @@ class BM3(Backbone):
         with torch.no_grad():  # target views: one mask per distinct row, as a mask over the whole table
             u_target = dropout(h_u[uu], self.dropout, g)[u_inv]  # (B, d)
             i_target = dropout(h_i[ui], self.dropout, g)[i_inv]
-        u_online, i_online = self.predictor(h_u[users]), self.predictor(h_i[pos_items])
+        # the predictor on the distinct rows, then gathered; index_select, whose backward (index_add_)
+        # is cheaper on CPU than indexing's (index_put_)
+        u_online = self.predictor(h_u.index_select(0, uu)).index_select(0, u_inv)
+        i_online = self.predictor(h_i.index_select(0, ui)).index_select(0, i_inv)
         loss = cosine_alignment(u_online, i_target) + cosine_alignment(i_online, u_target)
         if self.cl_weight:
             for f in self.modality_embeddings(ui).values():  # (B_distinct, d)
                 with torch.no_grad():
                     f_target = dropout(f.detach(), self.dropout, g)[i_inv]
-                f_online = self.predictor(f)[i_inv]
+                f_online = self.predictor(f).index_select(0, i_inv)
                 loss = loss + self.cl_weight * (cosine_alignment(f_online, i_target) + cosine_alignment(f_online, f_target))
         if self.reg_weight:
             loss = loss + self.reg_weight * emb_norm(h_u, h_i)

@@ -30,9 +30,34 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def cosine_alignment(online: Tensor, target: Tensor) -> Tensor:
-    """``1 - mean_b cos(online_b, target_b)`` over (B, d) rows; no gradient reaches ``target``."""
-    return 1.0 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
+class _CosineAlignment(torch.autograd.Function):
+    """``1 - mean_b cos(a_b, t_b)`` with ``cos = a . t / (max(|a|, eps) max(|t|, eps))`` (the value of
+    ``F.cosine_similarity``), in three reductions forward and one fused pass backward:
+    ``d/da_b = -(t_b / (|a_b| |t_b|) - cos_b a_b / |a_b|^2) / B``, the second term only where
+    ``|a_b|`` is not clamped to ``eps``. ``t`` gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, t: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        norm_a = torch.linalg.vector_norm(a, dim=1).clamp_min_(eps)  # (B,)
+        norms = torch.linalg.vector_norm(t, dim=1).clamp_min_(eps).mul_(norm_a)  # |a| |t|
+        cos = torch.linalg.vecdot(a, t).div_(norms)  # (B,)
+        ctx.eps = eps
+        ctx.save_for_backward(a, t, norm_a, norms, cos)
+        return 1.0 - cos.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        a, t, norm_a, norms, cos = ctx.saved_tensors
+        w = cos.div(norm_a).where(norm_a > ctx.eps, 0).div_(norm_a)  # cos / |a|^2, 0 where clamped
+        d_a = torch.addcmul(t / norms.unsqueeze(1), a, w.unsqueeze(1), value=-1)
+        return d_a.mul_(grad / -a.shape[0]), None, None
+
+
+def cosine_alignment(online: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """``1 - mean_b cos(online_b, target_b)`` over (B, d) rows (``F.cosine_similarity``'s cosine); no
+    gradient reaches ``target``. One autograd node with a hand-written backward."""
+    return _CosineAlignment.apply(online, target.detach(), eps)
 
 
 class _RowLogSumExp(torch.autograd.Function):
@@ -171,13 +196,16 @@ def info_nce_candidates(anchor: Tensor, positive: Tensor, candidates: Tensor, ta
 
 
 def dropout(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """Inverted dropout: each entry zeroed with probability ``p``, the rest scaled by ``1 / (1 - p)``."""
+    """Inverted dropout: each entry zeroed with probability ``p``, the rest scaled by ``1 / (1 - p)``.
+
+    The mask is one vectorised uniform draw compared with ``1 - p`` (``bernoulli_`` draws entry by
+    entry, about 3x slower on CPU)."""
     if p <= 0:
         return x
     if p >= 1:
         return torch.zeros_like(x)
-    mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
-    return x * mask.div_(1.0 - p)
+    keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).lt_(1.0 - p)  # 1 w.p. 1 - p, else 0
+    return x * keep.div_(1.0 - p)
 
 
 def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:

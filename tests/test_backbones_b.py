@@ -14,7 +14,7 @@ from clearrec.models.clear_dynamic import DynamicClear
 from clearrec.models.itemknn_cbf import ItemKNNCBF
 from clearrec.models.lgmrec import hypergraph_step
 from clearrec.models.graph import bpr_loss, dense_mm, emb_norm
-from clearrec.models.losses import bpr_emb_loss, dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
+from clearrec.models.losses import bpr_emb_loss, cosine_alignment, dropout, gumbel_softmax, info_nce_candidates as info_nce, row_logsumexp
 from clearrec.models.pop import Pop
 from clearrec.models.registry import BACKBONES
 from clearrec.models.trainer import TrainOptions, fit
@@ -296,6 +296,24 @@ def test_bm3_targets_are_dropout_views_without_gradient():
     model.zero_grad()
     model.loss(users, items, items).backward()
     assert model.user_embedding.grad is not None and model.predictor.weight.grad is not None
+
+
+def test_cosine_alignment_value_and_gradient_equal_cosine_similarity():
+    torch.manual_seed(0)
+    online = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        online[3] = 0  # a zero row: clamped to eps on both sides
+        target[4] = 0
+    loss = cosine_alignment(online, target)
+    (g,) = torch.autograd.grad(loss, online)
+    ref = 1 - F.cosine_similarity(online, target.detach(), dim=-1).mean()
+    (g_ref,) = torch.autograd.grad(ref, online)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.autograd.gradcheck(lambda x: cosine_alignment(x, target[5:]), (online[5:].detach().requires_grad_(),))
+    cosine_alignment(online, target).backward()
+    assert target.grad is None  # the target is a constant
 
 
 def test_dropout_and_gumbel_softmax_helpers():
