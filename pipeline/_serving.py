@@ -427,11 +427,13 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
     """Encoder output per payload, (d,) each (or the exception of a payload that failed).
 
     Texts for an encoder whose tokens carry an attention mask (sentence-transformers) are
-    padded to a multiple of :data:`TEXT_PAD` tokens, and those of one padded length go through
-    one forward pass on ``threads`` torch thread(s) (:data:`QUERY_TORCH_THREADS` unless the
-    caller, such as the encoder process, says otherwise): each row is then the
-    bytes the text gives alone, padded the same way (measured on CPU with MiniLM: 472 rows of
-    3-23 tokens in batches of 2-128, every one bitwise equal to its single-query vector; the
+    padded to a multiple of :data:`TEXT_PAD` tokens and go through one forward pass (a BERT
+    encoder: :meth:`~clearrec.models.encoders.SentenceTextEncoder.encode_packed`, all lengths in
+    one pass; another: one pass per padded length) on ``threads`` torch thread(s)
+    (:data:`QUERY_TORCH_THREADS` unless the caller, such as the encoder process, says otherwise):
+    each row is then the bytes the text gives alone, padded the same way (measured on CPU with
+    MiniLM: 472 rows of 3-23 tokens in batches of 2-128, every one bitwise equal to its
+    single-query vector; the
     padding length itself does change the last bits, hence a fixed rule per length). The
     multiple is small because a forward pass costs about linearly in tokens: padding a
     4-token query to 16 quadrupled its cost. Images (CLIP's patch tokens) measured not to
@@ -446,6 +448,12 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
         pad_id = getattr(getattr(getattr(enc, "model", None), "tokenizer", None), "pad_token_id", None) or 0
         padded = [t if isinstance(t, BaseException) else _guarded(lambda t=t: _pad_tokens(t, pad_id)) for t in tokens]
         rows: list[Any] = [t if isinstance(t, BaseException) else None for t in padded]
+        if getattr(enc, "packs", False):  # one forward pass for every length
+            live = [i for i, t in enumerate(padded) if not isinstance(t, BaseException)]
+            out = _guarded(lambda: enc.encode_packed([padded[i] for i in live])) if live else None
+            for j, i in enumerate(live):
+                rows[i] = out if isinstance(out, BaseException) else out[j]
+            return rows
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(padded):
             if not isinstance(t, BaseException):

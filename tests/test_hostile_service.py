@@ -182,7 +182,7 @@ def test_large_query_images_do_not_hold_memory(workdir):
 
 # ---- 17: concurrent queries share forward passes, each answer as if alone ----------------------
 def test_batcher_answers_each_query_as_alone_with_fewer_forward_passes(workdir, text_encoder):
-    counting = Counting(text_encoder, "encode_tokens")
+    counting = Counting(text_encoder, "encode_packed")
     rec = clearrec.open(workdir, encoders={"text": counting, "image": PaletteEncoder()})
     alone = {t: [h.to_dict() for h in rec.search_text(t, k=10)] for t in TEXTS}
     single_passes = len(counting.sizes)
@@ -242,7 +242,7 @@ def test_a_failing_query_fails_alone(text_encoder):
 
 
 def test_http_text_searches_under_concurrency_match_the_python_api(workdir, text_encoder):
-    counting = Counting(text_encoder, "encode_tokens")
+    counting = Counting(text_encoder, "encode_packed")
     rec = clearrec.open(workdir, encoders={"text": counting, "image": PaletteEncoder()})
     expected = {t: [h.to_dict() for h in rec.search_text(t, k=10)] for t in TEXTS}
     counting.sizes.clear()
@@ -361,3 +361,40 @@ def test_text_batches_run_at_the_same_time_on_an_encoder_pool(workdir, monkeypat
             assert [h.to_dict() for h in first.result()] == [h.to_dict() for h in second.result()] == expected
     finally:
         rec.close()
+
+
+# ---- 17: texts of different lengths share one forward pass, each row as if alone ---------------
+WORDS = ("soft wooden baby bottle swaddle car seat stroller teething ring blanket bib organic cotton "
+         "night light musical mobile crib sheet diaper bag bath thermometer rattle").split()
+
+
+def test_texts_of_every_length_go_through_one_forward_pass(text_encoder):
+    assert text_encoder.packs
+    counting = Counting(text_encoder, "encode_packed")
+    lengths = {int(text_encoder.tokenize([t])["input_ids"].shape[1]) for t in TEXTS}
+    assert len(lengths) > 1  # the queries need more than one padded length ...
+    rows = _serving.encode_rows(counting, "text", TEXTS)
+    assert counting.sizes == [len(TEXTS)]  # ... and still take one pass
+    assert np.allclose(np.stack(rows), text_encoder.encode(TEXTS), atol=1e-6)
+
+
+def test_packed_rows_are_bitwise_the_text_alone_over_many_lengths_and_batches(text_encoder):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 20)))) for _ in range(60)]
+    alone = {t: _serving.encode_rows(text_encoder, "text", [t])[0] for t in texts}
+    seen = {int(text_encoder.tokenize([t])["input_ids"].shape[1]) for t in texts}
+    assert len(seen) > 10
+    for size in (2, 3, 7, 16, 60):
+        batch = list(rng.choice(texts, size=size))
+        for t, row in zip(batch, _serving.encode_rows(text_encoder, "text", batch)):
+            assert np.array_equal(row, alone[t]), (size, t)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_packed_forward_equals_the_sentence_transformers_model(text_encoder, normalize):
+    enc = text_encoder if normalize else load_text_encoder("all-MiniLM-L6-v2", normalize=False)
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))) for _ in range(20)] + ["x"]
+    padded = [_serving._pad_tokens(enc.tokenize([t]), 0) for t in texts]
+    assert np.allclose(enc.encode_packed(padded), enc.encode(texts), atol=1e-6)
+
