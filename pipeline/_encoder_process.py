@@ -103,6 +103,7 @@ class TextEncoderProcess:
             raise EncoderUnavailableError(info.get("error") or "text encoder process failed to load")
         self.identity, self.weights_sha256 = info["identity"], info["weights_sha256"]
         self.dim, self.untrained = int(info["dim"]), bool(info["untrained"])
+        self.frozen_objects = int(info.get("frozen_objects", 0))  # objects the child keeps out of its collections
 
     def _call(self, op: str, texts: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
         with self._lock:
@@ -206,7 +207,7 @@ def _serve(spec: dict[str, Any], requests: IO[bytes], replies: IO[bytes]) -> Non
     import torch
 
     from ..models.encoders import load_text_encoder
-    from ._serving import encode_rows
+    from ._serving import encode_rows, freeze_heap
 
     torch.set_num_threads(spec["torch_threads"])
     try:
@@ -214,8 +215,10 @@ def _serve(spec: dict[str, Any], requests: IO[bytes], replies: IO[bytes]) -> Non
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         _send(replies, _pack({"ready": False, "error": f"{type(e).__name__}: {e}"}))
         return
+    frozen = freeze_heap()  # the model's objects stay out of every later full collection
     _send(replies, _pack({"ready": True, "identity": enc.identity, "weights_sha256": getattr(enc, "weights_sha256", None),
-                          "dim": int(enc.dim), "untrained": bool(getattr(enc, "untrained", False))}))
+                          "dim": int(enc.dim), "untrained": bool(getattr(enc, "untrained", False)),
+                          "frozen_objects": frozen}))
     while (body := _recv(requests)) is not None:
         request = json.loads(body)
         texts = [str(t) for t in request["texts"]]

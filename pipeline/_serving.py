@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import io
 import json
@@ -421,6 +422,20 @@ class QueryBatcher:
                     future.set_exception(row)
                 else:
                     future.set_result(row)
+
+
+def freeze_heap() -> int:
+    """Collect garbage once, then take every object alive now out of the collector's view
+    (:func:`gc.freeze`); returns how many were frozen.
+
+    Called once a serving process has loaded what it keeps (modules, index, encoder): a full
+    collection then walked all of those objects each time it ran, a 300-400 ms pause of the
+    server and of each text encoder process under load (measured in ``benchmarks/serve.py``),
+    during which every request waited. Objects made later are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_TORCH_THREADS) -> list[Any]:

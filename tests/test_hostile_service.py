@@ -398,3 +398,26 @@ def test_packed_forward_equals_the_sentence_transformers_model(text_encoder, nor
     padded = [_serving._pad_tokens(enc.tokenize([t]), 0) for t in texts]
     assert np.allclose(enc.encode_packed(padded), enc.encode(texts), atol=1e-6)
 
+
+# ---- 17: what a serving process has loaded stays out of its later full collections --------------
+def test_the_encoder_process_freezes_its_loaded_heap(encoder_process):
+    assert encoder_process.frozen_objects > 10_000  # torch + transformers + the model
+
+
+def test_serve_warm_up_freezes_the_server_heap():
+    import gc
+
+    from clearrec.pipeline.cli.serve import warm_up_in_background
+
+    class Rec:
+        warmed = False
+
+        def warm_up(self):
+            Rec.warmed = True
+
+    gc.unfreeze()
+    try:
+        warm_up_in_background(Rec()).join(timeout=60)
+        assert Rec.warmed and gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

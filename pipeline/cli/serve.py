@@ -26,12 +26,16 @@ def warm_up_in_background(rec: Any) -> threading.Thread:
     """Load ``rec``'s query encoders in a daemon thread; prints when they are ready (or why not)."""
 
     def work() -> None:
+        from .._serving import freeze_heap
+
         t0 = time.perf_counter()
         try:
             rec.warm_up()
         except (EncoderUnavailableError, ArtifactError) as e:  # the searches that need it answer 503 with this
             console.print(f"[yellow]warning:[/] query encoder not loaded: {e}")
             return
+        finally:
+            freeze_heap()  # what is loaded by now stays out of every later full collection
         console.print(f"query encoders ready in {time.perf_counter() - t0:.1f}s", highlight=False)
 
     thread = threading.Thread(target=work, name="clearrec-warm-up", daemon=True)
