@@ -148,6 +148,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc: every thread's ``children`` list)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True, help="a work directory with a built index")
@@ -175,12 +186,15 @@ def main() -> None:
         print(f"{args.clients} clients, {offered}, {args.seconds:g} s, k={args.k}, {len(users)} users, "
               f"{len(items)} items; load average before {os.getloadavg()}")
         t0 = time.perf_counter()
-        cpu0 = _cpu_seconds(server.pid), time.process_time()
+        children = _children(server.pid)  # the text encoder processes, started by now
+        cpu0 = _cpu_seconds(server.pid), time.process_time(), [_cpu_seconds(c) for c in children]
         results = asyncio.run(load(port, users, items.to_pylist(), args))
         elapsed = time.perf_counter() - t0
         report(results, elapsed)
+        encoders = sum(_cpu_seconds(c) - c0 for c, c0 in zip(children, cpu0[2]))
         print(f"CPU seconds over the run: server {_cpu_seconds(server.pid) - cpu0[0]:.1f}, "
-              f"load generator {time.process_time() - cpu0[1]:.1f} (of {elapsed * (os.cpu_count() or 1):.0f} "
+              f"its {len(children)} child process(es) {encoders:.1f}, load generator "
+              f"{time.process_time() - cpu0[1]:.1f} (of {elapsed * (os.cpu_count() or 1):.0f} "
               "available on all cores)")
         print(f"load average after {os.getloadavg()}")
     finally:
