@@ -448,10 +448,9 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
     (:data:`QUERY_TORCH_THREADS` unless the caller, such as the encoder process, says otherwise):
     each row is then the bytes the text gives alone, padded the same way (measured on CPU with
     MiniLM: 472 rows of 3-23 tokens in batches of 2-128, every one bitwise equal to its
-    single-query vector; the
-    padding length itself does change the last bits, hence a fixed rule per length). The
-    multiple is small because a forward pass costs about linearly in tokens: padding a
-    4-token query to 16 quadrupled its cost. Images (CLIP's patch tokens) measured not to
+    single-query vector; the padding length itself does change the last bits, hence a fixed
+    rule per length). The multiple is small because a forward pass costs about linearly in
+    tokens: padding a 4-token query to 16 quadrupled its cost. Images (CLIP's patch tokens) measured not to
     batch exactly, so image queries and other encoders run one forward pass per query (on the
     same encoder thread).
     """
