@@ -298,8 +298,7 @@ class SentenceTextEncoder:
         self.preprocess_desc = (f"sentence-transformers {modules}, max_seq_length={model.max_seq_length}, "
                                 f"text cut to {self.window_chars} chars, truncation")
         self.weights_sha256 = _weights_sha256(model)
-        self._bert = _packable_bert(model)
-        self._bert_normalizes = type(list(model)[-1]).__name__ == "Normalize"
+        self._bert, self._bert_normalizes = _packable_bert(model)
         self.dim = int(self.encode(["x"]).shape[1])
 
     @property
@@ -316,9 +315,8 @@ class SentenceTextEncoder:
         when each text starts at a multiple of 4 rows, measured with MKL; the caller pads every
         text to a multiple of 4 tokens, :func:`clearrec.pipeline._serving.encode_rows`), and
         attention runs per group of texts of one padded length, masked as :meth:`encode_tokens`
-        masks it. So a
-        batch of texts of different lengths costs one pass instead of one per length, and each
-        row is the bytes the text gives alone. The order of operations is the Hugging Face
+        masks it. So a batch of texts of different lengths costs one pass instead of one per
+        length, and each row is the bytes the text gives alone. The order of operations is the Hugging Face
         BertModel's in eval mode, followed by mean pooling over the unmasked tokens; the values
         equal :meth:`encode_tokens` up to float rounding (about 1e-7).
         """
@@ -344,20 +342,22 @@ class SentenceTextEncoder:
         return self.encode_tokens(self.tokenize(texts))
 
 
-def _packable_bert(model: Any) -> Any | None:
-    """The ``BertModel`` of a sentence-transformers [Transformer, Pooling(mean)[, Normalize]]
-    stack with absolute positions, as :func:`_packed_bert_forward` computes it; else None."""
+def _packable_bert(model: Any) -> tuple[Any | None, bool]:
+    """(the ``BertModel`` of a sentence-transformers [Transformer, Pooling(mean)[, Normalize]]
+    stack with absolute positions, as :func:`_packed_bert_forward` computes it, or None; whether
+    the stack ends with Normalize)."""
     modules = list(model)
-    if len(modules) not in (2, 3) or (len(modules) == 3 and type(modules[2]).__name__ != "Normalize"):
-        return None
+    normalizes = len(modules) == 3 and type(modules[2]).__name__ == "Normalize"
+    if len(modules) != 2 and not normalizes:
+        return None, False
     bert = getattr(modules[0], "auto_model", None)
     config = getattr(bert, "config", None)
     pooling = modules[1].get_config_dict() if hasattr(modules[1], "get_config_dict") else {}
     if (type(bert).__name__ != "BertModel" or getattr(config, "position_embedding_type", None) != "absolute"
             or getattr(config, "is_decoder", True) or pooling.get("pooling_mode") != "mean"
             or not pooling.get("include_prompt", True)):
-        return None
-    return bert
+        return None, False
+    return bert, normalizes
 
 
 def _packed_bert_forward(bert: Any, tokens: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> torch.Tensor:

@@ -450,9 +450,9 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
     MiniLM: 472 rows of 3-23 tokens in batches of 2-128, every one bitwise equal to its
     single-query vector; the padding length itself does change the last bits, hence a fixed
     rule per length). The multiple is small because a forward pass costs about linearly in
-    tokens: padding a 4-token query to 16 quadrupled its cost. Images (CLIP's patch tokens) measured not to
-    batch exactly, so image queries and other encoders run one forward pass per query (on the
-    same encoder thread).
+    tokens: padding a 4-token query to 16 quadrupled its cost. Images (CLIP's patch tokens)
+    measured not to batch exactly, so image queries and other encoders run one forward pass per
+    query (on the same encoder thread).
     """
     with torch_threads(threads):
         tokens = [_guarded(lambda p=p: enc.tokenize([p])) for p in payloads] if kind == "text" else []
@@ -462,18 +462,22 @@ def encode_rows(enc: Any, kind: str, payloads: list[Any], threads: int = QUERY_T
         pad_id = getattr(getattr(getattr(enc, "model", None), "tokenizer", None), "pad_token_id", None) or 0
         padded = [t if isinstance(t, BaseException) else _guarded(lambda t=t: _pad_tokens(t, pad_id)) for t in tokens]
         rows: list[Any] = [t if isinstance(t, BaseException) else None for t in padded]
-        if getattr(enc, "packs", False):  # one forward pass for every length
-            live = [i for i, t in enumerate(padded) if not isinstance(t, BaseException)]
-            out = _guarded(lambda: enc.encode_packed([padded[i] for i in live])) if live else None
-            for j, i in enumerate(live):
-                rows[i] = out if isinstance(out, BaseException) else out[j]
-            return rows
+        live = [i for i, t in enumerate(padded) if not isinstance(t, BaseException)]
         groups: dict[int, list[int]] = {}
-        for i, t in enumerate(padded):
-            if not isinstance(t, BaseException):
-                groups.setdefault(int(t["input_ids"].shape[1]), []).append(i)
+        if getattr(enc, "packs", False):  # one forward pass for every length
+            def encode(members: list[int]) -> Any:
+                return enc.encode_packed([padded[i] for i in members])
+
+            if live:
+                groups[0] = live
+        else:  # one forward pass per padded length
+            def encode(members: list[int]) -> Any:
+                return enc.encode_tokens(_concat([padded[i] for i in members]))
+
+            for i in live:
+                groups.setdefault(int(padded[i]["input_ids"].shape[1]), []).append(i)
         for members in groups.values():
-            out = _guarded(lambda m=members: enc.encode_tokens(_concat([padded[i] for i in m])))
+            out = _guarded(lambda m=members: encode(m))
             for j, i in enumerate(members):
                 rows[i] = out if isinstance(out, BaseException) else out[j]
         return rows

@@ -390,6 +390,18 @@ def test_packed_rows_are_bitwise_the_text_alone_over_many_lengths_and_batches(te
             assert np.array_equal(row, alone[t]), (size, t)
 
 
+def test_an_encoder_that_does_not_pack_takes_one_pass_per_padded_length(text_encoder):
+    class Unpacked(Counting):
+        packs = False
+
+    counting = Unpacked(text_encoder, "encode_tokens")
+    padded = {-(-int(text_encoder.tokenize([t])["input_ids"].shape[1]) // _serving.TEXT_PAD) for t in TEXTS}
+    rows = _serving.encode_rows(counting, "text", TEXTS)
+    assert len(counting.sizes) == len(padded) > 1 and sum(counting.sizes) == len(TEXTS)
+    for t, row in zip(TEXTS, rows):
+        assert np.array_equal(row, _serving.encode_rows(counting, "text", [t])[0]), t
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_packed_forward_equals_the_sentence_transformers_model(text_encoder, normalize):
     enc = text_encoder if normalize else load_text_encoder("all-MiniLM-L6-v2", normalize=False)
