@@ -109,6 +109,7 @@ def run(name: str, seed: int, epochs: int, overrides: dict | None = None, lr: fl
     torch.manual_seed(seed)
     model = build_backbone(name, settings, TrainData([""] * nu, [""] * ni, {"train": train, "valid": valid, "test": test},
                                                      feats, {}))
+    del feats  # as the train stage does: the model holds what it uses
     t0, c0 = time.perf_counter(), time.process_time()
     result = fit(model, train, valid, test, TrainOptions(lr=lr, lr_decay=reference_lr_decay(name), epochs=epochs,
                                                                seed=seed),

@@ -290,6 +290,7 @@ def _run(ctx: StageContext, governor: ThreadGovernor | None) -> StageResult:
         f"train: {cfg.backbone} on {device}, {data.num_users} users x {data.num_items} items, "
         f"{data.splits['train'].items.numel()} training interactions, features: {', '.join(data.features) or 'none'}"
     )
+    data.features.clear()  # the model holds what it uses: the loaded tables would be a second copy through training
     decay = cfg.lr_decay if cfg.lr_decay is not None else reference_lr_decay(cfg.backbone)
     options = trainer.TrainOptions(lr=cfg.lr, lr_decay=decay, lr_decay_epochs=cfg.lr_decay_epochs,
                                    batch_size=cfg.batch_size, epochs=cfg.epochs, patience=cfg.patience,

@@ -378,3 +378,31 @@ def test_learning_rate_decay_defaults_to_the_backbones_reference(tmp_path, backb
     run(store, config(**{"train.backbone": backbone, "train.epochs": 1, **overrides}))
     training = store.read_json("model/model.json")["training"]
     assert training["lr_decay"] == [decay, overrides.get("train.lr_decay_epochs", 50)]
+
+
+@pytest.mark.parametrize("backbone", ["mgcn", "bm3", "freedom"])
+def test_the_loaded_feature_tables_are_released_before_training(tmp_path, monkeypatch, backbone):
+    """Backbones with trainable features train a copy of them: the stage must not hold the loaded tables too."""
+    import gc
+    import weakref
+
+    from clearrec.models import trainer
+
+    store = write_workdir(tmp_path)
+    loaded: list[weakref.ref] = []
+    real_load, real_fit = train.load_data, trainer.fit
+
+    def load_data(st):
+        data = real_load(st)
+        loaded.extend(weakref.ref(x) for x in data.features.values())
+        return data
+
+    def fit(*args, **kwargs):
+        gc.collect()
+        held = [r for r in loaded if r() is not None]
+        assert loaded and not held, f"{len(held)} of {len(loaded)} loaded feature tables still held during training"
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train, "load_data", load_data)
+    monkeypatch.setattr(trainer, "fit", fit)
+    run(store, config(**{"train.backbone": backbone, "train.epochs": 1}))
